@@ -1,0 +1,55 @@
+"""Model adapters: every supported diffusion family reduced to one interface (method §3).
+
+:func:`load_model` imports torch and diffusers; :mod:`cdi.models.detect` does not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cdi.models.base import DiffusionAdapter, ImageCondition, ModelIdentity, ModelReference
+from cdi.models.detect import ModelInfo, detect_family, resolve_reference
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DiffusionAdapter",
+    "ImageCondition",
+    "ModelIdentity",
+    "ModelInfo",
+    "ModelReference",
+    "detect_family",
+    "load_model",
+    "resolve_reference",
+]
+
+
+def load_model(
+    source: str,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> DiffusionAdapter:
+    """Load a model directory or hub id as the adapter of its family.
+
+    ``dtype`` defaults to float32; ``"float16"``/``"bfloat16"`` are accepted as strings.
+    Shipped test models can be named by their zoo name (see ``cdi models``).
+    """
+    import torch
+
+    from cdi.models.dit import DiTAdapter
+    from cdi.models.latent import LatentAdapter
+    from cdi.models.pixel import PixelAdapter
+    from cdi.models.stable_diffusion import StableDiffusionAdapter
+
+    resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    info = detect_family(source, revision)
+    adapters: dict[str, type[PixelAdapter | LatentAdapter | DiTAdapter | StableDiffusionAdapter]] = {
+        "pixel": PixelAdapter,
+        "latent": LatentAdapter,
+        "dit": DiTAdapter,
+        "stable-diffusion": StableDiffusionAdapter,
+    }
+    return adapters[info.family](info, device=device, dtype=resolved_dtype)
+

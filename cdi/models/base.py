@@ -1,0 +1,100 @@
+"""The interface every model family is reduced to (method §3)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+Conditioning = Literal["none", "class", "text"]
+#: What one image contributes as conditioning: nothing, a class id, or a caption.
+ImageCondition = int | str | None
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """Where a model comes from: a local diffusers directory, or a hub id plus revision."""
+
+    source: str
+    revision: str | None = None
+    is_local: bool = True
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What identifies the exact weights: reference, family and the SHA-256 of each weight file."""
+
+    reference: ModelReference
+    family: str
+    weight_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """One SHA-256 over the sorted weight hashes: the model's identity for caches."""
+        import hashlib
+
+        h = hashlib.sha256(self.family.encode())
+        for name in sorted(self.weight_sha256):
+            h.update(f"\0{name}\0{self.weight_sha256[name]}".encode())
+        return h.hexdigest()
+
+
+class DiffusionAdapter(abc.ABC):
+    """A diffusion model seen as CDI needs it.
+
+    Subclasses set the attributes below in ``__init__``, freeze every parameter
+    (``requires_grad_(False)``) and put every network in ``eval()`` mode.
+    """
+
+    family: ClassVar[str]
+
+    #: ᾱ_t for t = 0 … T−1 as float64 on the CPU, from the model's own scheduler config.
+    alphas_cumprod: torch.Tensor
+    conditioning: Conditioning
+    #: Channels and side length of the images the model takes (after preprocessing).
+    image_channels: int
+    image_size: int
+    device: torch.device
+    dtype: torch.dtype
+    identity: ModelIdentity
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in [-1, 1] to the model's z0 (identity for pixel models).
+
+        Deterministic: the posterior mean (KL) or the pre-quantisation output (VQ).
+        """
+
+    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
+        """Turn one condition per image into the batch conditioning passed to :meth:`eps`.
+
+        Returns ``None`` for unconditional models, class ids ``[B]`` (long) for
+        class-conditional ones, and text-encoder states ``[B, L, D]`` for text models.
+        The first dimension is always the batch, so a batch's conditioning can be indexed.
+        """
+        return None
+
+    @abc.abstractmethod
+    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """The noise prediction ε̂(z_t, t) for a batch, same shape as ``z_t``.
+
+        Differentiable with respect to ``z_t``; the parameters are frozen.
+        """
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "family": self.family,
+            "conditioning": self.conditioning,
+            "image_channels": self.image_channels,
+            "image_size": self.image_size,
+            "num_train_timesteps": self.num_train_timesteps,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }

@@ -1,0 +1,57 @@
+"""What every diffusers-backed adapter shares: schedule, identity, dtype and output type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cdi.errors import InputError
+from cdi.models.base import DiffusionAdapter, ImageCondition
+from cdi.models.detect import ModelInfo
+from cdi.models.loading import alphas_cumprod_of, identity_of, prediction_type_of
+
+
+class DiffusersAdapter(DiffusionAdapter):
+    """Base of the adapters built from a detected :class:`ModelInfo`."""
+
+    def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.info = info
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.alphas_cumprod = alphas_cumprod_of(info)
+        self.prediction_type = prediction_type_of(info)
+        self.conditioning = info.conditioning
+        self.image_channels = info.image_channels
+        self.image_size = info.image_size
+        self.identity = identity_of(info)
+        self._num_classes = info.num_classes
+
+    def _timesteps(self, t: int, batch: int) -> torch.Tensor:
+        return torch.full((batch,), int(t), dtype=torch.long, device=self.device)
+
+    def _to_eps(self, out: torch.Tensor, z_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Convert the network's output to a noise prediction, in float32."""
+        out = out.float()
+        if self.prediction_type == "epsilon":
+            return out
+        a = float(self.alphas_cumprod[t])
+        if self.prediction_type == "v_prediction":
+            # v = √ᾱ·ε − √(1−ᾱ)·x0 and z = √ᾱ·x0 + √(1−ᾱ)·ε give ε = √ᾱ·v + √(1−ᾱ)·z.
+            return a**0.5 * out + (1.0 - a) ** 0.5 * z_t
+        return (z_t - a**0.5 * out) / (1.0 - a) ** 0.5
+
+    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
+        if self.conditioning == "none":
+            return None
+        if self.conditioning != "class":
+            raise NotImplementedError
+        labels: list[int] = []
+        for c in conditions:
+            if isinstance(c, bool) or not isinstance(c, int):
+                raise InputError(f"a class-conditional model needs an integer class label per image, got {c!r}")
+            if self._num_classes is not None and not 0 <= c < self._num_classes:
+                raise InputError(f"class label {c} is outside 0…{self._num_classes - 1}")
+            labels.append(c)
+        return torch.tensor(labels, dtype=torch.long, device=self.device)

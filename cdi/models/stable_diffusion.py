@@ -1,0 +1,56 @@
+"""Stable Diffusion 1.x/2.x: text-conditional UNet with a CLIP text encoder and a KL autoencoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cdi.errors import InputError
+from cdi.models.base import ImageCondition
+from cdi.models.diffusers_base import DiffusersAdapter
+from cdi.models.detect import ModelInfo
+from cdi.models.loading import load_component
+
+
+class StableDiffusionAdapter(DiffusersAdapter):
+    family = "stable-diffusion"
+
+    def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(info, device, dtype)
+        self.autoencoder = load_component(info, "autoencoder", dtype).to(self.device)
+        self.unet = load_component(info, "unet", dtype).to(self.device)
+        self.text_encoder = load_component(info, "text_encoder", dtype).to(self.device)
+        self.tokenizer = load_component(info, "tokenizer")
+        self.scaling_factor = float(self.autoencoder.config.get("scaling_factor", 1.0))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        return (z * self.scaling_factor).float()
+
+    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor:
+        """CLIP text-encoder states ``[B, L, D]`` of each image's caption ("" when it has none)."""
+        captions: list[str] = []
+        for c in conditions:
+            if c is not None and not isinstance(c, str):
+                raise InputError(f"a text-conditional model needs a caption (text) per image, got {c!r}")
+            captions.append(c or "")
+        tokens = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            states = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return states.clone()
+
+    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
+            raise InputError("a text-conditional model needs text-encoder states")
+        out = self.unet(
+            z_t.to(self.dtype), self._timesteps(t, z_t.shape[0]), encoder_hidden_states=cond.to(self.dtype)
+        ).sample
+        return self._to_eps(out, z_t, t)

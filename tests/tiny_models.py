@@ -1,0 +1,187 @@
+"""Tiny random-weight models of every supported family, built from configs (seeded).
+
+They exercise each adapter's real forward passes in a few milliseconds. The Stable
+Diffusion-style model gets a CLIP tokenizer whose vocabulary this module writes itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _save_index(root: Path, pipeline: str, components: dict[str, tuple[str, str]]) -> None:
+    index = {"_class_name": pipeline, "_diffusers_version": "0.30.0"}
+    index.update({name: [lib, cls] for name, (lib, cls) in components.items()})
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _scheduler(root: Path, **overrides: object) -> None:
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler(num_train_timesteps=1000, **overrides).save_pretrained(root / "scheduler")
+
+
+def _small_unet2d(in_channels: int, sample_size: int, **kw: object):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **kw,
+    )
+
+
+def _small_kl(in_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+
+
+def build_pixel(root: Path, seed: int = 0, channels: int = 3, size: int = 16,
+                num_classes: int | None = None) -> Path:
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    kw = {"num_class_embeds": num_classes} if num_classes else {}
+    _small_unet2d(channels, size, **kw).save_pretrained(root / "unet")
+    _scheduler(root)
+    _save_index(root, "DDPMPipeline", {"unet": ("diffusers", "UNet2DModel"),
+                                       "scheduler": ("diffusers", "DDPMScheduler")})
+    return root
+
+
+def build_latent(root: Path, seed: int = 0, vq: bool = False, channels: int = 3) -> Path:
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    if vq:
+        ae = VQModel(
+            in_channels=channels,
+            out_channels=channels,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            latent_channels=3,
+            num_vq_embeddings=32,
+            norm_num_groups=4,
+            sample_size=16,
+        )
+        ae.save_pretrained(root / "vqvae")
+        latent_channels, folder, cls = 3, "vqvae", "VQModel"
+    else:
+        _small_kl(channels).save_pretrained(root / "vae")
+        latent_channels, folder, cls = 4, "vae", "AutoencoderKL"
+    _small_unet2d(latent_channels, 8).save_pretrained(root / "unet")
+    _scheduler(root)
+    _save_index(root, "LDMPipeline", {folder: ("diffusers", cls), "unet": ("diffusers", "UNet2DModel"),
+                                      "scheduler": ("diffusers", "DDPMScheduler")})
+    return root
+
+
+def build_dit(root: Path, seed: int = 0, channels: int = 3, num_classes: int = 10) -> Path:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _small_kl(channels).save_pretrained(root / "vae")
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,  # learned sigma: [ε, variance]
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=4,
+    ).save_pretrained(root / "transformer")
+    _scheduler(root)
+    _save_index(root, "DiTPipeline", {"transformer": ("diffusers", "DiTTransformer2DModel"),
+                                      "vae": ("diffusers", "AutoencoderKL"),
+                                      "scheduler": ("diffusers", "DDIMScheduler")})
+    return root
+
+
+def _write_clip_tokenizer(folder: Path) -> None:
+    """A character-level CLIP BPE vocabulary (printable ASCII, a few merges)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab: dict[str, int] = {}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    merges = ["t h", "th e</w>", "a n", "an d</w>"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tok.save_pretrained(folder)
+
+
+def build_stable_diffusion(root: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_clip_tokenizer(root / "tokenizer")
+    vocab_size = len(CLIPTokenizer.from_pretrained(root / "tokenizer"))
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+        )
+    ).save_pretrained(root / "text_encoder")
+    _small_kl(3).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).save_pretrained(root / "unet")
+    _scheduler(root, prediction_type=prediction_type)
+    _save_index(root, "StableDiffusionPipeline", {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "scheduler": ("diffusers", "PNDMScheduler"),
+    })
+    return root
