@@ -1,19 +1,25 @@
-"""Per-batch state shared by the feature families: z0, noise, conditioning, network calls.
+"""What the feature families share: the batch's inputs, noise, and the network calls.
 
-Several features evaluate the same network call (method §4, "Shared work"): GM's gradient
-pass at t is ML's loss at t, NO's first gradient is GM's at its timestep, PIA's ε̂(z0, 0)
-is SecMI's first inversion step. Every call goes through :class:`BatchContext` under a
-key naming its input; with sharing on, a key is evaluated once per batch.
+Each family is written as a generator that *yields* the network calls it needs next (a list
+of :class:`Call`) and receives their results. The extractor's scheduler
+(:mod:`cdi.features.scheduler`) runs all families of a batch side by side, so that
+
+- a call several families need (GM's gradient pass at t is ML's loss at t and NO's first
+  gradient; PIA's ε̂(z0, 0) is SecMI's first inversion step) is evaluated once: calls are
+  named by a key that identifies their input (method §4, "Shared work");
+- independent calls of the same round are concatenated into one larger network call with a
+  timestep per sample, which uses the hardware better than many small calls.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Generator, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from cdi.features.config import FeatureConfig
 from cdi.models.base import DiffusionAdapter
 
 
@@ -23,10 +29,6 @@ class PassCounter:
 
     forward: int = 0
     backward: int = 0
-
-    def add(self, other: PassCounter) -> None:
-        self.forward += other.forward
-        self.backward += other.backward
 
 
 def image_seed(seed: int, sha256: str) -> int:
@@ -66,25 +68,47 @@ def l2(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(p=2, dim=1)
 
 
-class BatchContext:
-    """One batch's inputs and its memoised network calls.
+@dataclass(frozen=True)
+class Call:
+    """One network call on the whole batch: ε̂(z, t), optionally with an input gradient.
 
-    ``z0`` ``[B, *z]`` float32; ``cond`` the adapter's batch conditioning or ``None``.
+    ``key`` names the input (same key, same input): calls with equal keys are evaluated
+    once. With ``target`` set, the result also carries ∂‖ε̂(z, t) − target‖₂/∂z per sample.
+    ``key=None`` marks a call nobody else can share (an optimiser's intermediate state).
     """
 
-    def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, cond: torch.Tensor | None,
-                 noise: NoiseDraws, counter: PassCounter, share: bool = True) -> None:
-        self.adapter = adapter
-        self.z0 = z0
-        self.cond = cond
-        self.noise = noise
-        self.counter = counter
-        self.share = share
-        self._eps: dict[Hashable, torch.Tensor] = {}
-        self._grad: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+    key: Hashable | None
+    z: torch.Tensor
+    t: int
+    target: torch.Tensor | None = None
 
     @property
-    def batch(self) -> int:
+    def needs_grad(self) -> bool:
+        return self.target is not None
+
+
+@dataclass(frozen=True)
+class CallResult:
+    eps: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
+#: A family: yields lists of calls, receives their results in order, returns ``[B, k]``.
+FamilyRun = Generator[list[Call], list[CallResult], torch.Tensor]
+
+
+class Batch:
+    """One batch's inputs: ``z0`` ``[B, *z]`` float32, the noise, and the adapter's schedule."""
+
+    def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, noise: NoiseDraws,
+                 config: FeatureConfig) -> None:
+        self.adapter = adapter
+        self.z0 = z0
+        self.noise = noise
+        self.config = config
+
+    @property
+    def size(self) -> int:
         return int(self.z0.shape[0])
 
     def alpha_bar(self, t: int) -> float:
@@ -95,36 +119,12 @@ class BatchContext:
         a = self.alpha_bar(t)
         return a**0.5 * self.z0 + (1.0 - a) ** 0.5 * eps
 
-    def eps(self, key: Hashable, z: torch.Tensor, t: int) -> torch.Tensor:
-        """ε̂(z, t) without gradient; ``key`` names the input ``z`` for sharing."""
-        if self.share and key in self._eps:
-            return self._eps[key]
-        with torch.inference_mode():
-            out = self.adapter.eps(z, t, self.cond)
-        out = out.clone()  # a normal tensor, usable later beside autograd
-        self.counter.forward += self.batch
-        if self.share:
-            self._eps[key] = out
-        return out
 
-    def loss_grad(self, key: Hashable | None, x: torch.Tensor, t: int,
-                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ε̂(x, t) and ∂‖ε̂(x, t) − target‖₂/∂x per sample, gradients w.r.t. the input only.
+def shared_noise_key(t: int) -> tuple[str, int]:
+    """Key of the call ε̂(q(z0, t, ε_shared), t), common to ML, GM and NO."""
+    return ("shared", t)
 
-        The loss is summed over the batch; since each sample's norm depends only on its own
-        input, each sample's gradient is its own. ``key=None`` never shares.
-        """
-        if self.share and key is not None and key in self._grad:
-            return self._grad[key]
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            out = self.adapter.eps(xg, t, self.cond)
-            loss = l2(out - target).sum()
-            (grad,) = torch.autograd.grad(loss, xg)
-        out = out.detach()
-        self.counter.forward += self.batch
-        self.counter.backward += self.batch
-        if self.share and key is not None:
-            self._grad[key] = (out, grad)
-            self._eps.setdefault(key, out)
-        return out, grad
+
+def z0_key() -> tuple[str, int]:
+    """Key of the call ε̂(z0, 0), common to PIA, PIAN and SecMI's first inversion step."""
+    return ("z0", 0)

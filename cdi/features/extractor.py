@@ -1,7 +1,7 @@
 """The extractor: runs a chosen feature set over batches of images, sharing work.
 
 Each image is encoded once per batch; each distinct network call is evaluated once
-(:class:`~cdi.features.context.BatchContext`); every random draw comes from the image's own
+(:class:`~cdi.features.scheduler.CallScheduler`); every random draw comes from the image's own
 generator (seed, SHA-256), so an image's features do not depend on its batch.
 """
 
@@ -15,28 +15,28 @@ import torch
 
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
-from cdi.features.context import BatchContext, NoiseDraws, PassCounter
+from cdi.features.context import Batch, FamilyRun, NoiseDraws, PassCounter
 from cdi.features.gradient_masking import gradient_masking
 from cdi.features.layout import FAMILY_COLUMNS, FEATURE_NAMES, FeatureSet
 from cdi.features.loss import denoising_loss, multiple_loss
 from cdi.features.noise_optimisation import noise_optimisation
 from cdi.features.pia import pia, pian
+from cdi.features.scheduler import CallScheduler
 from cdi.features.secmi import secmi_stat
 from cdi.images import ImageFile, load_model_input
 from cdi.models.base import DiffusionAdapter, ImageCondition
 
-FamilyFn = Callable[[BatchContext, FeatureConfig], torch.Tensor]
+FamilyFn = Callable[[Batch], FamilyRun]
 
-#: Families in the order they run. GM runs first so that ML and NO find its gradient
-#: passes already made; PIA runs before SecMI, which reuses its ε̂(z0, 0).
+#: The families; the scheduler runs them side by side, sharing and fusing their calls.
 FAMILIES: dict[str, FamilyFn] = {
+    "dl": denoising_loss,
+    "secmi": secmi_stat,
+    "pia": pia,
+    "pian": pian,
     "gm": gradient_masking,
     "ml": multiple_loss,
     "no": noise_optimisation,
-    "dl": denoising_loss,
-    "pia": pia,
-    "pian": pian,
-    "secmi": secmi_stat,
 }
 
 
@@ -81,6 +81,7 @@ class FeatureExtractor:
         seed: int = 0,
         batch_size: int = 32,
         share_work: bool = True,
+        max_fused: int | None = None,
     ) -> None:
         self.adapter = adapter
         self.feature_set = FeatureSet(feature_set)
@@ -90,6 +91,8 @@ class FeatureExtractor:
             raise InputError("batch_size must be at least 1")
         self.batch_size = int(batch_size)
         self.share_work = share_work
+        #: Most samples in one fused network call (memory bound); default 16 batches.
+        self.max_fused = int(max_fused or 16 * self.batch_size)
         self.passes = PassCounter()
         self.config.validate_for(adapter.num_train_timesteps)
 
@@ -103,17 +106,29 @@ class FeatureExtractor:
         cond = self.adapter.condition([it.condition for it in items])
         shas = [it.sha256 for it in items]
         out = np.full((len(items), len(FEATURE_NAMES)), np.nan, dtype=np.float64)
-        ctx: BatchContext | None = None
-        for family, fn in FAMILIES.items():
-            if family not in self.feature_set.families:
-                continue
-            if ctx is None or not self.share_work:
-                z0 = self._encode(pixels)
-                noise = NoiseDraws.draw(self.seed, shas, z0.shape[1:], self.config.dl_repeats, z0.device)
-                ctx = BatchContext(self.adapter, z0, cond, noise, self.passes, share=self.share_work)
-            values = fn(ctx, self.config)
-            out[:, FAMILY_COLUMNS[family]] = values.detach().double().cpu().numpy()
+        families = [f for f in FAMILIES if f in self.feature_set.families]
+
+        def batch() -> Batch:
+            z0 = self._encode(pixels)
+            noise = NoiseDraws.draw(self.seed, shas, z0.shape[1:], self.config.dl_repeats, z0.device)
+            return Batch(self.adapter, z0, noise, self.config)
+
+        if self.share_work:
+            b = batch()
+            runs = {f: FAMILIES[f](b) for f in families}
+            values = self._scheduler(cond).run(runs)
+        else:
+            # As the reference code does: each family encodes again and makes its own calls.
+            values = {}
+            for f in families:
+                values.update(self._scheduler(cond).run({f: FAMILIES[f](batch())}))
+        for f in families:
+            out[:, FAMILY_COLUMNS[f]] = values[f].detach().double().cpu().numpy()
         return out
+
+    def _scheduler(self, cond: torch.Tensor | None) -> CallScheduler:
+        return CallScheduler(self.adapter, cond, self.passes, share=self.share_work,
+                             max_fused=self.max_fused)
 
     def extract(
         self,

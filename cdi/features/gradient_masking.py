@@ -6,9 +6,7 @@ import math
 
 import torch
 
-from cdi.features.config import FeatureConfig
-from cdi.features.context import BatchContext, l2
-from cdi.features.loss import shared_noise_key
+from cdi.features.context import Batch, Call, FamilyRun, l2, shared_noise_key
 
 
 def top_fraction_mask(g: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -20,14 +18,13 @@ def top_fraction_mask(g: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask.view_as(g)
 
 
-def gradient_masking(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
+def gradient_masking(b: Batch) -> FamilyRun:
     """GM ``[B, len(T)]`` (method §4, idx 4–13)."""
-    noise, z0 = ctx.noise.shared, ctx.z0
-    cols = []
-    for t in cfg.gm_timesteps:
-        _, g = ctx.loss_grad(shared_noise_key(t), ctx.q(t, noise), t, noise)
-        m = top_fraction_mask(g, cfg.gm_mask_ratio)
-        x_masked = (1.0 - m) * z0 + m * noise
-        pred = ctx.eps(("gm", t), x_masked, t)
-        cols.append(l2(m * ((noise - z0) - pred)))
+    noise, z0, ts = b.noise.shared, b.z0, b.config.gm_timesteps
+    grads = yield [Call(shared_noise_key(t), b.q(t, noise), t, target=noise) for t in ts]
+    masks = [top_fraction_mask(r.grad, b.config.gm_mask_ratio) for r in grads if r.grad is not None]
+    preds = yield [
+        Call(("gm", t), (1.0 - m) * z0 + m * noise, t) for t, m in zip(ts, masks, strict=True)
+    ]
+    cols = [l2(m * ((noise - z0) - p.eps)) for m, p in zip(masks, preds, strict=True)]
     return torch.stack(cols, dim=1)

@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from cdi.features.config import FeatureConfig
-from cdi.features.context import BatchContext, l2
+from cdi.features.context import Batch, Call, FamilyRun, l2, shared_noise_key
 
 
-def shared_noise_key(t: int) -> tuple[str, int]:
-    """Key of the call ε̂(q(z0, t, ε_shared), t), common to ML, GM and NO."""
-    return ("shared", t)
-
-
-def denoising_loss(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
+def denoising_loss(b: Batch) -> FamilyRun:
     """DL ``[B, 1]``: mean over r of ‖ε̂(q(z0,t,ε_r),t) − ε_r‖₂ with fresh ε_r."""
-    t = cfg.dl_t
-    losses = []
-    for r in range(cfg.dl_repeats):
-        noise = ctx.noise.dl[r]
-        losses.append(l2(ctx.eps(("dl", r), ctx.q(t, noise), t) - noise))
+    t, repeats = b.config.dl_t, b.config.dl_repeats
+    noises = [b.noise.dl[r] for r in range(repeats)]
+    results = yield [Call(("dl", r), b.q(t, n), t) for r, n in enumerate(noises)]
+    losses = [l2(res.eps - n) for res, n in zip(results, noises, strict=True)]
     return torch.stack(losses, dim=1).mean(dim=1, keepdim=True)
 
 
-def multiple_loss(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
+def multiple_loss(b: Batch) -> FamilyRun:
     """ML ``[B, len(T)]``: ‖ε̂(q(z0,t,ε),t) − ε‖₂ for each t, with the shared ε."""
-    noise = ctx.noise.shared
-    cols = [
-        l2(ctx.eps(shared_noise_key(t), ctx.q(t, noise), t) - noise) for t in cfg.gm_timesteps
-    ]
-    return torch.stack(cols, dim=1)
+    noise, ts = b.noise.shared, b.config.gm_timesteps
+    results = yield [Call(shared_noise_key(t), b.q(t, noise), t) for t in ts]
+    return torch.stack([l2(r.eps - noise) for r in results], dim=1)

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from cdi.features.config import FeatureConfig
-from cdi.features.context import BatchContext, l2
-from cdi.features.loss import shared_noise_key
+from cdi.features.context import Batch, Call, FamilyRun, l2, shared_noise_key
 
 
-def noise_optimisation(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
+def noise_optimisation(b: Batch) -> FamilyRun:
     """NO ``[B, 2]``: [‖ε̂(x_t+δ, t) − ε‖₂ after the steps, ‖δ‖₂]."""
-    t, noise = cfg.no_t, ctx.noise.shared
-    x_t = ctx.q(t, noise)
+    cfg, noise = b.config, b.noise.shared
+    t = cfg.no_t
+    x_t = b.q(t, noise)
     delta = torch.zeros_like(x_t)
     for step in range(cfg.no_steps):
-        # At δ = 0 the input is ML's/GM's shared input at t: its gradient is reused.
+        # At δ = 0 the input is the shared one of ML and GM at t: that call is reused.
         key = shared_noise_key(t) if step == 0 else None
-        _, g = ctx.loss_grad(key, x_t + delta, t, noise)
-        delta = delta - cfg.no_step_size * g
-    final = l2(ctx.eps(("no-final", t), x_t + delta, t) - noise)
-    return torch.stack([final, l2(delta)], dim=1)
+        (res,) = yield [Call(key, x_t + delta, t, target=noise)]
+        assert res.grad is not None
+        delta = delta - cfg.no_step_size * res.grad
+    (res,) = yield [Call(None, x_t + delta, t)]
+    return torch.stack([l2(res.eps - noise), l2(delta)], dim=1)

@@ -6,24 +6,11 @@ import math
 
 import torch
 
-from cdi.features.config import FeatureConfig
-from cdi.features.context import BatchContext
-from cdi.features.secmi import z0_key
+from cdi.features.context import Batch, Call, FamilyRun, z0_key
 
 
 def _l5(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(p=5, dim=1)
-
-
-def _proximal_error(ctx: BatchContext, key: str, eps0: torch.Tensor, t: int) -> torch.Tensor:
-    x = ctx.q(t, eps0)
-    return _l5(eps0 - ctx.eps((key, t), x, t))[:, None]
-
-
-def pia(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
-    """PIA ``[B, 1]``: ‖ε0 − ε̂(√ᾱ_t·z0 + √(1−ᾱ_t)·ε0, t)‖₅ with ε0 = ε̂(z0, 0)."""
-    eps0 = ctx.eps(z0_key(), ctx.z0, 0)
-    return _proximal_error(ctx, "pia", eps0, cfg.pia_t)
 
 
 def normalise_noise(eps0: torch.Tensor) -> torch.Tensor:
@@ -33,7 +20,19 @@ def normalise_noise(eps0: torch.Tensor) -> torch.Tensor:
     return eps0 * (n * math.sqrt(2.0 / math.pi) / l1).view(-1, *([1] * (eps0.dim() - 1)))
 
 
-def pian(ctx: BatchContext, cfg: FeatureConfig) -> torch.Tensor:
+def _proximal(b: Batch, name: str, normalise: bool) -> FamilyRun:
+    t = b.config.pia_t
+    (res,) = yield [Call(z0_key(), b.z0, 0)]
+    eps0 = normalise_noise(res.eps) if normalise else res.eps
+    (res,) = yield [Call((name, t), b.q(t, eps0), t)]
+    return _l5(eps0 - res.eps)[:, None]
+
+
+def pia(b: Batch) -> FamilyRun:
+    """PIA ``[B, 1]``: ‖ε0 − ε̂(√ᾱ_t·z0 + √(1−ᾱ_t)·ε0, t)‖₅ with ε0 = ε̂(z0, 0)."""
+    return (yield from _proximal(b, "pia", normalise=False))
+
+
+def pian(b: Batch) -> FamilyRun:
     """PIAN ``[B, 1]``: PIA with ε0 normalised by :func:`normalise_noise`."""
-    eps0 = normalise_noise(ctx.eps(z0_key(), ctx.z0, 0))
-    return _proximal_error(ctx, "pian", eps0, cfg.pia_t)
+    return (yield from _proximal(b, "pian", normalise=True))

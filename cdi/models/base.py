@@ -82,8 +82,10 @@ class DiffusionAdapter(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """The noise prediction ε̂(z_t, t) for a batch, same shape as ``z_t``.
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The noise prediction ε̂(z_t, t) for a batch, float32, same shape as ``z_t``.
+
+        ``t`` is one timestep for the whole batch or a long tensor ``[B]``, one per sample.
 
         Differentiable with respect to ``z_t``; the parameters are frozen.
         """

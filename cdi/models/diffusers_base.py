@@ -28,15 +28,19 @@ class DiffusersAdapter(DiffusionAdapter):
         self.identity = identity_of(info)
         self._num_classes = info.num_classes
 
-    def _timesteps(self, t: int, batch: int) -> torch.Tensor:
+    def _timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t.to(self.device, torch.long).expand(batch) if t.dim() == 0 else t.to(self.device, torch.long)
         return torch.full((batch,), int(t), dtype=torch.long, device=self.device)
 
-    def _to_eps(self, out: torch.Tensor, z_t: torch.Tensor, t: int) -> torch.Tensor:
+    def _to_eps(self, out: torch.Tensor, z_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Convert the network's output to a noise prediction, in float32."""
         out = out.float()
         if self.prediction_type == "epsilon":
             return out
-        a = float(self.alphas_cumprod[t])
+        steps = self._timesteps(t, z_t.shape[0]).cpu()
+        a = self.alphas_cumprod[steps].to(z_t.device, torch.float32).view(-1, *([1] * (z_t.dim() - 1)))
+        z_t = z_t.float()
         if self.prediction_type == "v_prediction":
             # v = √ᾱ·ε − √(1−ᾱ)·x0 and z = √ᾱ·x0 + √(1−ᾱ)·ε give ε = √ᾱ·v + √(1−ᾱ)·z.
             return a**0.5 * out + (1.0 - a) ** 0.5 * z_t

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.detect import ModelInfo
+from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.loading import load_component
 
 
@@ -24,7 +24,7 @@ class DiTAdapter(DiffusersAdapter):
         z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
-    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         out = self.transformer(
             z_t.to(self.dtype), timestep=self._timesteps(t, z_t.shape[0]), class_labels=cond
         ).sample

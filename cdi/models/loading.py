@@ -74,7 +74,7 @@ def _model_files_root(info: ModelInfo) -> Path | None:
             snapshot_download(ref.source, revision=ref.revision, allow_patterns=patterns,
                               local_files_only=True)
         )
-    except Exception:  # noqa: BLE001 - a missing cache only means no hashes
+    except Exception:
         return None
 
 

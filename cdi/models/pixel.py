@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.detect import ModelInfo
+from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.loading import load_component
 
 
@@ -20,7 +20,7 @@ class PixelAdapter(DiffusersAdapter):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, torch.float32)
 
-    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         out = self.unet(
             z_t.to(self.dtype), self._timesteps(t, z_t.shape[0]), class_labels=cond
         ).sample

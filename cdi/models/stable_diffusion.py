@@ -8,8 +8,8 @@ import torch
 
 from cdi.errors import InputError
 from cdi.models.base import ImageCondition
-from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.detect import ModelInfo
+from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.loading import load_component
 
 
@@ -47,7 +47,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
             states = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return states.clone()
 
-    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             raise InputError("a text-conditional model needs text-encoder states")
         out = self.unet(

@@ -45,8 +45,9 @@ class AnalyticAdapter(DiffusionAdapter):
     def condition(self, conditions: Sequence[ImageCondition]) -> None:
         return None
 
-    def eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
-        return a_of(t) * z_t + B_OFFSET
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        steps = torch.as_tensor(t, dtype=torch.float32).expand(z_t.shape[0])
+        return (0.2 + steps / 2000.0).view(-1, 1, 1, 1) * z_t + B_OFFSET
 
 
 SEED = 7
