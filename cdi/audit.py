@@ -1,0 +1,465 @@
+"""One audit, end to end: two image sets and a model in, a verdict out (method §2).
+
+Stages, each reported to the ``progress`` callback:
+
+1. ``validating``: options, every image decoded, captions or labels matched, duplicates
+   found and excluded, set sizes checked — all before any model weight is loaded;
+2. ``extracting``: features of every image (from the feature store when it has them,
+   stored there batch by batch as they are computed, so a killed run resumes);
+3. ``scoring`` and ``testing``: the protocol on P against U, the negative control on U's
+   halves, the model-free distribution check;
+4. the verdict.
+
+torch is imported only when features must be computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from cdi import __version__
+from cdi.controls import (
+    DistributionCheckResult,
+    DuplicateReport,
+    Exclusion,
+    NegativeControlResult,
+    distribution_check,
+    duplicates_to_exclude,
+    find_duplicates,
+    fingerprint,
+    image_statistics,
+    negative_control,
+)
+from cdi.errors import ImageError, InputError
+from cdi.features.config import FeatureConfig
+from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet
+from cdi.images import ImageFile, open_image, to_model_array
+from cdi.stats import Protocol as TestProtocol
+from cdi.stats import ProtocolOptions, ProtocolResult, check_sizes, run_test
+from cdi.verdict import Verdict, decide
+
+if TYPE_CHECKING:
+    from cdi.models.base import DiffusionAdapter
+
+DEFAULT_PROTOCOL = TestProtocol.CROSSFIT
+STAGES = ("validating", "extracting", "scoring", "testing")
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """Everything that changes an audit's result, besides the images and the model."""
+
+    alpha: float = 0.01
+    protocol: str = DEFAULT_PROTOCOL.value
+    features: FeatureSet = FeatureSet.ALL
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 32
+    fit_fraction: float = 0.5
+    n_folds: int = 5
+    n_permutations: int = 999
+    hamming_threshold: int = 4
+    feature_config: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
+        try:
+            TestProtocol(self.protocol)
+        except ValueError:
+            raise InputError(f"unknown protocol {self.protocol!r}; choose reference or crossfit") from None
+        object.__setattr__(self, "features", FeatureSet(self.features))
+        if self.batch_size < 1:
+            raise InputError("batch_size must be at least 1")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        ProtocolOptions(self.fit_fraction, self.n_folds, self.n_permutations)
+
+    @property
+    def protocol_options(self) -> ProtocolOptions:
+        return ProtocolOptions(self.fit_fraction, self.n_folds, self.n_permutations)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = self.features.value
+        d["feature_config"] = self.feature_config.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str
+    done: int
+    total: int
+
+
+class FeatureStore(Protocol):
+    """Where per-image features are kept between runs (the service keeps them in its database).
+
+    ``key`` names everything the features depend on (see :func:`feature_key`).
+    """
+
+    def load(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def save(self, key: str, rows: Mapping[str, np.ndarray]) -> None: ...
+
+
+@dataclass(frozen=True)
+class AuditImage:
+    """One image of the audit: its name, file hash, set and 26 features (NaN if not computed)."""
+
+    name: str
+    sha256: str
+    set_name: str
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    verdict: Verdict
+    test: ProtocolResult
+    negative_control: NegativeControlResult
+    distribution: DistributionCheckResult
+    duplicates: DuplicateReport
+    exclusion: Exclusion
+    images_p: tuple[AuditImage, ...]
+    images_u: tuple[AuditImage, ...]
+    options: AuditOptions
+    model: dict[str, Any]
+    feature_key: str
+    forward_passes: int
+    backward_passes: int
+    cached_images: int
+    timings: dict[str, float]
+    versions: dict[str, str]
+
+    @property
+    def outcome(self) -> str:
+        return self.verdict.outcome.value
+
+    @property
+    def p_value(self) -> float:
+        return self.test.p_value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full result as JSON-ready data; ``verdict`` and ``p_value`` at the top."""
+        return result_to_dict(self)
+
+
+def feature_key(model_digest: str, options: AuditOptions) -> str:
+    """The identity of a set of stored features: model weights, layout, parameters, seed."""
+    payload = {
+        "model": model_digest,
+        "layout": LAYOUT_VERSION,
+        "config": options.feature_config.to_dict(),
+        "features": options.features.value,
+        "seed": options.seed,
+        "dtype": options.dtype,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Prepared:
+    files: list[ImageFile]
+    set_names: list[str]
+    stats: np.ndarray
+    conditions: list[Any]
+
+
+def _conditions(files: Sequence[ImageFile], conditioning: str, captions: Mapping[str, Any] | None,
+                labels: Mapping[str, Any] | None) -> list[Any]:
+    if conditioning == "class":
+        if not labels:
+            raise InputError("this model is class-conditional: give a class label for every image")
+        missing = [f.name for f in files if f.name not in labels]
+        if missing:
+            raise InputError(f"no class label for {len(missing)} image(s), e.g. {missing[0]}")
+        return [labels[f.name] for f in files]
+    if conditioning == "text":
+        captions = captions or {}
+        return [captions.get(f.name) for f in files]
+    if labels:
+        raise InputError("labels were given, but this model is not class-conditional")
+    return [None] * len(files)
+
+
+def _validate(
+    published: Sequence[ImageFile], unpublished: Sequence[ImageFile], conditioning: str,
+    captions: Mapping[str, Any] | None, labels: Mapping[str, Any] | None, options: AuditOptions,
+    report: Callable[[str, int, int], None],
+) -> tuple[_Prepared, DuplicateReport, Exclusion]:
+    check_sizes(len(published), len(unpublished), options.protocol, options.protocol_options)
+    files = list(published) + list(unpublished)
+    names = [f.name for f in files]
+    for group, label in ((published, "published"), (unpublished, "unpublished")):
+        seen: set[str] = set()
+        for f in group:
+            if f.name in seen:
+                raise InputError(f"two {label} images are named {f.name}")
+            seen.add(f.name)
+    if (captions or labels) and len(set(names)) != len(names):
+        raise InputError("an image name appears in both sets: captions and labels need unique names")
+    conds = _conditions(files, conditioning, captions, labels)
+    stats, prints, errors = [], [], []
+    for i, f in enumerate(files):
+        try:
+            img = open_image(f.data, f.name)
+        except ImageError as exc:
+            errors.append(exc)
+            continue
+        stats.append(image_statistics(img, len(f.data)))
+        prints.append(fingerprint(f.name, f.data, img))
+        report("validating", i + 1, len(files))
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+    n_p = len(published)
+    dups = find_duplicates(prints[:n_p], prints[n_p:], options.hamming_threshold)
+    excl = duplicates_to_exclude(dups)
+    keep = [i for i in range(n_p) if i not in set(excl.p)] + [
+        n_p + j for j in range(len(unpublished)) if j not in set(excl.u)
+    ]
+    kept_p = sum(1 for i in keep if i < n_p)
+    try:
+        check_sizes(kept_p, len(keep) - kept_p, options.protocol, options.protocol_options)
+    except InputError as exc:
+        raise InputError(f"after excluding duplicates: {exc}") from None
+    prepared = _Prepared(
+        files=[files[i] for i in keep],
+        set_names=["P" if i < n_p else "U" for i in keep],
+        stats=np.asarray([stats[i] for i in keep]),
+        conditions=[conds[i] for i in keep],
+    )
+    return prepared, dups, excl
+
+
+def _extract(
+    adapter: DiffusionAdapter, prepared: _Prepared, options: AuditOptions, key: str,
+    store: FeatureStore | None, report: Callable[[str, int, int], None],
+) -> tuple[np.ndarray, int, int, int]:
+    from cdi.features import FeatureExtractor
+    from cdi.features.extractor import ExtractionInput
+
+    shas = [f.sha256 for f in prepared.files]
+    known = store.load(key, sorted(set(shas))) if store is not None else {}
+    features = np.full((len(shas), len(FEATURE_NAMES)), np.nan)
+    todo: list[ExtractionInput] = []
+    todo_rows: dict[str, list[int]] = {}
+    for i, (f, sha) in enumerate(zip(prepared.files, shas, strict=True)):
+        if sha in known:
+            features[i] = known[sha]
+            continue
+        if sha not in todo_rows:
+            pixels = to_model_array(open_image(f.data, f.name), adapter.image_size, adapter.image_channels)
+            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i]))
+            todo_rows[sha] = []
+        todo_rows[sha].append(i)
+    cached = len(shas) - sum(len(v) for v in todo_rows.values())
+    extractor = FeatureExtractor(
+        adapter, feature_set=options.features, config=options.feature_config,
+        seed=options.seed, batch_size=options.batch_size,
+    )
+
+    def on_batch(items: Sequence[ExtractionInput], values: np.ndarray) -> None:
+        for it, v in zip(items, values, strict=True):
+            for row in todo_rows[it.sha256]:
+                features[row] = v
+        if store is not None:
+            store.save(key, {it.sha256: v for it, v in zip(items, values, strict=True)})
+
+    report("extracting", cached, len(shas))
+    extractor.extract(
+        todo, progress=lambda done, _total: report("extracting", cached + done, len(shas)),
+        on_batch=on_batch,
+    )
+    return features, cached, extractor.passes.forward, extractor.passes.backward
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"cdi-audit": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "scikit-learn", "scipy", "numpy", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def audit(
+    published: Sequence[ImageFile],
+    unpublished: Sequence[ImageFile],
+    model: str | DiffusionAdapter,
+    *,
+    revision: str | None = None,
+    captions: Mapping[str, str] | None = None,
+    labels: Mapping[str, int] | None = None,
+    options: AuditOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    feature_store: FeatureStore | None = None,
+) -> AuditResult:
+    """Run CDI on published images P and unpublished images U against ``model``.
+
+    ``model`` is a model directory, hub id or shipped model name (loaded after validation)
+    or an already loaded adapter. Raises :class:`~cdi.errors.InputError` for invalid input,
+    before any weight is loaded.
+    """
+    opts = options or AuditOptions()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(stage, done, total))
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock
+        clock = now
+
+    if isinstance(model, str):
+        from cdi.models.detect import detect_family
+
+        conditioning = detect_family(model, revision).conditioning
+    else:
+        conditioning = model.conditioning
+    prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, opts, report)
+    lap("validating")
+
+    if isinstance(model, str):
+        from cdi.models import load_model
+
+        adapter = load_model(model, revision=revision, device=opts.device, dtype=opts.dtype)
+    else:
+        adapter = model
+    lap("loading")
+    key = feature_key(adapter.identity.digest, opts)
+    features, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, report)
+    lap("extracting")
+
+    cols = opts.features.columns
+    is_p = np.array([s == "P" for s in prepared.set_names])
+    xp, xu = features[is_p][:, cols], features[~is_p][:, cols]
+    report("scoring", 0, 1)
+    test = run_test(xp, xu, opts.protocol, opts.protocol_options, alpha=opts.alpha, random_state=opts.seed)
+    report("scoring", 1, 1)
+    lap("scoring")
+    report("testing", 0, 2)
+    control = negative_control(xu, opts.protocol, opts.protocol_options, alpha=opts.alpha,
+                               random_state=opts.seed + 1)
+    report("testing", 1, 2)
+    dist = distribution_check(prepared.stats[is_p], prepared.stats[~is_p], random_state=opts.seed + 2)
+    report("testing", 2, 2)
+    verdict = decide(test, control, dist)
+    lap("testing")
+
+    images = [
+        AuditImage(f.name, f.sha256, s, features[i])
+        for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
+    ]
+    model_info = {
+        "source": adapter.identity.reference.source,
+        "revision": adapter.identity.reference.revision,
+        "digest": adapter.identity.digest,
+        "weight_sha256": dict(adapter.identity.weight_sha256),
+        **adapter.describe(),
+    }
+    return AuditResult(
+        verdict=verdict,
+        test=test,
+        negative_control=control,
+        distribution=dist,
+        duplicates=dups,
+        exclusion=excl,
+        images_p=tuple(im for im in images if im.set_name == "P"),
+        images_u=tuple(im for im in images if im.set_name == "U"),
+        options=opts,
+        model=model_info,
+        feature_key=key,
+        forward_passes=fwd,
+        backward_passes=bwd,
+        cached_images=cached,
+        timings=timings,
+        versions=_versions(),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, enums, numpy values and tuples to JSON-ready data."""
+    from enum import Enum
+
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def result_to_dict(result: AuditResult) -> dict[str, Any]:
+    test = _plain(replace(result.test, rows=()))
+    test.pop("rows")
+    rows_by = {(r.set_name, r.index): r for r in result.test.rows}
+    images = []
+    for set_name, group in (("P", result.images_p), ("U", result.images_u)):
+        for i, im in enumerate(group):
+            row = rows_by.get((set_name, i))
+            images.append({
+                "name": im.name,
+                "sha256": im.sha256,
+                "set": set_name,
+                "role": row.role if row else None,
+                "fold": row.fold if row else None,
+                "score": row.score if row else None,
+                "features": _plain(im.features),
+            })
+    control = _plain(replace(result.negative_control.test, rows=()))
+    control.pop("rows")
+    return {
+        "verdict": result.verdict.outcome.value,
+        "p_value": result.test.p_value,
+        "alpha": result.options.alpha,
+        "reason": result.verdict.reason,
+        "warnings": list(result.verdict.warnings),
+        "test": test,
+        "controls": {
+            "negative_control": {**control, "random_state": result.negative_control.random_state},
+            "distribution_check": _plain(result.distribution),
+            "duplicates": _plain(result.duplicates),
+            "excluded": _plain(result.exclusion),
+        },
+        "feature_layout": {"version": LAYOUT_VERSION, "names": list(FEATURE_NAMES),
+                           "used": [FEATURE_NAMES[c] for c in result.options.features.columns]},
+        "images": images,
+        "manifest": {
+            "model": _plain(result.model),
+            "options": result.options.to_dict(),
+            "feature_key": result.feature_key,
+            "passes": {"forward": result.forward_passes, "backward": result.backward_passes,
+                       "cached_images": result.cached_images},
+            "timings_seconds": {k: round(v, 4) for k, v in result.timings.items()},
+            "versions": result.versions,
+        },
+    }
