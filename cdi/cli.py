@@ -89,6 +89,91 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0 if n else 2
 
 
+def _read_folder(folder: str) -> list[Any]:
+    from cdi.images import ImageFile, list_image_files
+
+    paths = list_image_files(folder)
+    if not paths:
+        raise InputError(f"no image files in {folder}")
+    return [ImageFile.read(p) for p in paths]
+
+
+class AuditProgress:
+    """One progress bar per stage of an audit, on stderr."""
+
+    def __init__(self) -> None:
+        self._stage: str | None = None
+        self._bar = ProgressBar("")
+
+    def __call__(self, p: Any) -> None:
+        if p.stage != self._stage:
+            self._bar.close()
+            self._stage = p.stage
+            self._bar = ProgressBar(p.stage)
+        if p.total:
+            self._bar(p.done, p.total)
+
+
+def summary(result: Any) -> str:
+    """The human-readable summary of an audit printed by ``cdi audit`` and ``cdi demo``."""
+    t, v = result.test, result.verdict
+    lines = [
+        f"verdict        {v.outcome.value.upper()}",
+        f"p-value        {t.p_value:.3g} (α = {t.alpha}; {t.protocol.value} protocol, one-sided)",
+        f"statistic      Welch t = {t.statistic:.3f}" + (f", df = {t.df:.1f}" if t.df is not None else ""),
+        f"effect         AUC {t.auc:.3f}, Cohen's d {t.cohens_d:.2f}",
+        f"images         P = {t.n_p}, U = {t.n_u} (test: {t.n_test_p} + {t.n_test_u})",
+        f"neg. control   p = {v.negative_control_p:.3g}" + ("  FAILED" if v.negative_control_failed else "  ok"),
+        f"distribution   AUC {v.distribution_auc:.3f}, p = {v.distribution_p:.3g}"
+        + ("  SHIFT" if v.distribution_shift else "  ok"),
+    ]
+    n_dup = len(result.exclusion.p) + len(result.exclusion.u)
+    lines.append(f"duplicates     {len(result.duplicates.groups)} group(s), {n_dup} image(s) excluded")
+    lines.append("")
+    lines.append(v.reason)
+    lines.extend(f"warning: {w}" for w in v.warnings)
+    return "\n".join(lines)
+
+
+def _write_json(result: Any, out: str | None) -> None:
+    import json
+
+    if not out:
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    print(f"report written to {path}", file=sys.stderr)
+
+
+def _audit_options(args: argparse.Namespace) -> Any:
+    from cdi.audit import AuditOptions
+
+    return AuditOptions(
+        alpha=args.alpha, protocol=args.protocol, features=args.features, seed=args.seed,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+    )
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cdi.audit import audit
+    from cdi.conditions import read_conditions
+
+    options = _audit_options(args)
+    published = _read_folder(args.published)
+    unpublished = _read_folder(args.unpublished)
+    captions = read_conditions(args.captions, "caption") if args.captions else None
+    labels = read_conditions(args.labels, "label") if args.labels else None
+    result = audit(
+        published, unpublished, args.model, revision=args.revision,
+        captions=captions, labels=labels,  # type: ignore[arg-type]
+        options=options, progress=AuditProgress(),
+    )
+    print(summary(result))
+    _write_json(result, args.out)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cdi import zoo
 
@@ -110,6 +195,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
 
 
+def _add_audit_options(p: argparse.ArgumentParser) -> None:
+    from cdi.audit import DEFAULT_PROTOCOL
+
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    p.add_argument("--protocol", choices=["reference", "crossfit"], default=DEFAULT_PROTOCOL.value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdi", description="Copyrighted Data Identification for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("audit", help="test whether a model was trained on the published images")
+    _add_model_options(p)
+    _add_audit_options(p)
+    p.add_argument("--published", required=True, help="folder of the published images (P)")
+    p.add_argument("--unpublished", required=True, help="folder of the never-published images (U)")
+    p.add_argument("--out", help="JSON report to write")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("models", help="list the models that ship with the project")
     p.set_defaults(func=cmd_models)

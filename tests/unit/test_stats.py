@@ -1,0 +1,340 @@
+"""The statistical test (cdi.scoring, cdi.stats): agreement with scipy / scikit-learn, the
+exactness of the permutation test, power on shifted data and false positives on null data."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from sklearn.metrics import roc_auc_score
+
+from cdi import scoring, stats
+from cdi.errors import InputError
+from cdi.stats import Protocol, ProtocolOptions
+
+K = 26  # features per image, as the layout
+
+
+def gaussian_sets(
+    rng: np.random.Generator, n_p: int, n_u: int, shift: float = 0.0, columns: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """P and U with K standard normal features; P's first ``columns`` shifted by ``shift``."""
+    xp = rng.normal(size=(n_p, K))
+    xu = rng.normal(size=(n_u, K))
+    xp[:, :columns] += shift
+    return xp, xu
+
+
+def binomial_bound(n: int, alpha: float, risk: float = 1e-3) -> int:
+    """Largest false-positive count a correct test exceeds with probability below ``risk``."""
+    k = int(sps.binom.isf(risk, n, alpha))
+    while sps.binom.sf(k, n, alpha) >= risk:
+        k += 1
+    return k
+
+
+# --- small statistics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ([1.0, 2.0, 3.0, 4.0, 5.5], [0.5, 1.0, 1.5, 2.0]),
+        ([0.2, 0.1, 0.4, 0.3, 0.25, 0.35, 0.15], [0.3, 0.32, 0.31, 0.5]),
+        ([3.0, 1.0, 2.0], [10.0, 11.0, 12.5, 9.0, 8.0]),  # a lower: p near 1
+    ],
+)
+def test_welch_greater_equals_scipy(a: list[float], b: list[float]) -> None:
+    ref = sps.ttest_ind(a, b, equal_var=False, alternative="greater")
+    res = stats.welch_greater(np.array(a), np.array(b))
+    assert res.statistic == float(ref.statistic)
+    assert res.df == float(ref.df)
+    assert res.p_value == float(ref.pvalue)
+
+
+def test_welch_greater_rejects_bad_samples() -> None:
+    with pytest.raises(InputError):
+        stats.welch_greater(np.array([1.0]), np.array([1.0, 2.0]))
+    with pytest.raises(InputError):
+        stats.welch_greater(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
+
+
+def test_welch_t_rows_equals_scipy() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 30))
+    is_p = np.zeros((20, 30), dtype=bool)
+    for r in range(20):
+        is_p[r, rng.choice(30, 12, replace=False)] = True
+    t = stats.welch_t_rows(scores, is_p)
+    for r in range(20):
+        ref = sps.ttest_ind(scores[r, is_p[r]], scores[r, ~is_p[r]], equal_var=False).statistic
+        assert t[r] == pytest.approx(ref, rel=1e-12)
+
+
+def test_welch_t_rows_degenerate_groups_are_not_nan() -> None:
+    is_p = np.array([[True, True, False, False]] * 3)
+    scores = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]])
+    assert stats.welch_t_rows(scores, is_p).tolist() == [0.0, np.inf, -np.inf]
+
+
+def test_auc_and_cohens_d() -> None:
+    rng = np.random.default_rng(1)
+    a = np.round(rng.normal(0.5, 1, 40), 1)  # rounding makes ties
+    b = np.round(rng.normal(0.0, 1, 30), 1)
+    y = np.r_[np.ones(40), np.zeros(30)]
+    assert stats.auc(a, b) == pytest.approx(roc_auc_score(y, np.r_[a, b]), abs=1e-12)
+    pooled = np.sqrt((39 * a.var(ddof=1) + 29 * b.var(ddof=1)) / 68)
+    assert stats.cohens_d(a, b) == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-12)
+
+
+def _welch_stat(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.asarray(sps.ttest_ind(x, y, equal_var=False, axis=axis).statistic)
+
+
+def test_permutation_p_value_equals_scipy_randomised() -> None:
+    # scipy's randomised permutation test uses the same (1 + count) / (1 + n) rule and the
+    # same tie tolerance: fed scipy's null distribution, ours gives scipy's p-value.
+    rng = np.random.default_rng(2)
+    a = rng.normal(0.4, 1, 15)
+    b = rng.normal(0.0, 1, 12)
+    res = sps.permutation_test(
+        (a, b), _welch_stat, permutation_type="independent", alternative="greater",
+        n_resamples=999, vectorized=True, rng=np.random.default_rng(3),
+    )
+    observed = float(_welch_stat(a, b))
+    assert stats.permutation_p_value(observed, res.null_distribution) == pytest.approx(res.pvalue, abs=1e-15)
+
+
+def test_exact_enumeration_matches_scipy_exact_test() -> None:
+    # All 126 splits of 9 scores into 5 + 4: the exact permutation p-value of Welch's t,
+    # computed with our vectorised statistic, equals scipy's exact test.
+    a = np.array([0.9, 0.7, 0.65, 0.8, 0.55])
+    b = np.array([0.5, 0.6, 0.4, 0.62])
+    pooled = np.r_[a, b]
+    splits = list(itertools.combinations(range(9), 5))
+    is_p = np.zeros((len(splits), 9), dtype=bool)
+    for r, members in enumerate(splits):
+        is_p[r, list(members)] = True
+    t = stats.welch_t_rows(np.broadcast_to(pooled, is_p.shape), is_p)
+    observed = float(stats.welch_t_rows(pooled[None], (np.arange(9) < 5)[None])[0])
+    gamma = abs(observed) * 100 * np.finfo(float).eps
+    exact_p = float(np.mean(t >= observed - gamma))
+    res = sps.permutation_test(
+        (a, b), _welch_stat, permutation_type="independent", alternative="greater",
+        n_resamples=np.inf, vectorized=True,
+    )
+    assert exact_p == pytest.approx(res.pvalue, abs=1e-15)
+    assert exact_p == pytest.approx(4 / 126)  # Welch's t is not monotone in the mean difference
+
+
+def test_permutation_p_value_rules() -> None:
+    assert stats.permutation_p_value(2.0, np.array([1.0, 3.0, 2.0, np.nan])) == pytest.approx(4 / 5)
+    assert stats.permutation_p_value(5.0, np.zeros(999)) == pytest.approx(1 / 1000)
+    with pytest.raises(InputError):
+        stats.permutation_p_value(1.0, np.array([]))
+
+
+# --- scoring ----------------------------------------------------------------------------
+
+
+def test_scoring_rejects_non_finite_features_naming_the_cell() -> None:
+    xp = np.ones((10, 3))
+    xp[7, 2] = np.nan
+    with pytest.raises(InputError, match=r"row 7, column 2"):
+        scoring.fit_scoring_model(xp, np.zeros((10, 3)))
+    xu = np.zeros((10, 3))
+    xu[4, 1] = np.inf
+    with pytest.raises(InputError, match=r"row 4, column 1"):
+        stats.reference_test(np.random.default_rng(0).normal(size=(10, 3)), xu, random_state=0)
+    with pytest.raises(InputError, match="columns"):
+        stats.reference_test(np.zeros((10, 3)), np.ones((10, 4)), random_state=0)
+
+
+def test_scoring_model_is_the_specified_pipeline() -> None:
+    model = scoring.make_scoring_model(random_state=7)
+    scale, logistic = (step for _, step in model.steps)
+    assert type(scale).__name__ == "StandardScaler"
+    params = logistic.get_params()
+    assert (params["C"], params["solver"], params["max_iter"], params["random_state"]) == (1.0, "lbfgs", 1000, 7)
+    assert params["l1_ratio"] in (None, 0, 0.0)  # L2
+
+
+def test_batched_solver_equals_the_pipeline() -> None:
+    rng = np.random.default_rng(4)
+    n = 120
+    x = rng.normal(size=(n, K)) * rng.uniform(0.1, 20.0, K) + rng.normal(0, 5, K)
+    x[:, 3] = 2.5  # a constant column
+    x[:60, :4] += 0.5
+    y = np.arange(n) < 60
+    labels = np.stack([y, y, rng.permutation(y)])
+    fit = np.stack([rng.random(n) < 0.8, rng.random(n) < 0.8, rng.random(n) < 0.8])
+    # A tiny, nearly separable fitting set: 6 + 6 rows for 26 features.
+    small = np.zeros(n, dtype=bool)
+    small[rng.choice(60, 6, replace=False)] = True
+    small[60 + rng.choice(60, 6, replace=False)] = True
+    labels = np.vstack([labels, y])
+    fit = np.vstack([fit, small])
+    scores = scoring.batched_fit_predict(x, labels, fit)
+    for i in range(len(fit)):
+        model = scoring.make_scoring_model(0).set_params(logistic__tol=1e-12)
+        model.fit(x[fit[i]], labels[i, fit[i]].astype(int))
+        np.testing.assert_allclose(scores[i], scoring.score(model, x), atol=1e-6)
+
+
+# --- sizes --------------------------------------------------------------------------------
+
+
+def test_minimum_sizes() -> None:
+    assert stats.minimum_set_size(Protocol.REFERENCE) == 10
+    assert stats.minimum_set_size("crossfit") == 10
+    assert stats.minimum_set_size(Protocol.REFERENCE, ProtocolOptions(fit_fraction=0.7)) == 16
+    assert stats.minimum_set_size(Protocol.CROSSFIT, ProtocolOptions(n_folds=10)) == 20
+    stats.check_sizes(10, 20, "reference")
+    stats.check_sizes(10, 10, "reference", negative_control=False)
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_too_small_sets_raise(protocol: Protocol) -> None:
+    with pytest.raises(InputError, match="P holds 9 images"):
+        stats.check_sizes(9, 40, protocol)
+    with pytest.raises(InputError, match="U holds 3 images"):
+        stats.check_sizes(40, 3, protocol)
+    with pytest.raises(InputError, match="negative control"):
+        stats.check_sizes(40, 19, protocol)
+    xp, xu = gaussian_sets(np.random.default_rng(0), 8, 30)
+    with pytest.raises(InputError, match="at least 10 images per set"):
+        stats.run_test(xp, xu, protocol, ProtocolOptions(n_permutations=199), random_state=0)
+
+
+def test_invalid_options_raise() -> None:
+    with pytest.raises(InputError):
+        ProtocolOptions(fit_fraction=1.0)
+    with pytest.raises(InputError):
+        ProtocolOptions(n_folds=1)
+    with pytest.raises(InputError, match="unknown protocol"):
+        stats.check_sizes(50, 50, "bootstrap")
+    xp, xu = gaussian_sets(np.random.default_rng(0), 20, 20)
+    with pytest.raises(InputError, match="never below"):
+        stats.crossfit_test(xp, xu, ProtocolOptions(n_permutations=99), alpha=0.01, random_state=0)
+    with pytest.raises(InputError, match="same features"):
+        stats.reference_test(np.ones((20, 3)), np.ones((20, 3)), random_state=0)
+
+
+# --- the protocols ------------------------------------------------------------------------
+
+
+def test_reference_result_and_recompute() -> None:
+    xp, xu = gaussian_sets(np.random.default_rng(5), 41, 30, shift=0.3)
+    res = stats.reference_test(xp, xu, random_state=11)
+    assert res.protocol is Protocol.REFERENCE and res.alternative == "greater"
+    assert (res.n_fit_p, res.n_test_p, res.n_fit_u, res.n_test_u) == (21, 20, 15, 15)
+    assert len(res.rows) == 71 and res.rows[0].set_name == "P" and res.rows[-1].set_name == "U"
+    assert all((r.role == "fit") == (r.score is None) for r in res.rows)
+    again = stats.recompute(res.rows, res.protocol)
+    assert (again.statistic, again.df, again.p_value) == (res.statistic, res.df, res.p_value)
+    test_p = [r.score for r in res.rows if r.role == "test" and r.set_name == "P"]
+    test_u = [r.score for r in res.rows if r.role == "test" and r.set_name == "U"]
+    assert res.auc == stats.auc(np.array(test_p), np.array(test_u))
+    assert res.direction == ("P>U" if res.statistic > 0 else "P<U")
+    assert stats.reference_test(xp, xu, random_state=11) == res  # a pure function of its seed
+    fresh = stats.reference_test(xp, xu)  # a drawn seed is recorded and reproduces the run
+    assert stats.reference_test(xp, xu, random_state=fresh.random_state) == fresh
+
+
+def test_crossfit_scores_each_image_once_with_a_scorer_that_never_saw_it() -> None:
+    xp, xu = gaussian_sets(np.random.default_rng(6), 23, 27, shift=0.4)
+    opts = ProtocolOptions(n_folds=5, n_permutations=199)
+    res = stats.crossfit_test(xp, xu, opts, alpha=0.05, random_state=3)
+    assert res.df is None and res.n_permutations == 199 and res.n_folds == 5
+    assert [r.index for r in res.rows] == [*range(23), *range(27)]
+    assert all(r.role == "test" and r.fold in range(5) for r in res.rows)
+    folds = np.array([r.fold for r in res.rows])
+    is_p = np.array([r.set_name == "P" for r in res.rows])
+    for k in range(5):  # stratified: each set spread evenly over the folds
+        assert (is_p & (folds == k)).sum() in (4, 5) and (~is_p & (folds == k)).sum() in (5, 6)
+    # Each fold's scores are those of the pipeline fitted on the other folds.
+    x = np.vstack([xp, xu])
+    scores = np.array([r.score for r in res.rows])
+    for k in range(5):
+        model = scoring.make_scoring_model(0).set_params(logistic__tol=1e-12)
+        model.fit(x[folds != k], is_p[folds != k].astype(int))
+        np.testing.assert_allclose(scores[folds == k], scoring.score(model, x[folds == k]), atol=1e-6)
+    assert stats.recompute(res.rows, "crossfit").statistic == res.statistic
+    assert stats.crossfit_test(xp, xu, opts, alpha=0.05, random_state=3) == res
+
+
+def test_crossfit_replicates_relabel_uniformly_and_stratify() -> None:
+    x = np.random.default_rng(7).normal(size=(30, 4))
+    rep = stats.crossfit_replicates(x, 12, 4, 2000, random_state=1)
+    assert rep.is_p[0].tolist() == [True] * 12 + [False] * 18
+    assert np.all(rep.is_p.sum(axis=1) == 12)
+    # Under relabelling every image plays P with probability 12/30.
+    np.testing.assert_allclose(rep.is_p[1:].mean(axis=0), 12 / 30, atol=0.05)
+    for r in (0, 1, 500):
+        for k in range(4):
+            in_fold = rep.folds[r] == k
+            assert (rep.is_p[r] & in_fold).sum() == 3
+            assert (~rep.is_p[r] & in_fold).sum() in (4, 5)
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_a_shift_is_detected(protocol: Protocol) -> None:
+    xp, xu = gaussian_sets(np.random.default_rng(8), 100, 100, shift=0.5)
+    res = stats.run_test(xp, xu, protocol, random_state=0)
+    assert res.significant and res.p_value < 0.01
+    assert res.direction == "P>U" and res.auc > 0.6 and res.cohens_d > 0.3
+
+
+def test_p_scoring_lower_than_u_is_never_significant() -> None:
+    # A learned scorer turns a feature shift in either direction into higher P scores, so
+    # "P scores lower" needs a scorer that anti-generalises: P is shifted up in the fitting
+    # parts and down in the test parts (the split depends only on the seed and the sizes).
+    rng = np.random.default_rng(9)
+    xp, xu = gaussian_sets(rng, 100, 100)
+    split = stats.reference_test(xp, xu, random_state=4)
+    fit_p = np.array([r.index for r in split.rows if r.set_name == "P" and r.role == "fit"])
+    test_p = np.array([r.index for r in split.rows if r.set_name == "P" and r.role == "test"])
+    xp[fit_p, :5] += 1.0
+    xp[test_p, :5] -= 1.0
+    res = stats.reference_test(xp, xu, random_state=4)
+    assert res.direction == "P<U" and res.auc < 0.2
+    assert res.p_value > 0.99 and not res.significant
+
+
+def test_reference_false_positives_on_null_data() -> None:
+    rng = np.random.default_rng(10)
+    p_values = []
+    for seed in range(200):
+        xp, xu = gaussian_sets(rng, 50, 50)
+        p_values.append(stats.reference_test(xp, xu, random_state=seed).p_value)
+    p = np.array(p_values)
+    for alpha in (0.01, 0.05):
+        count = int((p < alpha).sum())
+        assert count <= binomial_bound(200, alpha), (alpha, count)
+
+
+def test_crossfit_false_positives_on_null_data() -> None:
+    # Exchangeable data, the whole procedure: with 99 permutations p < 0.05 happens with
+    # probability exactly 0.04 under H0, so Binomial(100, 0.05) bounds the count.
+    rng = np.random.default_rng(11)
+    opts = ProtocolOptions(n_folds=5, n_permutations=99)
+    p = np.array(
+        [
+            stats.crossfit_test(*gaussian_sets(rng, 30, 30), opts, alpha=0.05, random_state=s).p_value
+            for s in range(100)
+        ]
+    )
+    count = int((p < 0.05).sum())
+    assert count <= binomial_bound(100, 0.05), count
+    # The p-values are not squeezed towards 1 either (a broken statistic gives p ≡ 1).
+    assert 0.3 < float(np.median(p)) < 0.7
+
+
+def test_result_is_frozen() -> None:
+    xp, xu = gaussian_sets(np.random.default_rng(12), 20, 20)
+    res = stats.reference_test(xp, xu, random_state=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.p_value = 0.0  # type: ignore[misc]
