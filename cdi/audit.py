@@ -421,7 +421,7 @@ def _plain(value: Any) -> Any:
 def result_to_dict(result: AuditResult) -> dict[str, Any]:
     test = _plain(replace(result.test, rows=()))
     test.pop("rows")
-    rows_by = {(r.set_name, r.index): r for r in result.test.rows}
+    rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in result.test.rows}
     images = []
     for set_name, group in (("P", result.images_p), ("U", result.images_u)):
         for i, im in enumerate(group):

@@ -99,7 +99,9 @@ class CallScheduler:
         sizes = [int(c.z.shape[0]) for c in calls]
         z = torch.cat([c.z for c in calls]) if len(calls) > 1 else calls[0].z
         device = z.device
-        t = torch.cat([torch.full((n,), c.t, dtype=torch.long, device=device) for c, n in zip(calls, sizes, strict=True)])
+        t = torch.cat([
+            torch.full((n,), c.t, dtype=torch.long, device=device) for c, n in zip(calls, sizes, strict=True)
+        ])
         cond = self.cond
         if cond is not None and len(calls) > 1:
             cond = torch.cat([cond] * len(calls))

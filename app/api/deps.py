@@ -1,0 +1,116 @@
+"""Request dependencies, as ``Annotated`` aliases: settings, sessions, the caller, the audit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app import errors as E
+from app.errors import Forbidden, NotFound, Unauthorized
+from app.queue import AuditQueue
+from app.services import AuditService
+from app.settings import Settings
+from app.storage.blobs import BlobStore
+from app.storage.models import Audit
+from app.storage.repositories import ApiKeyRepository, AuditRepository
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cdi_…`")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session_factory(request: Request) -> Callable[[], Session]:
+    return request.app.state.session_factory  # type: ignore[no-any-return]
+
+
+SessionFactoryDep = Annotated[Callable[[], Session], Depends(get_session_factory)]
+
+
+def get_session(factory: SessionFactoryDep) -> Iterator[Session]:
+    with factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_blobs(request: Request) -> BlobStore:
+    return request.app.state.blobs  # type: ignore[no-any-return]
+
+
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+
+
+def get_queue(request: Request) -> AuditQueue:
+    return request.app.state.queue  # type: ignore[no-any-return]
+
+
+QueueDep = Annotated[AuditQueue, Depends(get_queue)]
+
+
+def get_audit_service(factory: SessionFactoryDep, settings: SettingsDep, blobs: BlobsDep,
+                      queue: QueueDep) -> AuditService:
+    return AuditService(factory, settings, blobs, queue)
+
+
+AuditServiceDep = Annotated[AuditService, Depends(get_audit_service)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated tenant (detached from any session: uploads are long)."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+    is_admin: bool
+
+
+def current_caller(
+    factory: SessionFactoryDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", E.MISSING_API_KEY)
+    with factory() as session:
+        tenant = ApiKeyRepository(session).authenticate(credentials.credentials)
+        if tenant is None:
+            raise Unauthorized("the API key is not valid (unknown, revoked or malformed)", E.INVALID_API_KEY)
+        return Caller(tenant.id, tenant.name, tenant.is_admin)
+
+
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+def admin_caller(caller: CurrentCaller) -> Caller:
+    if not caller.is_admin:
+        raise Forbidden("this needs an admin tenant's key", "admin_only")
+    return caller
+
+
+AdminCaller = Annotated[Caller, Depends(admin_caller)]
+
+
+def caller_audit(audit_id: str, caller: CurrentCaller, session: SessionDep) -> Audit:
+    """The caller's audit; another tenant's id (or no such id) answers 404 alike."""
+    try:
+        ident = uuid.UUID(audit_id)
+    except ValueError:
+        raise NotFound(f"no audit {audit_id!r}", "audit_not_found") from None
+    audit = AuditRepository(session).get_for_tenant(ident, caller.tenant_id)
+    if audit is None:
+        raise NotFound(f"no audit {audit_id!r}", "audit_not_found")
+    return audit
+
+
+CallerAudit = Annotated[Audit, Depends(caller_audit)]

@@ -1,0 +1,125 @@
+"""/v1/audits: submit, poll, list, fetch reports, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from app import errors as E
+from app.api.deps import AuditServiceDep, BlobsDep, CallerAudit, CurrentCaller, SessionDep, SettingsDep
+from app.api.multipart import read_form
+from app.errors import BadInput, Conflict
+from app.schemas import SUBMIT_FORM_SCHEMA, AuditAccepted, AuditPage, AuditStatus, ErrorResponse
+from app.services import FILE_FIELDS, TEXT_FIELDS
+from app.storage.blobs import BlobNotFound
+from app.storage.repositories import AuditRepository, InvalidCursor
+
+router = APIRouter(prefix="/audits", tags=["audits"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+    404: {"model": ErrorResponse, "description": "No such audit for this tenant."},
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=AuditAccepted,
+    summary="Submit an audit",
+    responses={**_ERRORS, 413: {"model": ErrorResponse, "description": "A configured limit was exceeded."},
+               422: {"model": ErrorResponse, "description": "Bad input; `error.code` names the problem."},
+               503: {"model": ErrorResponse, "description": "The work queue is unreachable."}},
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"multipart/form-data": {"schema": SUBMIT_FORM_SCHEMA}}}},
+)
+async def submit_audit(request: Request, caller: CurrentCaller, settings: SettingsDep,
+                       service: AuditServiceDep) -> JSONResponse:
+    """Upload the images (streamed to disk), validate everything, and queue the audit."""
+    form = await read_form(
+        request.headers.get("content-type"), request.stream(), tmp_dir=settings.upload_tmp_dir,
+        file_fields=FILE_FIELDS, text_fields=TEXT_FIELDS, max_body_bytes=settings.max_upload_bytes,
+        file_limits={
+            "captions": (settings.max_captions_bytes, E.CAPTIONS_TOO_LARGE, "the captions file"),
+            "labels": (settings.max_captions_bytes, E.CAPTIONS_TOO_LARGE, "the labels file"),
+        },
+    )
+    try:
+        audit = await run_in_threadpool(service.submit, caller.tenant_id, form)
+    finally:
+        form.cleanup()
+    status = AuditStatus.of(audit)
+    body = AuditAccepted(id=audit.id, state=status.state, urls=status.urls)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": status.urls.self})
+
+
+@router.get("", response_model=AuditPage, responses=_ERRORS, summary="List the caller's audits")
+def list_audits(
+    caller: CurrentCaller, session: SessionDep, settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    state: Annotated[str | None, Query(max_length=20)] = None,
+) -> AuditPage:
+    """Newest first; follow ``next_cursor`` for the next page."""
+    try:
+        page = AuditRepository(session).list_for_tenant(
+            caller.tenant_id, limit=limit or settings.default_page_size, cursor=cursor, state=state)
+    except InvalidCursor:
+        raise BadInput("the cursor is not one this API gave", "invalid_cursor") from None
+    return AuditPage(items=[AuditStatus.of(a) for a in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{audit_id}", response_model=AuditStatus, responses=_ERRORS, summary="An audit's state")
+def get_audit(audit: CallerAudit) -> AuditStatus:
+    return AuditStatus.of(audit)
+
+
+def _require_done(audit: Any) -> None:
+    if audit.state == "done" and audit.report is not None:
+        return
+    if audit.state == "failed":
+        raise Conflict(f"the audit failed ({audit.error_code}): it has no report", "audit_failed")
+    if audit.state == "cancelled":
+        raise Conflict("the audit was cancelled: it has no report", "audit_cancelled")
+    raise Conflict(f"the audit is {audit.state}: its report is not ready", "report_not_ready")
+
+
+@router.get(
+    "/{audit_id}/report", responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Not done."}},
+    summary="The report (JSON)",
+)
+def get_report(audit: CallerAudit) -> JSONResponse:
+    """The library's report (``verdict`` and ``p_value`` at the top level) plus a ``service`` block."""
+    _require_done(audit)
+    report = dict(audit.report or {})
+    report["service"] = {"audit_id": str(audit.id), "model": audit.model_id, "options": audit.options,
+                         "created_at": audit.created_at.isoformat(),
+                         "finished_at": audit.finished_at.isoformat() if audit.finished_at else None}
+    return JSONResponse(report)
+
+
+@router.get(
+    "/{audit_id}/report.pdf",
+    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Not done."},
+               200: {"content": {"application/pdf": {}}, "description": "The report as PDF."}},
+    response_class=Response, summary="The report (PDF)",
+)
+def get_report_pdf(audit: CallerAudit, blobs: BlobsDep) -> Response:
+    _require_done(audit)
+    if audit.report_pdf_sha256 is None:
+        raise Conflict("the report has no PDF", "report_not_ready")
+    try:
+        data = blobs.read(audit.report_pdf_sha256)
+    except BlobNotFound:
+        raise Conflict("the report's PDF is missing from storage", "report_missing") from None
+    return Response(data, media_type="application/pdf",
+                    headers={"Content-Disposition": f'attachment; filename="cdi-audit-{audit.id}.pdf"'})
+
+
+@router.delete("/{audit_id}", response_model=AuditStatus, responses=_ERRORS, summary="Cancel and delete images")
+def delete_audit(audit: CallerAudit, session: SessionDep, service: AuditServiceDep) -> AuditStatus:
+    """Cancel a queued or running audit and delete its uploaded images (a finished one keeps its report)."""
+    return AuditStatus.of(service.delete(session, audit))

@@ -1,0 +1,45 @@
+"""/v1/models: what this deployment can audit; registration by an admin."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import AdminCaller, CurrentCaller, SessionDep, SettingsDep
+from app.registry import ModelInfo, ModelRegistry
+from app.schemas import ErrorResponse, ModelList, ModelOut, RegisterModel
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _out(m: ModelInfo) -> ModelOut:
+    return ModelOut(id=m.id, family=m.family, conditioning=m.conditioning, description=m.description,
+                    revision=m.revision, origin=m.origin)  # type: ignore[arg-type]
+
+
+@router.get("", response_model=ModelList, summary="Models this deployment can audit",
+            responses={401: {"model": ErrorResponse}})
+def list_models(caller: CurrentCaller, session: SessionDep, settings: SettingsDep) -> ModelList:
+    return ModelList(items=[_out(m) for m in ModelRegistry(session, settings).list()])
+
+
+@router.put("/{model_id}", response_model=ModelOut, summary="Register a model (admin)",
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                       422: {"model": ErrorResponse}})
+def register_model(model_id: str, body: RegisterModel, caller: AdminCaller, session: SessionDep,
+                   settings: SettingsDep) -> ModelOut:
+    """Register (or update) ``model_id`` → a diffusers directory or hub id; the family is detected."""
+    from app.errors import BadInput
+
+    if body.id != model_id:
+        raise BadInput("the body's id differs from the URL's", "invalid_model_id")
+    info = ModelRegistry(session, settings).register(model_id, body.source, body.revision, body.description)
+    session.commit()
+    return _out(info)
+
+
+@router.delete("/{model_id}", status_code=204, summary="Unregister a model (admin)",
+               responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                          404: {"model": ErrorResponse}})
+def unregister_model(model_id: str, caller: AdminCaller, session: SessionDep, settings: SettingsDep) -> None:
+    ModelRegistry(session, settings).unregister(model_id)
+    session.commit()

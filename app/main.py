@@ -1,0 +1,49 @@
+"""The FastAPI application. ``uvicorn app.main:create_app --factory`` serves it.
+
+The API process never imports torch: it validates uploads, reads and writes the database
+and queues work; the workers (:mod:`worker`) do everything that touches a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import errors
+from app.api.routes import audits, health, models
+from app.queue import AuditQueue, CeleryQueue
+from app.settings import Settings
+from app.storage.blobs import BlobStore
+from app.storage.db import session_factory
+
+
+def create_app(settings: Settings | None = None, queue: AuditQueue | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if queue is None:
+        from worker.celery_app import make_celery
+
+        queue = CeleryQueue(make_celery(settings), settings.audit_queue, settings.callback_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.upload_tmp_dir.mkdir(parents=True, exist_ok=True)
+        yield
+
+    app = FastAPI(
+        title="CDI audit service",
+        version=__version__,
+        summary="Was a diffusion model trained on your images? Submit them, get a verdict with a p-value.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory(settings.database_url)
+    app.state.blobs = BlobStore(settings.blobs)
+    app.state.queue = queue
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(audits.router, prefix="/v1")
+    app.include_router(models.router, prefix="/v1")
+    return app

@@ -1,0 +1,44 @@
+"""How the API hands work to the workers, without importing the worker's code (or torch).
+
+Tasks are sent by name; :mod:`worker.tasks` defines them. Tests can pass another
+:class:`AuditQueue`. Cancelling needs no broker message: a worker checks the audit's state
+when it picks the task up and at every heartbeat.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+RUN_AUDIT = "worker.tasks.run_audit"
+DELIVER_CALLBACK = "worker.tasks.deliver_callback"
+
+
+class AuditQueue(Protocol):
+    def enqueue(self, audit_id: uuid.UUID) -> None: ...
+
+    def enqueue_callback(self, audit_id: uuid.UUID) -> None: ...
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+
+
+class CeleryQueue:
+    def __init__(self, celery_app: object, audit_queue: str, callback_queue: str) -> None:
+        from celery import Celery
+
+        assert isinstance(celery_app, Celery)
+        self.celery = celery_app
+        self.audit_queue = audit_queue
+        self.callback_queue = callback_queue
+
+    def enqueue(self, audit_id: uuid.UUID) -> None:
+        # The task id is the audit id: revoking, and reading the broker, need no lookup table.
+        self.celery.send_task(RUN_AUDIT, args=[str(audit_id)], task_id=str(audit_id), queue=self.audit_queue)
+
+    def enqueue_callback(self, audit_id: uuid.UUID) -> None:
+        self.celery.send_task(DELIVER_CALLBACK, args=[str(audit_id)], queue=self.callback_queue)
+
+    def ping(self) -> None:
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)

@@ -1,0 +1,134 @@
+"""The JSON shapes of the API (the wire format clients rely on; docs/service.md)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.storage.models import Audit
+
+State = Literal["queued", "validating", "extracting", "scoring", "reporting", "done", "failed", "cancelled"]
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable, machine-readable error code.")
+    message: str = Field(description="What went wrong, for people.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(description="The stage the counts refer to (the library's stage name).")
+    done: int
+    total: int
+
+
+class AuditLinks(BaseModel):
+    self: str
+    report: str
+    report_pdf: str
+
+
+class AuditStatus(BaseModel):
+    """An audit's state. ``error`` is present when ``state`` is ``failed``."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: uuid.UUID
+    state: State
+    progress: Progress
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    model: str
+    options: dict[str, Any]
+    n_published: int
+    n_unpublished: int
+    callback_url: str | None = None
+    verdict: str | None = Field(default=None, description="Set when done: used, not_detected or inconclusive.")
+    p_value: float | None = Field(default=None, description="Set when done.")
+    error: ErrorInfo | None = None
+    images_deleted: bool = False
+    urls: AuditLinks
+
+    @classmethod
+    def of(cls, audit: Audit, base: str = "/v1/audits") -> AuditStatus:
+        url = f"{base}/{audit.id}"
+        return cls(
+            id=audit.id, state=audit.state,  # type: ignore[arg-type]
+            progress=Progress(stage=audit.progress_stage, done=audit.progress_done, total=audit.progress_total),
+            created_at=audit.created_at, updated_at=audit.updated_at, started_at=audit.started_at,
+            finished_at=audit.finished_at, model=audit.model_id, options=dict(audit.options),
+            n_published=audit.n_published, n_unpublished=audit.n_unpublished, callback_url=audit.callback_url,
+            verdict=audit.verdict, p_value=audit.p_value,
+            error=ErrorInfo(code=audit.error_code, message=audit.error_message or "")
+            if audit.error_code else None,
+            images_deleted=audit.images_deleted,
+            urls=AuditLinks(self=url, report=f"{url}/report", report_pdf=f"{url}/report.pdf"),
+        )
+
+
+class AuditAccepted(BaseModel):
+    id: uuid.UUID
+    state: State
+    urls: AuditLinks
+
+
+class AuditPage(BaseModel):
+    items: list[AuditStatus]
+    next_cursor: str | None = Field(description="Pass as ?cursor= to get the next page; null on the last.")
+
+
+class ModelOut(BaseModel):
+    id: str
+    family: str | None
+    conditioning: str | None
+    description: str
+    revision: str | None
+    origin: Literal["zoo", "registered"]
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+class RegisterModel(BaseModel):
+    id: str = Field(min_length=1, max_length=200)
+    source: str = Field(min_length=1, description="A diffusers directory on the workers, or a hub id.")
+    revision: str | None = None
+    description: str = ""
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}
+
+
+#: OpenAPI description of the submit form (the route reads the body as a stream).
+SUBMIT_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "archive": {"type": "string", "format": "binary",
+                    "description": "One zip holding published/ and unpublished/ folders."},
+        "published": {"type": "string", "format": "binary", "description": "Zip of the published images."},
+        "unpublished": {"type": "string", "format": "binary", "description": "Zip of the unpublished images."},
+        "model": {"type": "string", "description": "A model id from GET /v1/models."},
+        "alpha": {"type": "number", "default": 0.01, "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+        "protocol": {"type": "string", "enum": ["crossfit", "reference"], "default": "crossfit"},
+        "features": {"type": "string", "enum": ["all", "gradient-free"], "default": "all"},
+        "seed": {"type": "integer", "default": 0, "minimum": 0},
+        "captions": {"type": "string", "format": "binary",
+                     "description": "CSV (file,caption) or JSONL ({\"file\":..., \"caption\":...})."},
+        "labels": {"type": "string", "format": "binary",
+                   "description": "CSV (file,label) or JSONL ({\"file\":..., \"label\":...})."},
+        "callback_url": {"type": "string", "format": "uri",
+                         "description": "POSTed the final status JSON when the audit ends."},
+    },
+    "required": ["model"],
+}

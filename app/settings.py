@@ -1,0 +1,124 @@
+"""The service's one configuration object, read from ``CDI_*`` environment variables.
+
+Every process of the service (API, worker, operator commands, embedded mode) builds its
+configuration from :class:`Settings`; the Celery configuration is derived from it too
+(:func:`worker.celery_app.make_celery`). Defaults give the embedded mode: SQLite, a broker
+in a SQLite file and blobs under ``CDI_DATA_DIR`` (``./.cdi``), so ``cdi serve`` needs no
+server and no configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "production", "test"]
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field is the environment variable ``CDI_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CDI_", env_file=None, extra="ignore")
+
+    environment: Environment = "development"
+
+    #: Folder of the embedded mode's SQLite files and blobs, and the default of the paths below.
+    data_dir: Path = Path(".cdi")
+    #: SQLAlchemy URL. Postgres: ``postgresql+psycopg://user:pw@host/db``. Default: SQLite in data_dir.
+    database_url: str = ""
+    #: Celery broker URL. Production: ``redis://host:6379/0``. Default: a SQLite file in data_dir.
+    broker_url: str = ""
+    #: Where uploaded images are stored, one file per SHA-256. Default: data_dir/blobs.
+    blob_dir: Path | None = None
+
+    #: Seconds a broker message stays invisible to others while a worker holds it unacknowledged
+    #: (Redis). A worker that dies (SIGKILL, lost machine) has its audit redelivered after this
+    #: long. An audit running longer than this is redelivered to a second worker, which finds the
+    #: first one's lease alive and waits: work is guarded by a lease, never run twice at once.
+    broker_visibility_timeout: int = Field(default=3600, ge=5)
+    #: Seconds a worker's lease on an audit lasts without a heartbeat; heartbeats come every third.
+    lease_seconds: int = Field(default=120, ge=3)
+    #: Queue name of audit tasks (a GPU worker pool listens on it).
+    audit_queue: str = "audits"
+    #: Queue of callback deliveries (light work; any worker).
+    callback_queue: str = "callbacks"
+    worker_concurrency: int = Field(default=1, ge=1)
+    worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
+    #: torch device of the worker: "cpu", "cuda", "cuda:1", "auto" (cuda when available).
+    worker_device: str = "auto"
+    worker_batch_size: int = Field(default=32, ge=1)
+
+    # --- upload limits -------------------------------------------------------------------
+    #: Largest request body (all uploaded files together), bytes.
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    #: Largest total uncompressed size of the images in the archives, bytes.
+    max_uncompressed_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    #: Largest uncompressed/compressed ratio of one archive member (zip bombs).
+    max_compression_ratio: float = Field(default=200.0, gt=1.0)
+    #: Most images in one audit (published and unpublished together).
+    max_images: int = Field(default=20_000, ge=2)
+    #: Most members of one archive (including folders).
+    max_archive_members: int = Field(default=50_000, ge=2)
+    #: Largest image, in pixels (width × height).
+    max_image_pixels: int = Field(default=40_000_000, ge=64)
+    #: Largest captions or labels file, bytes (the library refuses more than 8 MiB anyway).
+    max_captions_bytes: int = Field(default=8 * 1024**2, ge=1024)
+
+    # --- API -----------------------------------------------------------------------------
+    default_page_size: int = Field(default=50, ge=1, le=500)
+    #: Callback deliveries: attempts and the first retry delay (doubles each time), seconds.
+    callback_attempts: int = Field(default=6, ge=1)
+    callback_backoff: float = Field(default=5.0, gt=0)
+    callback_timeout: float = Field(default=10.0, gt=0)
+    #: Register the shipped test models (cdi.zoo) in GET /v1/models.
+    register_zoo_models: bool = True
+    #: Log format: "json" (one structured line per event) or "text".
+    log_format: Literal["json", "text"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("data_dir", "blob_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _defaults_and_production_checks(self) -> Settings:
+        data = self.data_dir.absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'cdi.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if self.blob_dir is None:
+            self.blob_dir = data / "blobs"
+        if self.environment == "production":
+            # The embedded defaults are for one machine; a production deployment that
+            # silently fell back to them would lose its data on the next container restart.
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("CDI_DATABASE_URL must name a server database (Postgres) in production")
+            if self.broker_url.startswith("sqla+"):
+                raise ValueError("CDI_BROKER_URL must name a broker server (Redis) in production")
+        return self
+
+    @property
+    def blobs(self) -> Path:
+        assert self.blob_dir is not None
+        return self.blob_dir
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def upload_tmp_dir(self) -> Path:
+        """Where uploads are spooled while they are validated: beside the blobs, same filesystem."""
+        return self.blobs / "tmp"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,389 @@
+"""Repositories: every query the service makes, behind small typed methods.
+
+Routes, tasks and commands never write SQL; they call these. A repository works inside the
+caller's session and never commits: the caller owns the transaction (one per request, one
+per worker step), so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app import security
+from app.storage.models import (
+    RUNNING_STATES,
+    TERMINAL_STATES,
+    ApiKey,
+    Audit,
+    AuditImage,
+    AuditRun,
+    AuditState,
+    FeatureRow,
+    RegisteredModel,
+    Tenant,
+    utcnow,
+)
+
+
+class TenantRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, name: str, *, is_admin: bool = False) -> Tenant:
+        tenant = Tenant(name=name, is_admin=is_admin)
+        self.session.add(tenant)
+        self.session.flush()
+        return tenant
+
+    def by_name(self, name: str) -> Tenant | None:
+        return self.session.scalar(select(Tenant).where(Tenant.name == name))
+
+    def get(self, tenant_id: uuid.UUID) -> Tenant | None:
+        return self.session.get(Tenant, tenant_id)
+
+    def count(self) -> int:
+        return int(self.session.scalar(select(func.count()).select_from(Tenant)) or 0)
+
+
+class ApiKeyRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, tenant: Tenant) -> security.NewKey:
+        new = security.generate_key()
+        self.session.add(ApiKey(key_id=new.key_id, tenant_id=tenant.id, secret_sha256=new.secret_sha256))
+        self.session.flush()
+        return new
+
+    def authenticate(self, plaintext: str) -> Tenant | None:
+        """The tenant owning this key, if the key is well-formed, known, unrevoked and matches."""
+        parsed = security.parse_key(plaintext)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        row = self.session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None or not security.secret_matches(secret, row.secret_sha256):
+            return None
+        return row.tenant
+
+    def revoke(self, key_id: str) -> bool:
+        result = self.session.execute(
+            update(ApiKey).where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class ModelRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, model_id: str) -> RegisteredModel | None:
+        return self.session.get(RegisteredModel, model_id)
+
+    def list(self) -> list[RegisteredModel]:
+        return list(self.session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)))
+
+    def upsert(self, model_id: str, *, source: str, revision: str | None, family: str | None,
+               conditioning: str | None, description: str = "") -> RegisteredModel:
+        row = self.session.get(RegisteredModel, model_id)
+        if row is None:
+            row = RegisteredModel(id=model_id, source=source)
+            self.session.add(row)
+        row.source, row.revision, row.family = source, revision, family
+        row.conditioning, row.description = conditioning, description
+        self.session.flush()
+        return row
+
+    def delete(self, model_id: str) -> bool:
+        result = self.session.execute(delete(RegisteredModel).where(RegisteredModel.id == model_id))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Audit]
+    next_cursor: str | None
+
+
+def _encode_cursor(created_at: datetime, audit_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{audit_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    padded = cursor + "=" * (-len(cursor) % 4)
+    ts, _, ident = base64.urlsafe_b64decode(padded.encode()).decode().partition("|")
+    return datetime.fromisoformat(ts), uuid.UUID(ident)
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+class AuditRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # --- creation and reading -----------------------------------------------------------
+
+    def create(self, *, tenant_id: uuid.UUID, model_id: str, model_source: str, model_revision: str | None,
+               options: Mapping[str, Any], callback_url: str | None,
+               images: Sequence[tuple[str, str, str, int, str | None, int | None]]) -> Audit:
+        """A queued audit; ``images`` are (role, name, sha256, size, caption, label) in order."""
+        audit = Audit(
+            tenant_id=tenant_id, model_id=model_id, model_source=model_source, model_revision=model_revision,
+            options=dict(options), callback_url=callback_url,
+            n_published=sum(1 for im in images if im[0] == "published"),
+            n_unpublished=sum(1 for im in images if im[0] == "unpublished"),
+            upload_bytes=sum(im[3] for im in images),
+            has_captions=any(im[4] is not None for im in images),
+            has_labels=any(im[5] is not None for im in images),
+            state=AuditState.QUEUED.value,
+        )
+        self.session.add(audit)
+        self.session.flush()
+        self.session.add_all(
+            AuditImage(audit_id=audit.id, position=i, role=role, name=name, sha256=sha, size=size,
+                       caption=caption, label=label)
+            for i, (role, name, sha, size, caption, label) in enumerate(images)
+        )
+        self.session.flush()
+        return audit
+
+    def get(self, audit_id: uuid.UUID) -> Audit | None:
+        return self.session.get(Audit, audit_id)
+
+    def get_for_tenant(self, audit_id: uuid.UUID, tenant_id: uuid.UUID) -> Audit | None:
+        return self.session.scalar(select(Audit).where(Audit.id == audit_id, Audit.tenant_id == tenant_id))
+
+    def list_for_tenant(self, tenant_id: uuid.UUID, *, limit: int, cursor: str | None = None,
+                        state: str | None = None) -> Page:
+        """Newest first; ``cursor`` is the ``next_cursor`` of the previous page."""
+        q = select(Audit).where(Audit.tenant_id == tenant_id)
+        if state is not None:
+            q = q.where(Audit.state == state)
+        if cursor:
+            try:
+                created_at, audit_id = _decode_cursor(cursor)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidCursor(str(exc)) from None
+            q = q.where(or_(Audit.created_at < created_at,
+                            and_(Audit.created_at == created_at, Audit.id < audit_id)))
+        rows = list(self.session.scalars(q.order_by(Audit.created_at.desc(), Audit.id.desc()).limit(limit + 1)))
+        next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        return Page(rows[:limit], next_cursor)
+
+    def images(self, audit_id: uuid.UUID) -> list[AuditImage]:
+        return list(self.session.scalars(
+            select(AuditImage).where(AuditImage.audit_id == audit_id).order_by(AuditImage.position)))
+
+    def runs(self, audit_id: uuid.UUID) -> list[AuditRun]:
+        return list(self.session.scalars(
+            select(AuditRun).where(AuditRun.audit_id == audit_id).order_by(AuditRun.attempt)))
+
+    def orphaned(self, grace: timedelta) -> list[Audit]:
+        """Running audits whose lease ran out more than ``grace`` ago: their worker died."""
+        return list(self.session.scalars(
+            select(Audit).where(Audit.state.in_(RUNNING_STATES), Audit.lease_expires_at < utcnow() - grace)
+        ))
+
+    def requeue(self, audit_id: uuid.UUID) -> bool:
+        """Put an orphaned audit back to ``queued`` (only if it is still orphaned)."""
+        now = utcnow()
+        result = self.session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.state.in_(RUNNING_STATES), Audit.lease_expires_at < now)
+            .values(state=AuditState.QUEUED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    # --- the worker's lease -------------------------------------------------------------
+
+    def claim(self, audit_id: uuid.UUID, owner: str, lease: timedelta) -> bool:
+        """Take the audit for ``owner`` unless it is final or another live worker holds it."""
+        now = utcnow()
+        result = self.session.execute(
+            update(Audit)
+            .where(
+                Audit.id == audit_id,
+                Audit.state.not_in(TERMINAL_STATES),
+                or_(Audit.lease_owner.is_(None), Audit.lease_expires_at < now, Audit.lease_owner == owner),
+            )
+            .values(lease_owner=owner, lease_expires_at=now + lease, attempts=Audit.attempts + 1,
+                    started_at=func.coalesce(Audit.started_at, now), updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def heartbeat(self, audit_id: uuid.UUID, owner: str, lease: timedelta, **progress: Any) -> str | None:
+        """Extend the lease and record progress; the audit's state, ``"cancelled"`` if it was cancelled,
+        or ``None`` if another worker holds it now (or finished it)."""
+        now = utcnow()
+        values: dict[str, Any] = {"lease_expires_at": now + lease, "updated_at": now, **progress}
+        result = self.session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.lease_owner == owner, Audit.state.not_in(TERMINAL_STATES))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            state = self.session.scalar(select(Audit.state).where(Audit.id == audit_id))
+            return state if state == AuditState.CANCELLED.value else None
+        return self.session.scalar(select(Audit.state).where(Audit.id == audit_id))
+
+    def finish(self, audit_id: uuid.UUID, owner: str, *, state: AuditState, report: dict[str, Any] | None = None,
+               verdict: str | None = None, p_value: float | None = None, pdf_sha256: str | None = None,
+               error_code: str | None = None, error_message: str | None = None) -> bool:
+        """Move the audit to a final state, if ``owner`` still holds it and it is not final yet."""
+        now = utcnow()
+        result = self.session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.lease_owner == owner, Audit.state.not_in(TERMINAL_STATES))
+            .values(state=state.value, report=report, verdict=verdict, p_value=p_value,
+                    report_pdf_sha256=pdf_sha256, error_code=error_code, error_message=error_message,
+                    finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def release(self, audit_id: uuid.UUID, owner: str) -> None:
+        """Give the lease up without finishing (a transient error: the task will be retried)."""
+        self.session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+    def fail_unleased(self, audit_id: uuid.UUID, code: str, message: str) -> bool:
+        """Fail an audit nobody holds (it could not be queued, or its input vanished)."""
+        now = utcnow()
+        result = self.session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.state.not_in(TERMINAL_STATES))
+            .values(state=AuditState.FAILED.value, error_code=code, error_message=message, finished_at=now,
+                    updated_at=now, lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def cancel(self, audit: Audit) -> bool:
+        """Cancel a queued or running audit; a running worker notices at its next heartbeat."""
+        if audit.state in TERMINAL_STATES:
+            return False
+        now = utcnow()
+        result = self.session.execute(
+            update(Audit).where(Audit.id == audit.id, Audit.state.not_in(TERMINAL_STATES))
+            .values(state=AuditState.CANCELLED.value, finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        self.session.refresh(audit)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def set_callback_state(self, audit_id: uuid.UUID, state: str) -> None:
+        self.session.execute(update(Audit).where(Audit.id == audit_id).values(callback_state=state)
+                             .execution_options(synchronize_session=False))
+
+    def delete_images(self, audit: Audit) -> list[str]:
+        """Remove the audit's image rows; the SHA-256s no other audit references any more."""
+        shas = set(self.session.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit.id)))
+        self.session.execute(delete(AuditImage).where(AuditImage.audit_id == audit.id))
+        audit.images_deleted = True
+        self.session.flush()
+        if not shas:
+            return []
+        still_used = set(self.session.scalars(
+            select(AuditImage.sha256).where(AuditImage.sha256.in_(shas)).distinct()))
+        # A report PDF is a blob too; never delete one that is some audit's report.
+        still_used |= set(self.session.scalars(
+            select(Audit.report_pdf_sha256).where(Audit.report_pdf_sha256.in_(shas))))
+        return sorted(shas - still_used)
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start_run(self, audit_id: uuid.UUID, attempt: int, worker: str) -> AuditRun:
+        run = self.session.get(AuditRun, (audit_id, attempt))
+        if run is None:
+            run = AuditRun(audit_id=audit_id, attempt=attempt, worker=worker)
+            self.session.add(run)
+        self.session.flush()
+        return run
+
+    def update_run(self, audit_id: uuid.UUID, attempt: int, **values: Any) -> None:
+        self.session.execute(update(AuditRun).where(AuditRun.audit_id == audit_id, AuditRun.attempt == attempt)
+                             .values(**values).execution_options(synchronize_session=False))
+
+
+def hash_cache_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class FeatureRepository:
+    """Per-image feature vectors keyed by (the library's cache key, image SHA-256)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def load(self, key: str, sha256s: Iterable[str]) -> dict[str, np.ndarray]:
+        wanted = sorted(set(sha256s))
+        out: dict[str, np.ndarray] = {}
+        hashed = hash_cache_key(key)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            for row in self.session.scalars(
+                select(FeatureRow).where(FeatureRow.cache_key == hashed, FeatureRow.sha256.in_(chunk))
+            ):
+                shape = tuple(int(s) for s in row.shape.split(",") if s)
+                out[row.sha256] = np.frombuffer(row.data, dtype=np.dtype(row.dtype)).reshape(shape).copy()
+        return out
+
+    def save(self, key: str, rows: Mapping[str, np.ndarray]) -> None:
+        """Store the rows (a row stored already, e.g. by a concurrent audit, is kept)."""
+        if not rows:
+            return
+        hashed = hash_cache_key(key)
+        values = []
+        for sha, vec in rows.items():
+            arr = np.ascontiguousarray(vec)
+            values.append({"cache_key": hashed, "sha256": sha, "dtype": arr.dtype.str,
+                           "shape": ",".join(str(s) for s in arr.shape), "data": arr.tobytes(),
+                           "created_at": utcnow()})
+        dialect = self.session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(FeatureRow).on_conflict_do_nothing(index_elements=["cache_key", "sha256"])
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(FeatureRow).on_conflict_do_nothing(index_elements=["cache_key", "sha256"])
+        else:  # pragma: no cover - only Postgres and SQLite are supported
+            raise RuntimeError(f"unsupported database {dialect}")
+        self.session.execute(stmt, values)
+
+    def count(self, key: str | None = None) -> int:
+        q = select(func.count()).select_from(FeatureRow)
+        if key is not None:
+            q = q.where(FeatureRow.cache_key == hash_cache_key(key))
+        return int(self.session.scalar(q) or 0)
+
+
+__all__ = [
+    "RUNNING_STATES",
+    "ApiKeyRepository",
+    "AuditRepository",
+    "FeatureRepository",
+    "InvalidCursor",
+    "ModelRepository",
+    "Page",
+    "TenantRepository",
+]

@@ -1,0 +1,90 @@
+"""The models that ship with the project, trained here on scikit-learn's digits.
+
+Each lives in ``cdi/zoo/models/<name>/`` in diffusers layout, with a ``manifest.json``
+that lists which digits it was trained on (members) and which it never saw (held out).
+``scripts/train_zoo.py`` regenerates them. This module reads JSON only (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdi.zoo import digits
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    path: Path
+    description: str
+    family: str
+    image_size: int
+    conditioning: str
+    members: tuple[int, ...]
+    held_out: tuple[int, ...]
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> ZooModel:
+        m = json.loads((path / "manifest.json").read_text())
+        return cls(
+            name=m["name"], path=path, description=m["description"], family=m["family"],
+            image_size=int(m["image_size"]), conditioning=m["conditioning"],
+            members=tuple(m["members"]), held_out=tuple(m["held_out"]), manifest=m,
+        )
+
+    @staticmethod
+    def file_name(index: int) -> str:
+        return f"digit-{index:04d}.png"
+
+    def export(self, directory: str | Path, members: int = 50, held_out: int = 50) -> tuple[list[Path], list[Path]]:
+        """Write the first ``members`` member and ``held_out`` held-out digits as PNG files.
+
+        Members go to ``directory/published/`` and held-out digits to
+        ``directory/unpublished/`` (the roles they play in an audit), named
+        ``digit-<index>.png``, at the model's resolution; for class-conditional models
+        ``directory/labels.csv`` (file,label) gives every exported image's class.
+        """
+        if members > len(self.members) or held_out > len(self.held_out):
+            raise ValueError(
+                f"{self.name} has {len(self.members)} members and {len(self.held_out)} held-out images"
+            )
+        root = Path(directory)
+        out: list[list[Path]] = []
+        for folder, indices in (("published", self.members[:members]), ("unpublished", self.held_out[:held_out])):
+            d = root / folder
+            d.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for i in indices:
+                p = d / self.file_name(i)
+                digits.image(i, self.image_size).save(p, format="PNG")
+                paths.append(p)
+            out.append(paths)
+        if self.conditioning == "class":
+            labels = self.labels_for(self.members[:members] + self.held_out[:held_out])
+            (root / "labels.csv").write_text("file,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+        return out[0], out[1]
+
+    def labels_for(self, indices: tuple[int, ...] | list[int]) -> dict[str, int]:
+        """File name → digit class, for the images :meth:`export` writes."""
+        return {self.file_name(i): digits.label(i) for i in indices}
+
+
+def list_models() -> list[ZooModel]:
+    if not MODELS_DIR.is_dir():
+        return []
+    return [ZooModel.load(p) for p in sorted(MODELS_DIR.iterdir()) if (p / "manifest.json").is_file()]
+
+
+def get(name: str) -> ZooModel:
+    """The shipped model called ``name``; ``KeyError`` naming the known ones otherwise."""
+    path = MODELS_DIR / name
+    if "/" in name or not (path / "manifest.json").is_file():
+        known = ", ".join(m.name for m in list_models()) or "none"
+        raise KeyError(f"no shipped model named {name!r} (shipped: {known})")
+    return ZooModel.load(path)

@@ -1,0 +1,243 @@
+"""End to end: uvicorn and real Celery workers in subprocesses, the real library and a shipped model.
+
+* Postgres + Redis: submit a zip of a shipped model's member and held-out images, poll until
+  done, download the JSON and the PDF; the verdict equals the library's for the same inputs
+  and seed; the callback URL receives the final state.
+* SIGKILL: the worker is killed in the middle of feature extraction and a new one started;
+  the audit completes with the same verdict and the stored features are not computed again.
+* Embedded mode: ``cdi serve`` (SQLite, a SQLite broker, a child worker) gives the same verdict.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.client import CdiClient
+from app.storage.db import session_scope
+
+from .conftest import Proc, free_port, make_tenant, service_env, spawn, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SEED = 11
+N_PUBLISHED, N_UNPUBLISHED = 10, 20  # the smallest sets cdi.stats.check_sizes accepts (crossfit)
+WAIT = 300.0
+
+
+# --- the data: a shipped model, its exported member and held-out images ---------------------
+
+
+@pytest.fixture(scope="module")
+def zoo_model() -> Any:
+    from cdi.zoo import list_models
+
+    models = list(list_models())
+    assert models, "cdi.zoo ships no model"
+    # The cheapest to run: an unconditional pixel-space model if there is one.
+    models.sort(key=lambda m: (getattr(m, "family", "") != "pixel", getattr(m, "conditioning", "") != "none"))
+    return models[0]
+
+
+def _image_dirs(root: Path) -> tuple[Path, Path]:
+    """The (published, unpublished) folders an export wrote, whatever it calls them."""
+    dirs = sorted({p.parent for p in root.rglob("*.png")})
+    named = {d.name.lower(): d for d in dirs}
+    for pub, unpub in (("published", "unpublished"), ("members", "held_out"), ("member", "held_out"),
+                       ("members", "held-out"), ("train", "heldout")):
+        if pub in named and unpub in named:
+            return named[pub], named[unpub]
+    raise AssertionError(f"cannot tell the member and held-out folders apart in {dirs}")
+
+
+@pytest.fixture(scope="module")
+def dataset(zoo_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("export")
+    zoo_model.export(root, members=N_PUBLISHED, held_out=N_UNPUBLISHED)
+    pub, unpub = _image_dirs(root)
+    published = sorted(pub.glob("*.png"))
+    unpublished = sorted(unpub.glob("*.png"))
+    assert (len(published), len(unpublished)) == (N_PUBLISHED, N_UNPUBLISHED)
+    archive = root / "audit.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in published:
+            zf.write(p, f"published/{p.name}")
+        for p in unpublished:
+            zf.write(p, f"unpublished/{p.name}")
+    return {"published": published, "unpublished": unpublished, "archive": archive}
+
+
+@pytest.fixture(scope="module")
+def reference(zoo_model: Any, dataset: dict[str, Any]) -> Any:
+    """What the library gives for the same inputs and seed (what `cdi audit` prints)."""
+    from cdi.audit import AuditOptions, audit
+    from cdi.images import ImageFile
+
+    return audit([ImageFile.read(p) for p in dataset["published"]],
+                 [ImageFile.read(p) for p in dataset["unpublished"]],
+                 str(zoo_model.path), options=AuditOptions(seed=SEED))
+
+
+def assert_same_verdict(report: dict[str, Any], reference: Any) -> None:
+    assert report["verdict"] == reference.outcome
+    assert report["p_value"] == pytest.approx(float(reference.p_value), rel=1e-6, abs=1e-12)
+
+
+def check_pdf(data: bytes) -> None:
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    assert b"/Type /Page" in data
+
+
+# --- a callback receiver --------------------------------------------------------------------
+
+
+class Callbacks:
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.event = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                outer.received.append(json.loads(self.rfile.read(length)))
+                outer.event.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def callbacks() -> Iterator[Callbacks]:
+    c = Callbacks()
+    yield c
+    c.close()
+
+
+# --- Postgres + Redis -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_env(migrated: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = service_env(migrated, redis_url, tmp_path / "blobs")
+    yield env
+    import redis
+
+    redis.Redis.from_url(redis_url).delete(env["CDI_AUDIT_QUEUE"], env["CDI_CALLBACK_QUEUE"])
+
+
+def test_end_to_end(pg_env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                    start_worker: Callable[..., Proc], dataset: dict[str, Any], reference: Any,
+                    zoo_model: Any, migrated: str, callbacks: Callbacks) -> None:
+    tenant = make_tenant(migrated, "e2e")
+    base = start_api(pg_env)
+    worker = start_worker(pg_env)
+    with CdiClient(base, tenant.key) as client:
+        assert zoo_model.name in [m["id"] for m in client.models()]
+        accepted = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED,
+                                 callback_url=callbacks.url)
+        states = []
+        status = client.wait(accepted["id"], poll=0.5, timeout=WAIT, on_status=lambda s: states.append(s["state"]))
+        assert status["state"] == "done", (status, worker.output()[-4000:])
+        assert set(states) <= {"queued", "validating", "extracting", "scoring", "reporting", "done"}
+        assert status["progress"]["total"] >= 1 and status["finished_at"]
+        report = client.report(accepted["id"])
+        assert_same_verdict(report, reference)
+        assert report["service"]["audit_id"] == accepted["id"]
+        assert status["verdict"] == report["verdict"]
+        check_pdf(client.report_pdf(accepted["id"]))
+    assert callbacks.event.wait(30), "the callback URL was not called"
+    assert callbacks.received[-1]["id"] == accepted["id"] and callbacks.received[-1]["state"] == "done"
+
+
+def _features(url: str) -> int:
+    with session_scope(url) as s:
+        return int(s.execute(text("SELECT count(*) FROM features")).scalar_one())
+
+
+def test_sigkill_resumes_without_recomputing(pg_env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                                            start_worker: Callable[..., Proc], dataset: dict[str, Any],
+                                            reference: Any, zoo_model: Any, migrated: str) -> None:
+    with session_scope(migrated) as s:  # a cold feature cache: this audit must compute
+        s.execute(text("DELETE FROM features"))
+    tenant = make_tenant(migrated, "sigkill")
+    base = start_api(pg_env)
+    first = start_worker(pg_env, "doomed", CDI_WORKER_BATCH_SIZE="2")
+    total = N_PUBLISHED + N_UNPUBLISHED
+    with CdiClient(base, tenant.key) as client:
+        audit_id = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
+        deadline = time.monotonic() + WAIT
+        while _features(migrated) < 4:  # two batches stored, the extraction under way
+            assert time.monotonic() < deadline, first.output()[-4000:]
+            assert client.status(audit_id)["state"] != "done", "finished before it could be killed"
+            time.sleep(0.05)
+        first.kill()  # SIGKILL to the worker and its pool process
+        stored = _features(migrated)
+        assert 4 <= stored < total, stored
+        assert client.status(audit_id)["state"] in ("validating", "extracting")
+
+        second = start_worker(pg_env, "rescuer")
+        status = client.wait(audit_id, poll=0.5, timeout=WAIT)
+        assert status["state"] == "done", (status, second.output()[-4000:])
+        assert_same_verdict(client.report(audit_id), reference)
+    with session_scope(migrated) as s:
+        runs = s.execute(text(
+            "SELECT attempt, outcome, features_computed, features_reused, forward_passes FROM audit_runs "
+            "WHERE audit_id = :a ORDER BY attempt"), {"a": uuid.UUID(audit_id)}).all()
+    assert runs[0].outcome is None  # the killed attempt never finished
+    last = runs[-1]
+    assert last.outcome == "done"
+    # The features stored before the kill were read back, not computed again...
+    assert last.features_reused >= stored
+    assert last.features_computed + last.features_reused == total
+    # ... and the pass count shows it: fewer forward passes than a whole audit needs.
+    full = int(reference.forward_passes)
+    assert 0 < last.forward_passes < full
+    assert last.forward_passes <= full * (total - stored) / total * 1.05 + 1
+
+
+# --- embedded mode --------------------------------------------------------------------------
+
+
+def test_embedded_mode(tmp_path: Path, dataset: dict[str, Any], reference: Any, zoo_model: Any) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDI_")}
+    env["CDI_DATA_DIR"] = str(tmp_path / "data")
+    env["CDI_WORKER_DEVICE"] = "cpu"
+    proc = spawn([sys.executable, "-m", "cdi.cli", "serve", "--port", str(port)], env, tmp_path / "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/readyz", proc, timeout=120)
+        key = (tmp_path / "data" / "api-key").read_text().strip()
+        assert (tmp_path / "data" / "cdi.db").is_file()
+        with CdiClient(base, key) as client:
+            accepted = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)
+            status = client.wait(accepted["id"], poll=0.5, timeout=WAIT)
+            assert status["state"] == "done", (status, proc.output()[-4000:])
+            assert_same_verdict(client.report(accepted["id"]), reference)
+            check_pdf(client.report_pdf(accepted["id"]))
+    finally:
+        proc.stop()
+    assert proc.popen.returncode is not None

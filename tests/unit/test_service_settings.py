@@ -1,0 +1,63 @@
+"""Settings: CDI_* environment variables, embedded defaults, production checks; Celery config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+def test_embedded_defaults_live_under_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("CDI_DATABASE_URL", "CDI_BROKER_URL", "CDI_BLOB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("CDI_DATA_DIR", str(tmp_path))
+    s = Settings()
+    assert s.database_url == f"sqlite:///{tmp_path / 'cdi.db'}"
+    assert s.broker_url == f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    assert s.blobs == tmp_path / "blobs"
+    assert s.is_sqlite
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CDI_DATABASE_URL", "postgresql+psycopg://u@db/cdi")
+    monkeypatch.setenv("CDI_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("CDI_BLOB_DIR", str(tmp_path / "b"))
+    monkeypatch.setenv("CDI_MAX_IMAGES", "500")
+    monkeypatch.setenv("CDI_MAX_UPLOAD_BYTES", "1048576")
+    monkeypatch.setenv("CDI_ENVIRONMENT", "production")
+    s = Settings()
+    assert (s.database_url, s.broker_url, s.blobs) == ("postgresql+psycopg://u@db/cdi", "redis://redis:6379/0",
+                                                       tmp_path / "b")
+    assert s.max_images == 500 and s.max_upload_bytes == 1048576
+
+
+def test_production_refuses_the_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDI_DATABASE_URL", raising=False)
+    with pytest.raises(ValidationError, match="CDI_DATABASE_URL"):
+        Settings(environment="production")
+    with pytest.raises(ValidationError, match="CDI_BROKER_URL"):
+        Settings(environment="production", database_url="postgresql+psycopg://u@db/cdi")
+
+
+@pytest.mark.parametrize("field,value", [("max_images", 1), ("max_compression_ratio", 0.5), ("lease_seconds", 0),
+                                         ("worker_pool", "gevent")])
+def test_invalid_values_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**{field: value})
+
+
+def test_celery_config_is_built_from_settings() -> None:
+    from worker.celery_app import celery_config
+
+    s = Settings(broker_url="redis://localhost:6379/3", broker_visibility_timeout=77, audit_queue="gpu")
+    conf = celery_config(s)
+    assert conf["broker_url"] == "redis://localhost:6379/3"
+    assert conf["broker_transport_options"] == {"visibility_timeout": 77}
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"] and conf["task_acks_on_failure_or_timeout"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_routes"]["worker.tasks.run_audit"] == {"queue": "gpu"}
+    embedded = celery_config(Settings(broker_url="sqla+sqlite:////tmp/x.db"))
+    assert embedded["broker_transport_options"] == {}

@@ -1,0 +1,412 @@
+"""Running one audit: the worker's whole job, independent of Celery.
+
+:meth:`AuditRunner.run` takes an audit id and
+
+1. claims the audit with a lease (a second delivery of the same task finds it held, or
+   finished, and does nothing);
+2. reads the images from the blob store and the model from the per-process cache;
+3. calls :func:`cdi.audit.audit` with a progress callback and a database-backed
+   :class:`DatabaseFeatureStore`, so that every batch's features are stored as soon as they
+   exist and a new attempt after a crash computes only what is missing;
+4. renews the lease from a heartbeat thread, writing progress and noticing cancellation;
+5. stores the report and its PDF, or the failure's stable code and message.
+
+It never raises for a problem with the audit itself (bad images, unsupported model...):
+those are recorded as a failed audit. It raises only for transient infrastructure errors
+(database unreachable), which the task retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import numpy as np
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app.pdf import render_report_pdf
+from app.settings import Settings
+from app.storage.blobs import BlobNotFound, BlobStore
+from app.storage.models import AuditState
+from app.storage.repositories import AuditRepository, FeatureRepository
+
+if TYPE_CHECKING:
+    from cdi.images import ImageFile
+    from cdi.models.base import DiffusionAdapter
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["done", "failed", "cancelled", "busy", "skipped", "lost", "missing"]
+
+#: The library's progress stages → the audit's state.
+STAGE_STATE: dict[str, AuditState] = {
+    "validating": AuditState.VALIDATING,
+    "extracting": AuditState.EXTRACTING,
+    "scoring": AuditState.SCORING,
+    "testing": AuditState.SCORING,
+}
+
+
+class AuditStopped(Exception):
+    """Raised inside the library's callbacks to stop an audit that was cancelled or taken over."""
+
+    def __init__(self, reason: Literal["cancelled", "lost"]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class BlobImages(Sequence["ImageFile"]):
+    """The audit's images of one set, read from the blob store when accessed (not all in memory)."""
+
+    def __init__(self, blobs: BlobStore, rows: Sequence[tuple[str, str]]) -> None:
+        self.blobs = blobs
+        self.rows = list(rows)  # (name, sha256)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> ImageFile: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ImageFile]: ...
+
+    def __getitem__(self, index: int | slice) -> ImageFile | Sequence[ImageFile]:
+        if isinstance(index, slice):
+            return BlobImages(self.blobs, self.rows[index])
+        from cdi.images import ImageFile
+
+        name, sha = self.rows[index]
+        return ImageFile(name=name, data=self.blobs.read(sha))
+
+    def __iter__(self) -> Iterator[ImageFile]:
+        for i in range(len(self.rows)):
+            yield self[i]
+
+
+@dataclass
+class RunState:
+    """What the main thread tells the heartbeat thread, and what it is told back."""
+
+    state: AuditState = AuditState.VALIDATING
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    stop: AuditStopped | None = None
+    #: Set before the final write: from then on the lease is released on purpose.
+    finishing: bool = False
+    changed: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self) -> None:
+        if self.stop is not None:
+            raise self.stop
+
+
+class DatabaseFeatureStore:
+    """The library's ``FeatureStore`` over the ``features`` table, counting for the run record."""
+
+    def __init__(self, session_factory: Callable[[], Session], audit_id: uuid.UUID, attempt: int,
+                 run: RunState) -> None:
+        self.session_factory = session_factory
+        self.audit_id = audit_id
+        self.attempt = attempt
+        self.run = run
+        self.reused = 0
+        self.computed = 0
+
+    def load(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
+        with self.session_factory() as session:
+            rows = FeatureRepository(session).load(key, sha256s)
+            self.reused += len(rows)
+            AuditRepository(session).update_run(self.audit_id, self.attempt, features_reused=self.reused)
+            session.commit()
+        return rows
+
+    def save(self, key: str, rows: Mapping[str, np.ndarray]) -> None:
+        # Stored even when the audit was just cancelled: the features are valid and cached.
+        with self.session_factory() as session:
+            FeatureRepository(session).save(key, rows)
+            self.computed += len(rows)
+            AuditRepository(session).update_run(self.audit_id, self.attempt, features_computed=self.computed)
+            session.commit()
+        self.run.check()
+
+
+ModelLoader = Callable[[str, "str | None", str], "DiffusionAdapter"]
+AuditFunction = Callable[..., Any]
+
+
+class AuditRunner:
+    def __init__(self, settings: Settings, session_factory: Callable[[], Session], blobs: BlobStore,
+                 load_model: ModelLoader, audit_fn: AuditFunction | None = None,
+                 name: str | None = None) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.blobs = blobs
+        self.load_model = load_model
+        self.audit_fn = audit_fn
+        self.name = name or worker_name()
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.settings.lease_seconds)
+
+    def run(self, audit_id: uuid.UUID) -> Outcome:
+        owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        with self.session_factory() as session:
+            repo = AuditRepository(session)
+            audit = repo.get(audit_id)
+            if audit is None:
+                log.warning("audit %s does not exist (deleted?); nothing to do", audit_id)
+                return "missing"
+            if AuditState(audit.state).is_terminal:
+                return "skipped"
+            if not repo.claim(audit_id, owner, self.lease):
+                session.rollback()
+                return "busy"
+            session.commit()
+            session.refresh(audit)
+            attempt = audit.attempts
+            repo.start_run(audit_id, attempt, owner)
+            repo.heartbeat(audit_id, owner, self.lease, state=AuditState.VALIDATING.value,
+                           progress_stage="validating", progress_done=0,
+                           progress_total=audit.n_published + audit.n_unpublished)
+            session.commit()
+            images = repo.images(audit_id)
+            job: dict[str, Any] = {
+                "model_source": audit.model_source, "model_revision": audit.model_revision,
+                "options": dict(audit.options),
+                "published": [(im.name, im.sha256) for im in images if im.role == "published"],
+                "unpublished": [(im.name, im.sha256) for im in images if im.role == "unpublished"],
+                "captions": {im.name: im.caption for im in images if im.caption is not None},
+                "labels": {im.name: im.label for im in images if im.label is not None},
+            }
+        log.info("audit started", extra={"audit_id": str(audit_id), "attempt": attempt, "worker": owner})
+
+        run = RunState(stage="validating", total=len(job["published"]) + len(job["unpublished"]))
+        stop_heartbeat = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(audit_id, owner, run, stop_heartbeat),
+                                name=f"heartbeat-{audit_id}", daemon=True)
+        beat.start()
+        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run)
+        try:
+            outcome = self._execute(audit_id, owner, attempt, job, run, store)
+        finally:
+            stop_heartbeat.set()
+            beat.join(timeout=10)
+        log.info("audit ended", extra={"audit_id": str(audit_id), "attempt": attempt, "outcome": outcome,
+                                       "features_computed": store.computed, "features_reused": store.reused})
+        return outcome
+
+    # --- the work -------------------------------------------------------------------------
+
+    def _execute(self, audit_id: uuid.UUID, owner: str, attempt: int, job: dict[str, Any], run: RunState,
+                 store: DatabaseFeatureStore) -> Outcome:
+        try:
+            result = self._audit(job, run, store)
+            run.check()
+            report = _jsonable(result.to_dict())
+            self._set_state(run, AuditState.REPORTING, "reporting")
+            with self.session_factory() as session:
+                audit = AuditRepository(session).get(audit_id)
+                assert audit is not None
+                meta = {"id": str(audit.id), "model": audit.model_id, "options": audit.options,
+                        "n_published": audit.n_published, "n_unpublished": audit.n_unpublished}
+            pdf_sha = self.blobs.put_bytes(render_report_pdf(meta, report))
+            forward, backward = _passes(result)
+            run.finishing = True
+            with self.session_factory() as session:
+                repo = AuditRepository(session)
+                finished = repo.finish(audit_id, owner, state=AuditState.DONE, report=report,
+                                       verdict=str(report.get("verdict")), p_value=_float(report.get("p_value")),
+                                       pdf_sha256=pdf_sha)
+                repo.update_run(audit_id, attempt, outcome="done" if finished else "superseded",
+                                finished_at=_now(), forward_passes=forward, backward_passes=backward)
+                session.commit()
+            if not finished:
+                return self._stopped_outcome(audit_id)
+            return "done"
+        except AuditStopped as stop:
+            self._record_run(audit_id, attempt, stop.reason)
+            return stop.reason
+        except OperationalError:
+            # The database went away: give the audit back so that a retry (or another worker) can
+            # take it at once; the features stored so far are kept.
+            log.exception("database error while running audit %s; it will be retried", audit_id)
+            try:
+                with self.session_factory() as session:
+                    AuditRepository(session).release(audit_id, owner)
+                    session.commit()
+            except OperationalError:
+                pass
+            raise
+        except BlobNotFound as exc:
+            if run.stop is not None:
+                self._record_run(audit_id, attempt, run.stop.reason)
+                return run.stop.reason
+            run.finishing = True
+            return self._fail(audit_id, owner, attempt, "images_missing",
+                              f"an uploaded image is missing from storage ({exc}); submit the audit again")
+        except Exception as exc:
+            if run.stop is not None:
+                self._record_run(audit_id, attempt, run.stop.reason)
+                return run.stop.reason
+            code, message = _classify(exc)
+            if code == "internal_error":
+                log.exception("audit %s failed unexpectedly", audit_id)
+            run.finishing = True
+            return self._fail(audit_id, owner, attempt, code, message)
+
+    def _audit(self, job: dict[str, Any], run: RunState, store: DatabaseFeatureStore) -> Any:
+        from cdi.audit import AuditOptions, Progress
+        from cdi.features.layout import FeatureSet
+
+        audit_fn = self.audit_fn
+        if audit_fn is None:
+            from cdi import audit as audit_module
+
+            audit_fn = audit_module.audit
+
+        opts = job["options"]
+        device = resolve_device(self.settings.worker_device)
+        options = AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
+                               features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
+                               batch_size=self.settings.worker_batch_size)
+        adapter = self.load_model(job["model_source"], job["model_revision"], device)
+        run.check()
+
+        def progress(p: Progress) -> None:
+            state = STAGE_STATE.get(p.stage, run.state)
+            with run.lock:
+                changed = state != run.state or p.stage != run.stage
+                run.state, run.stage, run.done, run.total = state, p.stage, int(p.done), int(p.total)
+            if changed:
+                run.changed.set()
+            run.check()
+
+        return audit_fn(
+            BlobImages(self.blobs, job["published"]), BlobImages(self.blobs, job["unpublished"]), adapter,
+            captions=job["captions"] or None, labels=job["labels"] or None, options=options,
+            progress=progress, feature_store=store,
+        )
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _set_state(self, run: RunState, state: AuditState, stage: str) -> None:
+        with run.lock:
+            run.state, run.stage = state, stage
+        run.changed.set()
+
+    def _heartbeat(self, audit_id: uuid.UUID, owner: str, run: RunState, stop: threading.Event) -> None:
+        interval = max(0.5, min(self.settings.lease_seconds / 3.0, 5.0))
+        while not stop.is_set():
+            run.changed.wait(timeout=interval)
+            run.changed.clear()
+            if stop.is_set() or run.finishing:
+                return
+            with run.lock:
+                values = {"state": run.state.value, "progress_stage": run.stage, "progress_done": run.done,
+                          "progress_total": run.total}
+            try:
+                with self.session_factory() as session:
+                    state = AuditRepository(session).heartbeat(audit_id, owner, self.lease, **values)
+                    session.commit()
+            except OperationalError:
+                log.warning("heartbeat of audit %s failed (database unreachable); retrying", audit_id)
+                continue
+            if stop.is_set() or run.finishing:
+                return
+            if state is None:
+                run.stop = AuditStopped("lost")
+                log.warning("audit %s: lease lost to another worker; stopping", audit_id)
+                return
+            if state == AuditState.CANCELLED.value:
+                run.stop = AuditStopped("cancelled")
+                log.info("audit %s was cancelled; stopping", audit_id)
+                return
+
+    def _fail(self, audit_id: uuid.UUID, owner: str, attempt: int, code: str, message: str) -> Outcome:
+        with self.session_factory() as session:
+            repo = AuditRepository(session)
+            failed = repo.finish(audit_id, owner, state=AuditState.FAILED, error_code=code, error_message=message)
+            repo.update_run(audit_id, attempt, outcome="failed" if failed else "superseded", finished_at=_now())
+            session.commit()
+        return "failed" if failed else self._stopped_outcome(audit_id)
+
+    def _record_run(self, audit_id: uuid.UUID, attempt: int, outcome: str) -> None:
+        with self.session_factory() as session:
+            AuditRepository(session).update_run(audit_id, attempt, outcome=outcome, finished_at=_now())
+            session.commit()
+
+    def _stopped_outcome(self, audit_id: uuid.UUID) -> Outcome:
+        with self.session_factory() as session:
+            audit = AuditRepository(session).get(audit_id)
+            return "cancelled" if audit is not None and audit.state == AuditState.CANCELLED.value else "lost"
+
+
+def _now() -> Any:
+    from app.storage.models import utcnow
+
+    return utcnow()
+
+
+def _passes(result: Any) -> tuple[int, int]:
+    """The attempt's (forward, backward) pass counts from ``AuditResult``."""
+    return int(result.forward_passes), int(result.backward_passes)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """The report as plain JSON (numpy scalars and arrays, NaN → null)."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if hasattr(o, "isoformat"):
+            return o.isoformat()
+        return str(o)
+
+    text = json.dumps(obj, default=default, allow_nan=True)
+    return json.loads(text, parse_constant=lambda _c: None)
+
+
+def _classify(exc: Exception) -> tuple[str, str]:
+    """A failed audit's stable error code and message."""
+    from cdi.errors import CdiError
+
+    if isinstance(exc, CdiError):
+        return exc.code, str(exc)
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "out_of_memory", ("the model ran out of accelerator memory; the operator can lower "
+                                 "CDI_WORKER_BATCH_SIZE")
+    return "internal_error", f"the audit failed unexpectedly ({type(exc).__name__}); the error was logged"
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
