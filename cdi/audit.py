@@ -330,6 +330,8 @@ def audit(
         timings[stage] = timings.get(stage, 0.0) + now - clock
         clock = now
 
+    # Sizes first: a too-small audit fails before any model file is even read.
+    check_sizes(len(published), len(unpublished), opts.protocol, opts.protocol_options)
     if isinstance(model, str):
         from cdi.models.detect import detect_family
 

@@ -174,6 +174,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MODEL = "digits-memorised"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cdi import zoo
+    from cdi.audit import AuditOptions, audit
+    from cdi.conditions import read_conditions
+
+    model = zoo.get(args.model)
+    if args.export:
+        published, unpublished = model.export(args.export, members=args.members, held_out=args.held_out)
+        root = Path(args.export)
+        print(f"wrote {len(published)} member images to {root / 'published'} and "
+              f"{len(unpublished)} held-out images to {root / 'unpublished'}")
+        labels = f" --labels {root / 'labels.csv'}" if model.conditioning == "class" else ""
+        print(f"try:  cdi audit --model {model.name} --published {root / 'published'} "
+              f"--unpublished {root / 'unpublished'}{labels} --out report.json")
+        return 0
+    print(f"demo: auditing {model.name} ({model.description})")
+    print(f"P = {args.members} images it was trained on, U = {args.held_out} images it never saw\n")
+    with tempfile.TemporaryDirectory(prefix="cdi-demo-") as tmp:
+        model.export(tmp, members=args.members, held_out=args.held_out)
+        labels = read_conditions(Path(tmp) / "labels.csv", "label") if model.conditioning == "class" else None
+        result = audit(
+            _read_folder(str(Path(tmp) / "published")), _read_folder(str(Path(tmp) / "unpublished")),
+            model.name, labels=labels,  # type: ignore[arg-type]
+            options=AuditOptions(seed=args.seed), progress=AuditProgress(),
+        )
+    print(summary(result))
+    _write_json(result, args.out)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cdi import zoo
 
@@ -219,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpublished", required=True, help="folder of the never-published images (U)")
     p.add_argument("--out", help="JSON report to write")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("demo", help="a complete audit on a shipped model and its own images")
+    p.add_argument("--model", default=DEMO_MODEL, help=f"shipped model (default {DEMO_MODEL}; see cdi models)")
+    p.add_argument("--members", type=int, default=50, help="published images: members of the training set")
+    p.add_argument("--held-out", type=int, default=50, help="unpublished images: never trained on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON report to write")
+    p.add_argument("--export", metavar="DIR", help="only write the demo's images to DIR (published/, unpublished/)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("models", help="list the models that ship with the project")
     p.set_defaults(func=cmd_models)

@@ -24,3 +24,27 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "stable-diffusion": tm.build_stable_diffusion(root / "sd"),
         "stable-diffusion-v": tm.build_stable_diffusion(root / "sd-v", prediction_type="v_prediction"),
     }
+
+
+@pytest.fixture(scope="session")
+def memorised_features():
+    """All 26 features of 100 members and 300 held-out digits of the memorising shipped model."""
+    import numpy as np
+
+    from cdi import zoo
+    from cdi.features import FeatureExtractor
+    from cdi.features.extractor import ExtractionInput
+    from cdi.images import to_model_array
+    from cdi.models import load_model
+    from cdi.zoo import digits
+
+    model = zoo.get("digits-memorised")
+    extractor = FeatureExtractor(load_model(model.name), seed=0, batch_size=100)
+
+    def features(indices):
+        return extractor.extract([
+            ExtractionInput(f"digit-{i}", to_model_array(digits.image(i, model.image_size), model.image_size, 1))
+            for i in indices
+        ])
+
+    return np.asarray(features(model.members[:100])), np.asarray(features(model.held_out[:300]))

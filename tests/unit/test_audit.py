@@ -1,0 +1,163 @@
+"""Audits on the shipped, memorising model: the verdict in both directions, and its guards."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from cdi import zoo
+from cdi.audit import AuditOptions, audit
+from cdi.cli import main
+from cdi.errors import InputError
+from cdi.images import ImageFile
+from cdi.zoo import digits
+
+MODEL = "digits-memorised"
+N = 50
+
+
+class MemoryStore:
+    """A feature store in memory: the audits of this module share their features."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], np.ndarray] = {}
+        self.saves = 0
+
+    def load(self, key: str, sha256s):
+        return {s: self.rows[(key, s)] for s in sha256s if (key, s) in self.rows}
+
+    def save(self, key: str, rows) -> None:
+        self.saves += 1
+        for s, v in rows.items():
+            self.rows[(key, s)] = np.array(v)
+
+
+@pytest.fixture(scope="module")
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+def png(index: int, size: int, transform=None) -> ImageFile:
+    img = digits.image(index, size)
+    if transform is not None:
+        img = transform(img)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return ImageFile(zoo.ZooModel.file_name(index), buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def model() -> zoo.ZooModel:
+    return zoo.get(MODEL)
+
+
+def test_members_against_held_out_is_used(model, store):
+    published = [png(i, model.image_size) for i in model.members[:N]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:N]]
+    stages = []
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store,
+                   progress=lambda p: stages.append(p.stage))
+    assert result.outcome == "used", result.verdict.reason
+    assert result.p_value < 0.01
+    assert result.test.direction == "P>U"
+    assert {"validating", "extracting", "scoring", "testing"} <= set(stages)
+    report = result.to_dict()
+    assert report["verdict"] == "used" and report["p_value"] == result.p_value
+    assert len(report["images"]) == 2 * N and all(len(r["features"]) == 26 for r in report["images"])
+
+
+def test_held_out_against_held_out_is_not_detected(model, store):
+    published = [png(i, model.image_size) for i in model.held_out[N : 2 * N]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:N]]
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
+    assert result.outcome == "not_detected", result.verdict.reason
+    assert result.p_value >= 0.01
+    # U's features came from the store: only P's images were computed.
+    assert result.cached_images == N
+    assert result.forward_passes > 0
+
+
+def test_shifted_unpublished_set_is_inconclusive(model, store):
+    def brighten(img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(1.0))
+
+    published = [png(i, model.image_size) for i in model.members[:N]]
+    unpublished = [png(i, model.image_size, brighten) for i in model.held_out[:N]]
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
+    assert result.verdict.distribution_shift
+    assert result.outcome == "inconclusive", result.verdict.reason
+
+
+def test_p_scoring_lower_is_never_used(model, store):
+    published = [png(i, model.image_size) for i in model.held_out[:N]]
+    unpublished = [png(i, model.image_size) for i in model.members[:N]]
+    for protocol in ("reference", "crossfit"):
+        result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3, protocol=protocol),
+                       feature_store=store)
+        assert result.outcome != "used"
+        assert result.p_value > 0.5
+
+
+def test_duplicates_across_sets_are_reported_and_excluded(model, store):
+    published = [png(i, model.image_size) for i in model.members[:N]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:N]]
+    shared = published[0]
+    unpublished[0] = ImageFile("copy.png", shared.data)
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
+    assert result.duplicates.has_between_set
+    assert 0 in result.exclusion.p and 0 in result.exclusion.u
+    names = {im.name for im in result.images_p + result.images_u}
+    assert shared.name not in names and "copy.png" not in names
+
+
+def test_too_small_sets_fail_before_any_model_is_read(tmp_path):
+    few = [png(i, 16) for i in range(3)]
+    with pytest.raises(InputError, match="images"):
+        audit(few, few, str(tmp_path / "no-such-model"))
+
+
+def test_bad_image_is_named_before_extraction(model):
+    published = [png(i, model.image_size) for i in model.members[:12]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:24]]
+    published[3] = ImageFile("broken.png", published[3].data[:40])
+    with pytest.raises(InputError, match=r"broken\.png"):
+        audit(published, unpublished, MODEL)
+
+
+def test_cli_audit_writes_the_report(model, tmp_path, capsys):
+    published, unpublished = model.export(tmp_path / "demo", members=20, held_out=20)
+    out = tmp_path / "report.json"
+    code = main([
+        "audit", "--model", MODEL, "--published", str(published[0].parent),
+        "--unpublished", str(unpublished[0].parent), "--protocol", "reference", "--out", str(out),
+        "--features", "gradient-free",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["verdict"] in printed.lower().replace(" ", "_")
+    assert report["test"]["protocol"] == "reference"
+    assert report["feature_layout"]["used"] == ["dl", "secmi_stat", "pia", "pian"] + [
+        f"ml_t{t:03d}" for t in range(0, 1000, 100)
+    ]
+
+
+def test_cli_reports_input_errors(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "u").mkdir()
+    code = main(["audit", "--model", MODEL, "--published", str(tmp_path / "p"),
+                 "--unpublished", str(tmp_path / "u")])
+    assert code == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_demo_export_writes_both_sets(tmp_path: Path, capsys):
+    assert main(["demo", "--export", str(tmp_path), "--members", "5", "--held-out", "7"]) == 0
+    assert len(list((tmp_path / "published").glob("*.png"))) == 5
+    assert len(list((tmp_path / "unpublished").glob("*.png"))) == 7
+    assert "cdi audit" in capsys.readouterr().out

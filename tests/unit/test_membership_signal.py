@@ -1,0 +1,59 @@
+"""The features carry the membership signal of a model we trained, and the test keeps its level."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import binom
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from cdi.features.layout import FEATURE_NAMES
+from cdi.scoring import make_scoring_model
+from cdi.stats import Protocol, ProtocolOptions, run_test
+
+LOSS_TYPE = ["dl", "ml_t000", "ml_t100", "ml_t200", "pia", "secmi_stat"]
+
+
+def test_loss_type_features_are_lower_for_members(memorised_features):
+    members, held_out = memorised_features
+    held_out = held_out[:100]
+    for name in LOSS_TYPE:
+        j = FEATURE_NAMES.index(name)
+        assert members[:, j].mean() < held_out[:, j].mean(), name
+
+
+def test_logistic_regression_on_all_features_beats_every_single_feature(memorised_features):
+    members, held_out = memorised_features
+    held_out = held_out[:100]
+    x = np.vstack([members, held_out])
+    y = np.r_[np.ones(len(members)), np.zeros(len(held_out))]
+    single = [max(roc_auc_score(y, x[:, j]), roc_auc_score(y, -x[:, j])) for j in range(x.shape[1])]
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    scores = cross_val_predict(make_scoring_model(0), x, y, cv=folds, method="predict_proba")[:, 1]
+    combined = roc_auc_score(y, scores)
+    assert combined >= max(single), (combined, dict(zip(FEATURE_NAMES, np.round(single, 3), strict=True)))
+
+
+def _null_count(held_out: np.ndarray, protocol: Protocol, audits: int, n: int, alpha: float,
+                options: ProtocolOptions) -> int:
+    rng = np.random.default_rng(2024)
+    hits = 0
+    for _ in range(audits):
+        idx = rng.permutation(len(held_out))[: 2 * n]
+        p = run_test(held_out[idx[:n]], held_out[idx[n:]], protocol, options, alpha=alpha,
+                     random_state=int(rng.integers(2**31))).p_value
+        hits += p < alpha
+    return hits
+
+
+def _bound(audits: int, alpha: float) -> int:
+    """The largest count a correct test exceeds with probability below 1e-3."""
+    return int(binom.ppf(1 - 1e-3, audits, alpha))
+
+
+def test_null_audits_keep_the_false_positive_rate(memorised_features):
+    _, held_out = memorised_features
+    for protocol, audits, perms in ((Protocol.REFERENCE, 300, 1), (Protocol.CROSSFIT, 120, 99)):
+        options = ProtocolOptions(n_permutations=perms)
+        count = _null_count(held_out, protocol, audits, 30, 0.05, options)
+        assert count <= _bound(audits, 0.05), (protocol, count)
