@@ -121,7 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Created the admin tenant 'local'. Its API key (saved in {Path(settings.data_dir) / 'api-key'}):",
               file=sys.stderr)
         print(f"  {key}", file=sys.stderr)
-    env = {**os.environ, "CDI_DATABASE_URL": settings.database_url, "CDI_BROKER_URL": settings.broker_url,
+    # The worker shares the cores with the API: OpenMP threads that busy-wait would slow torch
+    # down many times over, so they sleep when idle unless the operator says otherwise.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ,
+           "CDI_DATABASE_URL": settings.database_url, "CDI_BROKER_URL": settings.broker_url,
            "CDI_BLOB_DIR": str(settings.blobs), "CDI_DATA_DIR": str(Path(settings.data_dir).absolute())}
     worker: subprocess.Popen[bytes] | None = None
     if not args.no_worker:

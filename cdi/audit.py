@@ -43,7 +43,7 @@ from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet
 from cdi.images import ImageFile, open_image, to_model_array
 from cdi.stats import Protocol as TestProtocol
-from cdi.stats import ProtocolOptions, ProtocolResult, check_sizes, run_test
+from cdi.stats import ProtocolOptions, ProtocolResult, check_sizes, run_test, welch_greater
 from cdi.verdict import Verdict, decide
 
 if TYPE_CHECKING:
@@ -286,6 +286,25 @@ def _extract(
     return features, cached, extractor.passes.forward, extractor.passes.backward
 
 
+#: Loss-type features computed in both feature sets, lower for training images (method §4).
+DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
+
+
+def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
+    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
+
+    The index is the mean of the pooled-standardised loss-type features; its direction is
+    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
+    """
+    cols = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
+    x = np.vstack([features_p[:, cols], features_u[:, cols]])
+    sd = x.std(axis=0)
+    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    index = z.mean(axis=1)
+    n_p = len(features_p)
+    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -365,7 +384,8 @@ def audit(
     report("testing", 1, 2)
     dist = distribution_check(prepared.stats[is_p], prepared.stats[~is_p], random_state=opts.seed + 2)
     report("testing", 2, 2)
-    verdict = decide(test, control, dist)
+    reversal = direction_check(features[is_p], features[~is_p])
+    verdict = decide(test, control, dist, reversal_p=reversal)
     lap("testing")
 
     images = [

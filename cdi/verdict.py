@@ -4,6 +4,10 @@ Rules, in this order:
 
 1. ``inconclusive`` if a control fails, whatever the test says:
    - the negative control is significant: its p-value < α (the audit's own α);
+   - the direction check fails: P's images look significantly *less* like training data
+     than U's (their loss-type features are higher, one-sided p < α). The scorer learns
+     whatever separates P from U, so a U that holds training images (or swapped sets)
+     would otherwise read as "used";
    - or the distribution check finds a shift: its p-value < ``alpha_control`` (default
      0.01) **and** its AUC ≥ ``auc_threshold`` (default 0.6). The AUC floor keeps a
      difference that only a large sample makes significant, and that a classifier can
@@ -63,6 +67,8 @@ class Verdict:
     direction: Direction
     negative_control_p: float
     negative_control_failed: bool
+    reversal_p: float | None
+    reversal_failed: bool
     distribution_auc: float
     distribution_p: float
     distribution_shift: bool
@@ -82,10 +88,13 @@ def decide(
     *,
     alpha_control: float = DEFAULT_ALPHA_CONTROL,
     auc_threshold: float = DEFAULT_AUC_THRESHOLD,
+    reversal_p: float | None = None,
 ) -> Verdict:
     """The verdict from the audit's test, its negative control and its distribution check.
 
     α is ``test.alpha``. The negative control must have run the same protocol as the test.
+    ``reversal_p`` is the one-sided p-value of "P's loss-type features are higher than U's"
+    (see :func:`cdi.audit.direction_check`); ``None`` skips the direction check.
     """
     if not 0.0 < alpha_control < 1.0:
         raise InputError(f"alpha_control must lie strictly between 0 and 1, got {alpha_control}")
@@ -118,8 +127,15 @@ def decide(
         f"{test.protocol.value} test: Welch t = {test.statistic:.3f}, one-sided p = {_p(test.p_value)}, "
         f"P {'higher' if test.statistic > 0 else 'not higher'} than U"
     )
-    if control_failed or shift:
+    reversal = reversal_p is not None and reversal_p < alpha
+    if control_failed or shift or reversal:
         failures = []
+        if reversal:
+            failures.append(
+                f"P's images look less like training data than U's (their denoising losses are "
+                f"higher, p = {_p(reversal_p or 0.0)} < α = {alpha}): U may hold training images, or "
+                f"the two sets may have been swapped"
+            )
         if control_failed:
             failures.append(
                 f"the negative control (two random halves of U) is significant (p = "
@@ -159,6 +175,8 @@ def decide(
         direction=test.direction,
         negative_control_p=control.p_value,
         negative_control_failed=control_failed,
+        reversal_p=reversal_p,
+        reversal_failed=reversal,
         distribution_auc=distribution.auc,
         distribution_p=distribution.p_value,
         distribution_shift=shift,
