@@ -14,7 +14,7 @@ from cdi.errors import InputError, MalformedModelError, ModelNotFoundError, Unsu
 from cdi.features import FeatureExtractor
 from cdi.features.extractor import ExtractionInput
 from cdi.features.layout import FeatureSet
-from cdi.models import detect_family, load_model
+from cdi.models import detect_family, load_model, resolve_reference
 
 CONDITIONS = {
     "pixel": None,
@@ -193,3 +193,20 @@ def test_missing_component_in_index(tiny_model_dirs, tmp_path):
     (d / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(MalformedModelError, match="no text_encoder component"):
         detect_family(str(d))
+
+
+def test_hub_ids_take_the_hub_path(monkeypatch):
+    # No network here: the hub client must be asked (offline, so it fails at once) and its
+    # failure must come back as a clear error naming the repository and revision.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = resolve_reference("someone/some-model", "v1.0")
+    assert not info.is_local and info.revision == "v1.0"
+    with pytest.raises(ModelNotFoundError, match=r"model_index\.json of someone/some-model@v1\.0"):
+        detect_family("someone/some-model", "v1.0")
+
+
+def test_shipped_model_names_resolve_to_their_directory():
+    from cdi import zoo
+
+    ref = resolve_reference("digits-memorised")
+    assert ref.is_local and ref.source == str(zoo.get("digits-memorised").path.resolve())
