@@ -198,7 +198,9 @@ def test_missing_component_in_index(tiny_model_dirs, tmp_path):
 def test_hub_ids_take_the_hub_path(monkeypatch):
     # No network here: the hub client must be asked (offline, so it fails at once) and its
     # failure must come back as a clear error naming the repository and revision.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     info = resolve_reference("someone/some-model", "v1.0")
     assert not info.is_local and info.revision == "v1.0"
     with pytest.raises(ModelNotFoundError, match=r"model_index\.json of someone/some-model@v1\.0"):
