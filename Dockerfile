@@ -40,7 +40,7 @@ CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port
 
 # --- worker-gpu: torch with CUDA (PyPI's Linux wheel carries its CUDA libraries) ------------
 FROM source AS worker-gpu
-RUN pip install ".[service]"
+RUN pip install ".[service,report]"
 USER cdi
 ENV CDI_ENVIRONMENT=production CDI_BLOB_DIR=/data/blobs CDI_LOG_FORMAT=json CDI_WORKER_DEVICE=cuda
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
@@ -50,7 +50,7 @@ CMD ["cdi", "worker", "--hostname", "worker@%h"]
 # --- worker-cpu: the CPU build of torch ----------------------------------------------------
 FROM source AS worker-cpu
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
- && pip install ".[service]"
+ && pip install ".[service,report]"
 USER cdi
 ENV CDI_ENVIRONMENT=production CDI_BLOB_DIR=/data/blobs CDI_LOG_FORMAT=json CDI_WORKER_DEVICE=cpu
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \

@@ -1,14 +1,22 @@
-"""A one-page PDF of an audit's verdict, written by hand (no dependency).
+"""The PDF of an audit's report.
 
-This is the stand-in the issue asks for until the report issue provides the real report
-(:mod:`cdi.report`); then :func:`render_report_pdf` is the one place to call it from.
-The output is a valid PDF 1.4 file: one page, built-in Helvetica, a correct xref table.
+:func:`render_report_pdf` renders a report of the library's schema (``cdi-report/1``) with
+the library's renderer (:func:`cdi.report.render_pdf`): the same document as ``cdi audit
+--pdf``, showing the JSON report's digest on every page.
+
+Reports stored before reports had a schema, or a worker installed without the ``report``
+extra (matplotlib, reportlab), get :func:`simple_pdf`: a one-page PDF of the verdict,
+written by hand (no dependency), a valid PDF 1.4 file with built-in Helvetica and a correct
+xref table.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _PAGE_W, _PAGE_H = 595, 842  # A4 in points
 
@@ -82,5 +90,23 @@ def verdict_lines(audit: Mapping[str, Any], report: Mapping[str, Any]) -> list[s
 
 
 def render_report_pdf(audit: Mapping[str, Any], report: Mapping[str, Any]) -> bytes:
-    """The report's PDF: a one-page verdict until the report issue's renderer replaces it."""
-    return simple_pdf("CDI audit: verdict", verdict_lines(audit, report))
+    """The report's PDF: the library's full report for a ``cdi-report`` document, else one page.
+
+    ``audit``: the service's facts about the audit (id, model, options, set sizes), shown
+    only on the one-page fallback. Raises :class:`cdi.report.ReportFormatError` for a
+    document that claims a schema but does not match it.
+    """
+    if report.get("schema_version") is None:
+        return simple_pdf("CDI audit: verdict", verdict_lines(audit, report))
+    from cdi.report import parse_report, render_pdf
+
+    document = parse_report({k: v for k, v in report.items() if k != "service"})
+    try:
+        return render_pdf(document)
+    except ModuleNotFoundError as exc:
+        # A worker image without the report extra: still deliver a PDF, and say why it is short.
+        log.warning("the report PDF needs the report extra (%s); writing the one-page PDF", exc.name)
+        digest = document.digest or "none"
+        return simple_pdf("CDI audit: verdict",
+                          [*verdict_lines(audit, report), "", f"Report digest (SHA-256): {digest[:32]}",
+                           f"    {digest[32:]}"])

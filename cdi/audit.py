@@ -20,7 +20,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -151,7 +151,7 @@ class AuditResult:
         return self.test.p_value
 
     def to_dict(self) -> dict[str, Any]:
-        """The full result as JSON-ready data; ``verdict`` and ``p_value`` at the top."""
+        """The sealed report (schema ``cdi-report/1``) as JSON data; ``verdict`` and ``p_value`` at the top."""
         return result_to_dict(self)
 
 
@@ -419,69 +419,11 @@ def audit(
     )
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses, enums, numpy values and tuples to JSON-ready data."""
-    from enum import Enum
-
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
 def result_to_dict(result: AuditResult) -> dict[str, Any]:
-    test = _plain(replace(result.test, rows=()))
-    test.pop("rows")
-    rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in result.test.rows}
-    images = []
-    for set_name, group in (("P", result.images_p), ("U", result.images_u)):
-        for i, im in enumerate(group):
-            row = rows_by.get((set_name, i))
-            images.append({
-                "name": im.name,
-                "sha256": im.sha256,
-                "set": set_name,
-                "role": row.role if row else None,
-                "fold": row.fold if row else None,
-                "score": row.score if row else None,
-                "features": _plain(im.features),
-            })
-    control = _plain(replace(result.negative_control.test, rows=()))
-    control.pop("rows")
-    return {
-        "verdict": result.verdict.outcome.value,
-        "p_value": result.test.p_value,
-        "alpha": result.options.alpha,
-        "reason": result.verdict.reason,
-        "warnings": list(result.verdict.warnings),
-        "test": test,
-        "controls": {
-            "negative_control": {**control, "random_state": result.negative_control.random_state},
-            "distribution_check": _plain(result.distribution),
-            "duplicates": _plain(result.duplicates),
-            "excluded": _plain(result.exclusion),
-        },
-        "feature_layout": {"version": LAYOUT_VERSION, "names": list(FEATURE_NAMES),
-                           "used": [FEATURE_NAMES[c] for c in result.options.features.columns]},
-        "images": images,
-        "manifest": {
-            "model": _plain(result.model),
-            "options": result.options.to_dict(),
-            "feature_key": result.feature_key,
-            "passes": {"forward": result.forward_passes, "backward": result.backward_passes,
-                       "cached_images": result.cached_images},
-            "timings_seconds": {k: round(v, 4) for k, v in result.timings.items()},
-            "versions": result.versions,
-        },
-    }
+    """The audit's sealed report as JSON data: schema ``cdi-report/1`` (:mod:`cdi.report`).
+
+    ``verdict`` and ``p_value`` are at the top level; ``integrity.digest`` seals the rest.
+    """
+    from cdi.report import build_report, seal
+
+    return seal(build_report(result)).to_document()

@@ -21,15 +21,16 @@ from cdi.errors import CdiError, InputError
 class ProgressBar:
     """A tqdm bar on stderr, fed with (done, total) calls."""
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, unit: str = "img") -> None:
         self.desc = desc
+        self.unit = unit
         self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self._bar is None:
-            self._bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, leave=True)
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=True)
         self._bar.update(done - self._bar.n)
         if done >= total:
             self.close()
@@ -135,15 +136,35 @@ def summary(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _write_json(result: Any, out: str | None) -> None:
-    import json
+def _signing_key(path: str | None) -> Any:
+    """The key of ``--signing-key``, else the one ``CDI_SIGNING_KEY`` names, else ``None``."""
+    from cdi.report import load_private_key, signing_key_from_env
 
-    if not out:
+    return load_private_key(path) if path else signing_key_from_env()
+
+
+def _write_report(result: Any, args: argparse.Namespace, signing_key: Any) -> None:
+    """Write the sealed JSON report (``--out``) and its PDF (``--pdf``), as asked."""
+    if not args.out and not args.pdf:
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    print(f"report written to {path}", file=sys.stderr)
+    from cdi.report import build_report, render_pdf, report_json, seal
+
+    report = seal(build_report(result), signing_key)
+    assert report.integrity is not None
+    signed = f", signed by key {report.integrity.signature.key_id}" if report.integrity.signature else ""
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report_json(report), encoding="utf-8")
+        print(f"report written to {path} (digest {report.integrity.digest}{signed})", file=sys.stderr)
+    if args.pdf:
+        path = Path(args.pdf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bar = ProgressBar("figures", unit="test")
+        data = render_pdf(report, progress=lambda done, total: bar(done, total))
+        bar.close()
+        path.write_bytes(data)
+        print(f"PDF written to {path}", file=sys.stderr)
 
 
 def _audit_options(args: argparse.Namespace) -> Any:
@@ -160,6 +181,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from cdi.conditions import read_conditions
 
     options = _audit_options(args)
+    # The key is read before any work, so that a bad key fails at once.
+    signing_key = _signing_key(args.signing_key) if args.out or args.pdf else None
     published = _read_folder(args.published)
     unpublished = _read_folder(args.unpublished)
     captions = read_conditions(args.captions, "caption") if args.captions else None
@@ -170,7 +193,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         options=options, progress=AuditProgress(),
     )
     print(summary(result))
-    _write_json(result, args.out)
+    _write_report(result, args, signing_key)
     return 0
 
 
@@ -190,10 +213,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         root = Path(args.export)
         print(f"wrote {len(published)} member images to {root / 'published'} and "
               f"{len(unpublished)} held-out images to {root / 'unpublished'}")
-        labels = f" --labels {root / 'labels.csv'}" if model.conditioning == "class" else ""
+        labels_option = f" --labels {root / 'labels.csv'}" if model.conditioning == "class" else ""
         print(f"try:  cdi audit --model {model.name} --published {root / 'published'} "
-              f"--unpublished {root / 'unpublished'}{labels} --out report.json")
+              f"--unpublished {root / 'unpublished'}{labels_option} --out report.json --pdf report.pdf")
         return 0
+    signing_key = _signing_key(args.signing_key) if args.out or args.pdf else None
     print(f"demo: auditing {model.name} ({model.description})")
     print(f"P = {args.members} images it was trained on, U = {args.held_out} images it never saw\n")
     with tempfile.TemporaryDirectory(prefix="cdi-demo-") as tmp:
@@ -205,8 +229,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
             options=AuditOptions(seed=args.seed), progress=AuditProgress(),
         )
     print(summary(result))
-    _write_json(result, args.out)
+    _write_report(result, args, signing_key)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cdi.report import load_public_key, read_document, verify_document
+
+    document = read_document(args.report)
+    trusted = load_public_key(args.public_key) if args.public_key else None
+    v = verify_document(document, trusted)
+    if v.report is not None:
+        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {v.report.p_value:.3g}")
+    if v.digest is not None:
+        same = v.digest == v.computed_digest
+        print(f"digest         {v.digest}  {'matches the content' if same else 'DOES NOT MATCH the content'}")
+    if v.signature == "absent":
+        print("signature      none" + ("  (a trusted key was given: FAIL)" if trusted is not None else ""))
+    else:
+        trust = {None: "not checked against a trusted key (use --public-key)", True: "the trusted key",
+                 False: "NOT the trusted key"}[v.trusted_key]
+        print(f"signature      Ed25519 by key {v.key_id}: {v.signature.upper()}; {trust}")
+    for problem in v.problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    print("verified" if v.ok else "NOT VERIFIED")
+    return 0 if v.ok else 1
+
+
+def cmd_recompute(args: argparse.Namespace) -> int:
+    from cdi.report import parse_report, read_document, recompute_report
+
+    report = parse_report(read_document(args.report))
+    result = recompute_report(report)
+    group = None
+    for c in result.checks:
+        if c.group != group:
+            group = c.group
+            print(f"{group}:")
+        mark = "ok  " if c.ok else "DIFF"
+        print(f"  {mark} {c.name:34s} report {_show(c.recorded)}  recomputed {_show(c.recomputed)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.ok:
+        print(f"recomputed: p-value {report.p_value:.6g} and verdict {report.verdict.upper()} reproduced exactly")
+        return 0
+    print(f"NOT REPRODUCED: {len(result.failures)} value(s) differ", file=sys.stderr)
+    return 1
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple) and value and all(isinstance(v, list | tuple) for v in value):
+        return " + ".join(f"{len(v)} positions" for v in value)
+    return str(value)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -237,6 +313,12 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["reference", "crossfit"], default=DEFAULT_PROTOCOL.value)
 
 
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pdf", metavar="FILE", help="PDF report to write")
+    p.add_argument("--signing-key", metavar="FILE",
+                   help="Ed25519 private key (PEM) to sign the report with (default: $CDI_SIGNING_KEY, if set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdi", description="Copyrighted Data Identification for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", required=True, help="folder of the published images (P)")
     p.add_argument("--unpublished", required=True, help="folder of the never-published images (U)")
     p.add_argument("--out", help="JSON report to write")
+    _add_report_options(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="a complete audit on a shipped model and its own images")
@@ -261,8 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=int, default=50, help="unpublished images: never trained on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON report to write")
+    _add_report_options(p)
     p.add_argument("--export", metavar="DIR", help="only write the demo's images to DIR (published/, unpublished/)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("verify", help="check a JSON report's digest, signature and schema")
+    p.add_argument("report", help="the JSON report")
+    p.add_argument("--public-key", metavar="FILE",
+                   help="the Ed25519 public key the report must be signed with (PEM, or base64 of the raw key)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("recompute", help="recompute a JSON report's test and verdict from the report alone")
+    p.add_argument("report", help="the JSON report")
+    p.set_defaults(func=cmd_recompute)
 
     p = sub.add_parser("models", help="list the models that ship with the project")
     p.set_defaults(func=cmd_models)

@@ -9,7 +9,8 @@
    :class:`DatabaseFeatureStore`, so that every batch's features are stored as soon as they
    exist and a new attempt after a crash computes only what is missing;
 4. renews the lease from a heartbeat thread, writing progress and noticing cancellation;
-5. stores the report and its PDF, or the failure's stable code and message.
+5. stores the report (the library's sealed ``cdi-report`` document, signed when
+   ``CDI_SIGNING_KEY`` names a key) and its PDF, or the failure's stable code and message.
 
 It never raises for a problem with the audit itself (bad images, unsupported model...):
 those are recorded as a failed audit. It raises only for transient infrastructure errors
@@ -38,6 +39,7 @@ from app.settings import Settings
 from app.storage.blobs import BlobNotFound, BlobStore
 from app.storage.models import AuditState
 from app.storage.repositories import AuditRepository, FeatureRepository
+from cdi.report import seal_document, signing_key_from_env
 
 if TYPE_CHECKING:
     from cdi.images import ImageFile
@@ -217,9 +219,13 @@ class AuditRunner:
     def _execute(self, audit_id: uuid.UUID, owner: str, attempt: int, job: dict[str, Any], run: RunState,
                  store: DatabaseFeatureStore) -> Outcome:
         try:
+            # Read before the work, so that a bad deployment key fails the audit at once.
+            signing_key = signing_key_from_env()
             result = self._audit(job, run, store)
             run.check()
             report = _jsonable(result.to_dict())
+            if signing_key is not None and report.get("schema_version") is not None:
+                report = seal_document(report, signing_key)
             self._set_state(run, AuditState.REPORTING, "reporting")
             with self.session_factory() as session:
                 audit = AuditRepository(session).get(audit_id)
