@@ -8,7 +8,7 @@ that lists which digits it was trained on (members) and which it never saw (held
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ class ZooModel:
     conditioning: str
     members: tuple[int, ...]
     held_out: tuple[int, ...]
-    manifest: dict[str, Any]
+    #: The whole manifest.json (training settings, measured AUC, ...).
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
     def load(cls, path: Path) -> ZooModel:
