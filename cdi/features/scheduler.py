@@ -80,19 +80,33 @@ class CallScheduler:
         return results
 
     def _chunks(self, group: list[tuple[Hashable, Call]]) -> list[list[tuple[Hashable, Call]]]:
+        """Split a round's calls into as few network calls as ``max_fused`` allows, of even size.
+
+        Even sizes matter on CPU: 320 samples as 128 + 96 + 96 run faster than as
+        128 + 128 + 64, whose small remainder pays the per-call overhead for few samples.
+        A call is never split; one larger than ``max_fused`` is a network call of its own.
+        """
         if not self.share:
             return [[item] for item in group]
-        chunks: list[list[tuple[Hashable, Call]]] = []
-        size = 0
-        for item in group:
-            n = int(item[1].z.shape[0])
-            if chunks and size + n <= self.max_fused:
+        sizes = [int(c.z.shape[0]) for _, c in group]
+        total = sum(sizes)
+        pieces = max(1, -(-total // self.max_fused))
+        while True:
+            chunks: list[list[tuple[Hashable, Call]]] = []
+            filled: list[int] = []
+            start = 0
+            for item, n in zip(group, sizes, strict=True):
+                # Piece of the call's first sample, on an even grid of `pieces` pieces.
+                piece = start * pieces // total
+                if not chunks or piece >= len(chunks) or filled[-1] + n > self.max_fused:
+                    chunks.append([])
+                    filled.append(0)
                 chunks[-1].append(item)
-                size += n
-            else:
-                chunks.append([item])
-                size = n
-        return chunks
+                filled[-1] += n
+                start += n
+            if len(chunks) <= pieces or pieces >= len(group):
+                return chunks
+            pieces += 1
 
     def _network(self, calls: list[Call], with_grad: bool) -> list[CallResult]:
         """One network call on the concatenation of ``calls``; per-sample timesteps."""

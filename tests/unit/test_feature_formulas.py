@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cdi.features import FeatureConfig, FeatureExtractor
-from cdi.features.context import image_seed
+from cdi.features.context import PassCounter, image_seed
 from cdi.features.extractor import ExtractionInput
 from cdi.features.layout import FEATURE_NAMES, FeatureSet
 from cdi.models.base import DiffusionAdapter, ImageCondition, ModelIdentity, ModelReference
@@ -178,3 +178,38 @@ def test_shared_work_gives_the_same_values_with_fewer_passes():
     assert per_image[0] <= 45 + cfg.no_steps
     assert per_image[1] <= 10 + cfg.no_steps - 1
     assert alone.passes.forward > shared.passes.forward
+
+
+@pytest.mark.parametrize("max_fused", [1, 2, 5, 1000])
+def test_fusion_limit_changes_neither_values_nor_pass_counts(max_fused):
+    adapter = AnalyticAdapter()
+    rng = np.random.default_rng(6)
+    items = [ExtractionInput(f"{i:064x}", rng.uniform(-1, 1, (1, 4, 4)).astype(np.float32)) for i in range(4)]
+    reference = FeatureExtractor(adapter, seed=2, batch_size=4)
+    fused = FeatureExtractor(adapter, seed=2, batch_size=4, max_fused=max_fused)
+    np.testing.assert_allclose(fused.extract(items), reference.extract(items), rtol=1e-6)
+    assert (fused.passes.forward, fused.passes.backward) == (reference.passes.forward, reference.passes.backward)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_chunks_keep_order_respect_the_limit_and_are_few(seed):
+    from cdi.features.context import Call
+    from cdi.features.scheduler import CallScheduler
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        sizes = [int(n) for n in rng.integers(1, 40, rng.integers(0, 25))]
+        limit = int(rng.integers(1, 120))
+        sched = CallScheduler(AnalyticAdapter(), None, PassCounter(), max_fused=limit)
+        group = [(i, Call(i, torch.zeros(n, 1), 0)) for i, n in enumerate(sizes)]
+        chunks = sched._chunks(group)
+        assert [item for chunk in chunks for item in chunk] == group
+        for chunk in chunks:
+            total = sum(int(c.z.shape[0]) for _, c in chunk)
+            assert total <= limit or len(chunk) == 1
+        if sizes and max(sizes) <= limit:
+            # Never more than twice the fewest possible network calls.
+            assert len(chunks) <= 2 * -(-sum(sizes) // limit)
+    even = CallScheduler(AnalyticAdapter(), None, PassCounter(), max_fused=128)
+    ten = [(i, Call(i, torch.zeros(32, 1), 0)) for i in range(10)]
+    assert [sum(int(c.z.shape[0]) for _, c in ch) for ch in even._chunks(ten)] == [128, 96, 96]
