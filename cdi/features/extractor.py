@@ -39,6 +39,17 @@ FAMILIES: dict[str, FamilyFn] = {
     "no": noise_optimisation,
 }
 
+#: Each family's depth: the number of call lists it yields one after another.
+FAMILY_DEPTHS: dict[str, Callable[[FeatureConfig], int]] = {
+    "dl": lambda c: 1,
+    "secmi": lambda c: c.secmi_t // c.secmi_step + 2,
+    "pia": lambda c: 2,
+    "pian": lambda c: 2,
+    "gm": lambda c: 2,
+    "ml": lambda c: 1,
+    "no": lambda c: c.no_steps + 1,
+}
+
 
 @dataclass(frozen=True)
 class ExtractionInput:
@@ -117,7 +128,8 @@ class FeatureExtractor:
         if self.share_work:
             b = batch()
             runs = {f: FAMILIES[f](b) for f in families}
-            values = self._scheduler(cond).run(runs)
+            depths = {f: FAMILY_DEPTHS[f](self.config) for f in families}
+            values = self._scheduler(cond).run(runs, depths)
         else:
             # As the reference code does: each family encodes again and makes its own calls.
             values = {}

@@ -3,19 +3,51 @@
 Round by round, every family yields the calls it needs next. With sharing on, calls with
 the same key are evaluated once (a call with a gradient also serves the same call without
 one), results are kept for later rounds, and the remaining calls of a round are fused into
-as few network calls as ``max_fused`` samples allow, with a timestep per sample. With
+as few network calls as ``max_fused`` samples allow, with a timestep per sample. Given
+each family's depth (its number of levels), calls that can wait are spread over the rounds
+so that every round's network calls are of similar size (see :meth:`CallScheduler.run`);
+neither the values nor the pass counts change, only how calls are grouped. With
 sharing off, every call is its own network call: the straightforward way, the benchmark's
 baseline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from cdi.features.context import Call, CallResult, FamilyRun, PassCounter, l2
 from cdi.models.base import DiffusionAdapter
+
+
+@dataclass
+class _Level:
+    """A family's calls of one level, their results as they arrive, and the level's deadline."""
+
+    calls: list[Call]
+    results: list[CallResult | None]
+    deadline: int
+    #: Levels the family has still to yield after this one.
+    after: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return all(r is not None for r in self.results)
+
+
+@dataclass
+class _Slot:
+    """One distinct network call of a round and the family calls it answers."""
+
+    call: Call
+    deadline: int
+    requesters: list[tuple[_Level, int]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.call.z.shape[0])
 
 
 class CallScheduler:
@@ -27,57 +59,116 @@ class CallScheduler:
         self.share = share
         self.max_fused = max(1, max_fused)
         self._cache: dict[Hashable, CallResult] = {}
+        self._horizon = 0
 
-    def run(self, families: dict[str, FamilyRun]) -> dict[str, torch.Tensor]:
-        """Drive every family to completion; returns each family's output ``[B, k]``."""
+    def run(self, families: dict[str, FamilyRun],
+            depths: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """Drive every family to completion; returns each family's output ``[B, k]``.
+
+        ``depths`` gives each family's number of levels (the lists of calls it yields, one
+        after another). With sharing on, they set the horizon (the deepest family's levels,
+        one round each) and each level's deadline: a family of d levels spreads them evenly
+        over the rounds left, and a round evaluates the calls due now plus as many of the
+        others as keep the work of the remaining rounds level (counting, for the rounds to
+        come, each family's later levels as large as its current one). Shallow families (GM, ML,
+        DL) then fill the rounds in which deep chains (SecMI's inversion, NO's optimiser
+        steps) would otherwise make small network calls. Without depths, every call is due
+        in the round it is asked for.
+        """
         outputs: dict[str, torch.Tensor] = {}
-        pending: dict[str, list[Call]] = {}
-        for name, gen in families.items():
-            self._advance(name, gen, None, pending, outputs)
-        while pending:
-            requested = [c for calls in pending.values() for c in calls]
-            results = self._evaluate(requested)
-            current, pending = pending, {}
-            for name, calls in current.items():
-                reply = [results[self._slot(c)] for c in calls]
-                self._advance(name, families[name], reply, pending, outputs)
-        return outputs
+        remaining = {name: (depths or {}).get(name, 1) for name in families}
+        horizon = self._horizon = max(remaining.values(), default=1) if self.share else 0
+        levels: dict[str, _Level] = {}
+        rnd = 0
 
-    @staticmethod
-    def _advance(name: str, gen: FamilyRun, reply: list[CallResult] | None,
-                 pending: dict[str, list[Call]], outputs: dict[str, torch.Tensor]) -> None:
-        try:
-            pending[name] = next(gen) if reply is None else gen.send(reply)
-        except StopIteration as stop:
-            outputs[name] = stop.value
+        def advance(name: str, reply: list[CallResult] | None) -> None:
+            gen = families[name]
+            try:
+                calls = next(gen) if reply is None else gen.send(reply)
+            except StopIteration as stop:
+                outputs[name] = stop.value
+                return
+            d = remaining[name]
+            remaining[name] = d - 1
+            left = horizon - rnd
+            span = left // d if d >= 1 and left >= d else 1
+            levels[name] = _Level(list(calls), [None] * len(calls), rnd + span - 1, max(d - 1, 0))
+
+        for name in families:
+            advance(name, None)
+        while levels:
+            self._round(list(levels.values()), rnd)
+            rnd += 1
+            for name in [n for n, lv in levels.items() if lv.complete]:
+                done = levels.pop(name)
+                advance(name, [r for r in done.results if r is not None])
+        return outputs
 
     def _slot(self, call: Call) -> Hashable:
         if self.share and call.key is not None:
             return ("key", call.key)
         return ("call", id(call))
 
-    def _evaluate(self, calls: Sequence[Call]) -> dict[Hashable, CallResult]:
-        results: dict[Hashable, CallResult] = {}
-        todo: dict[Hashable, Call] = {}
-        for c in calls:
-            slot = self._slot(c)
-            cached = self._cache.get(c.key) if self.share and c.key is not None else None
-            if cached is not None and (cached.grad is not None or not c.needs_grad):
-                results[slot] = cached
-                continue
-            held = todo.get(slot)
-            if held is None or (c.needs_grad and not held.needs_grad):
-                todo[slot] = c
-        items = list(todo.items())
+    def _round(self, levels: Sequence[_Level], rnd: int) -> None:
+        """Evaluate this round's share of the outstanding calls and hand out the results."""
+        slots: dict[Hashable, _Slot] = {}
+        for lv in levels:
+            for i, c in enumerate(lv.calls):
+                if lv.results[i] is not None:
+                    continue
+                cached = self._cache.get(c.key) if self.share and c.key is not None else None
+                if cached is not None and (cached.grad is not None or not c.needs_grad):
+                    lv.results[i] = cached
+                    continue
+                slot = slots.get(self._slot(c))
+                if slot is None:
+                    slot = slots[self._slot(c)] = _Slot(c, lv.deadline)
+                elif c.needs_grad and not slot.call.needs_grad:
+                    slot.call = c  # the call with a gradient also answers the one without
+                slot.deadline = min(slot.deadline, lv.deadline)
+                slot.requesters.append((lv, i))
         for with_grad in (True, False):
-            group = [(s, c) for s, c in items if c.needs_grad == with_grad]
-            for chunk in self._chunks(group):
+            group = [(k, s) for k, s in slots.items() if s.call.needs_grad == with_grad]
+            # The work expected in later rounds: each family's later levels, as large as this.
+            expected = sum(
+                lv.after * sum(int(c.z.shape[0]) for c in lv.calls if c.needs_grad == with_grad)
+                for lv in levels
+            )
+            chosen = self._due(group, rnd, expected)
+            for chunk in self._chunks([(k, slots[k].call) for k in chosen]):
                 outs = self._network([c for _, c in chunk], with_grad)
-                for (slot, call), res in zip(chunk, outs, strict=True):
-                    results[slot] = res
+                for (key, call), res in zip(chunk, outs, strict=True):
                     if self.share and call.key is not None:
                         self._cache[call.key] = res
-        return results
+                    for lv, i in slots[key].requesters:
+                        lv.results[i] = res
+
+    def _due(self, group: list[tuple[Hashable, _Slot]], rnd: int, expected: int = 0) -> list[Hashable]:
+        """The slots to evaluate this round, in request order.
+
+        Every slot due this round, and then, earliest deadline first, enough of the others
+        that the samples evaluated per round never need to exceed the rate taken now: the
+        largest over deadlines D of (samples due by D) / (rounds until D, this one
+        included), and at least all known and ``expected`` samples over the rounds left.
+        """
+        if not self.share:
+            return [k for k, _ in group]
+        order = sorted(range(len(group)), key=lambda j: group[j][1].deadline)
+        rate, total = 0, 0
+        for j in order:
+            slot = group[j][1]
+            total += slot.size
+            rate = max(rate, -(-total // (max(slot.deadline - rnd, 0) + 1)))
+        rate = max(rate, -(-(total + expected) // max(self._horizon - rnd, 1)))
+        take: set[int] = set()
+        taken = 0
+        for j in order:
+            slot = group[j][1]
+            if taken >= rate and slot.deadline > rnd:
+                break
+            take.add(j)
+            taken += slot.size
+        return [group[j][0] for j in sorted(take)]
 
     def _chunks(self, group: list[tuple[Hashable, Call]]) -> list[list[tuple[Hashable, Call]]]:
         """Split a round's calls into as few network calls as ``max_fused`` allows, of even size.

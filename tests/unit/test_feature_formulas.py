@@ -213,3 +213,55 @@ def test_round_chunks_keep_order_respect_the_limit_and_are_few(seed):
     even = CallScheduler(AnalyticAdapter(), None, PassCounter(), max_fused=128)
     ten = [(i, Call(i, torch.zeros(32, 1), 0)) for i in range(10)]
     assert [sum(int(c.z.shape[0]) for _, c in ch) for ch in even._chunks(ten)] == [128, 96, 96]
+
+
+@pytest.mark.parametrize("config", [FeatureConfig(), FeatureConfig(secmi_t=40, secmi_step=20, no_steps=2)])
+def test_declared_family_depths_are_the_levels_each_family_yields(config):
+    from cdi.features.context import Batch, CallResult, NoiseDraws
+    from cdi.features.extractor import FAMILIES, FAMILY_DEPTHS
+
+    adapter = AnalyticAdapter()
+    z0 = torch.zeros(2, 1, 4, 4)
+    batch = Batch(adapter, z0, NoiseDraws.draw(0, ["a", "b"], z0.shape[1:], config.dl_repeats, z0.device), config)
+    for name, family in FAMILIES.items():
+        gen, levels, reply = family(batch), 0, None
+        try:
+            while True:
+                calls = next(gen) if reply is None else gen.send(reply)
+                levels += 1
+                reply = [CallResult(adapter.eps(c.z, c.t, None), torch.zeros_like(c.z)) for c in calls]
+        except StopIteration:
+            pass
+        assert levels == FAMILY_DEPTHS[name](config), name
+
+
+class RecordingAdapter(AnalyticAdapter):
+    """The analytic denoiser, recording the number of samples of each network call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append(int(z_t.shape[0]))
+        return super().eps(z_t, t, cond)
+
+
+def test_levelling_fills_the_deep_chains_rounds_with_the_shallow_families_work(monkeypatch):
+    from cdi.features import extractor as extractor_module
+
+    rng = np.random.default_rng(8)
+    items = [ExtractionInput(f"{i:064x}", rng.uniform(-1, 1, (1, 4, 4)).astype(np.float32)) for i in range(8)]
+    levelled_adapter = RecordingAdapter()
+    levelled = FeatureExtractor(levelled_adapter, seed=3, batch_size=8).extract(items)
+    # The same extraction with every call due in the round it is asked for.
+    monkeypatch.setattr(extractor_module, "FAMILY_DEPTHS", {f: (lambda c: 1) for f in extractor_module.FAMILIES})
+    eager_adapter = RecordingAdapter()
+    eager = FeatureExtractor(eager_adapter, seed=3, batch_size=8).extract(items)
+    np.testing.assert_allclose(levelled, eager, rtol=1e-6)
+    assert sum(levelled_adapter.calls) == sum(eager_adapter.calls)
+    # Eagerly, SecMI's and NO's chains run alone in batch-sized calls; levelled, the
+    # shallow families' calls join them, so no call is as small and the largest is smaller.
+    assert eager_adapter.calls.count(8) >= 8
+    assert levelled_adapter.calls.count(8) <= 1
+    assert max(levelled_adapter.calls) < max(eager_adapter.calls)
