@@ -98,7 +98,7 @@ def study(name: str, args: argparse.Namespace) -> None:
     print(f"\n== {name}: {len(members)} members, {len(held_out)} held out; features {args.features}; "
           f"crossfit with {args.permutations} permutations")
     n_null = min(args.null_size, len(held_out) // 2)
-    for protocol in (Protocol.REFERENCE, Protocol.CROSSFIT):
+    for protocol in (Protocol(p) for p in args.protocols):
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
         null = p_values(members, held_out, n_null, args.null, protocol, options, rng, disjoint=True)
@@ -107,7 +107,7 @@ def study(name: str, args: argparse.Namespace) -> None:
               f"FPR@0.05 {interval(int((null < 0.05).sum()), args.null)}  "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         smallest = None
-        for n in SIZES.get(name, (10, 20, 50, 100)):
+        for n in args.sizes or SIZES.get(name, (10, 20, 50, 100)):
             if n > len(members) or 2 * n > len(held_out):
                 continue
             pos = p_values(members, held_out, n, args.positive, protocol, options, rng, disjoint=False)
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         help="crossfit permutations per audit (the audit default is 999; with 199 the smallest "
              "p-value is 0.005, which understates power at α = 0.01, but the study runs 5× faster)",
     )
+    ap.add_argument("--protocols", nargs="+", choices=[p.value for p in Protocol],
+                    default=[p.value for p in Protocol], help="the protocols to study")
+    ap.add_argument("--sizes", nargs="+", type=int, help="set sizes of the positive audits (default: per model)")
     ap.add_argument("--features", choices=["all", "gradient-free"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path(".cdi/study-cache"))
