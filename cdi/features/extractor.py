@@ -19,35 +19,35 @@ from cdi.features.context import Batch, FamilyRun, NoiseDraws, PassCounter
 from cdi.features.gradient_masking import gradient_masking
 from cdi.features.layout import FAMILY_COLUMNS, FEATURE_NAMES, FeatureSet
 from cdi.features.loss import denoising_loss, multiple_loss
-from cdi.features.noise_optimisation import noise_optimisation
+from cdi.features.noise_optimisation import noise_optimisation, noise_optimisation_depth
 from cdi.features.pia import pia, pian
 from cdi.features.scheduler import CallScheduler
-from cdi.features.secmi import secmi_stat
+from cdi.features.secmi import secmi_depth, secmi_stat
 from cdi.images import ImageFile, load_model_input
 from cdi.models.base import DiffusionAdapter, ImageCondition
 
-FamilyFn = Callable[[Batch], FamilyRun]
+
+@dataclass(frozen=True)
+class Family:
+    """A feature family: its generator, and its depth (the call lists it yields in turn)."""
+
+    run: Callable[[Batch], FamilyRun]
+    depth: Callable[[FeatureConfig], int]
+
+
+def _levels(n: int) -> Callable[[FeatureConfig], int]:
+    return lambda config: n
+
 
 #: The families; the scheduler runs them side by side, sharing and fusing their calls.
-FAMILIES: dict[str, FamilyFn] = {
-    "dl": denoising_loss,
-    "secmi": secmi_stat,
-    "pia": pia,
-    "pian": pian,
-    "gm": gradient_masking,
-    "ml": multiple_loss,
-    "no": noise_optimisation,
-}
-
-#: Each family's depth: the number of call lists it yields one after another.
-FAMILY_DEPTHS: dict[str, Callable[[FeatureConfig], int]] = {
-    "dl": lambda c: 1,
-    "secmi": lambda c: c.secmi_t // c.secmi_step + 2,
-    "pia": lambda c: 2,
-    "pian": lambda c: 2,
-    "gm": lambda c: 2,
-    "ml": lambda c: 1,
-    "no": lambda c: c.no_steps + 1,
+FAMILIES: dict[str, Family] = {
+    "dl": Family(denoising_loss, _levels(1)),
+    "secmi": Family(secmi_stat, secmi_depth),
+    "pia": Family(pia, _levels(2)),
+    "pian": Family(pian, _levels(2)),
+    "gm": Family(gradient_masking, _levels(2)),
+    "ml": Family(multiple_loss, _levels(1)),
+    "no": Family(noise_optimisation, noise_optimisation_depth),
 }
 
 
@@ -127,14 +127,14 @@ class FeatureExtractor:
 
         if self.share_work:
             b = batch()
-            runs = {f: FAMILIES[f](b) for f in families}
-            depths = {f: FAMILY_DEPTHS[f](self.config) for f in families}
+            runs = {f: FAMILIES[f].run(b) for f in families}
+            depths = {f: FAMILIES[f].depth(self.config) for f in families}
             values = self._scheduler(cond).run(runs, depths)
         else:
             # As the reference code does: each family encodes again and makes its own calls.
             values = {}
             for f in families:
-                values.update(self._scheduler(cond).run({f: FAMILIES[f](batch())}))
+                values.update(self._scheduler(cond).run({f: FAMILIES[f].run(batch())}))
         for f in families:
             out[:, FAMILY_COLUMNS[f]] = values[f].detach().double().cpu().numpy()
         return out

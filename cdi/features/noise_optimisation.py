@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from cdi.features.config import FeatureConfig
 from cdi.features.context import Batch, Call, FamilyRun, l2, shared_noise_key
+
+
+def noise_optimisation_depth(config: FeatureConfig) -> int:
+    """The call lists :func:`noise_optimisation` yields: one per step, then the final loss."""
+    return config.no_steps + 1
 
 
 def noise_optimisation(b: Batch) -> FamilyRun:

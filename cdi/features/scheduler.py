@@ -59,7 +59,6 @@ class CallScheduler:
         self.share = share
         self.max_fused = max(1, max_fused)
         self._cache: dict[Hashable, CallResult] = {}
-        self._horizon = 0
 
     def run(self, families: dict[str, FamilyRun],
             depths: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
@@ -77,7 +76,7 @@ class CallScheduler:
         """
         outputs: dict[str, torch.Tensor] = {}
         remaining = {name: (depths or {}).get(name, 1) for name in families}
-        horizon = self._horizon = max(remaining.values(), default=1) if self.share else 0
+        horizon = max(remaining.values(), default=1) if self.share else 0
         levels: dict[str, _Level] = {}
         rnd = 0
 
@@ -97,7 +96,7 @@ class CallScheduler:
         for name in families:
             advance(name, None)
         while levels:
-            self._round(list(levels.values()), rnd)
+            self._round(list(levels.values()), rnd, horizon)
             rnd += 1
             for name in [n for n, lv in levels.items() if lv.complete]:
                 done = levels.pop(name)
@@ -109,7 +108,7 @@ class CallScheduler:
             return ("key", call.key)
         return ("call", id(call))
 
-    def _round(self, levels: Sequence[_Level], rnd: int) -> None:
+    def _round(self, levels: Sequence[_Level], rnd: int, horizon: int) -> None:
         """Evaluate this round's share of the outstanding calls and hand out the results."""
         slots: dict[Hashable, _Slot] = {}
         for lv in levels:
@@ -120,9 +119,10 @@ class CallScheduler:
                 if cached is not None and (cached.grad is not None or not c.needs_grad):
                     lv.results[i] = cached
                     continue
-                slot = slots.get(self._slot(c))
+                key = self._slot(c)
+                slot = slots.get(key)
                 if slot is None:
-                    slot = slots[self._slot(c)] = _Slot(c, lv.deadline)
+                    slot = slots[key] = _Slot(c, lv.deadline)
                 elif c.needs_grad and not slot.call.needs_grad:
                     slot.call = c  # the call with a gradient also answers the one without
                 slot.deadline = min(slot.deadline, lv.deadline)
@@ -134,7 +134,7 @@ class CallScheduler:
                 lv.after * sum(int(c.z.shape[0]) for c in lv.calls if c.needs_grad == with_grad)
                 for lv in levels
             )
-            chosen = self._due(group, rnd, expected)
+            chosen = self._due(group, rnd, horizon - rnd, expected)
             for chunk in self._chunks([(k, slots[k].call) for k in chosen]):
                 outs = self._network([c for _, c in chunk], with_grad)
                 for (key, call), res in zip(chunk, outs, strict=True):
@@ -143,23 +143,23 @@ class CallScheduler:
                     for lv, i in slots[key].requesters:
                         lv.results[i] = res
 
-    def _due(self, group: list[tuple[Hashable, _Slot]], rnd: int, expected: int = 0) -> list[Hashable]:
+    @staticmethod
+    def _due(group: list[tuple[Hashable, _Slot]], rnd: int, rounds_left: int, expected: int) -> list[Hashable]:
         """The slots to evaluate this round, in request order.
 
         Every slot due this round, and then, earliest deadline first, enough of the others
         that the samples evaluated per round never need to exceed the rate taken now: the
         largest over deadlines D of (samples due by D) / (rounds until D, this one
         included), and at least all known and ``expected`` samples over the rounds left.
+        Without sharing every deadline is this round, so every slot is taken.
         """
-        if not self.share:
-            return [k for k, _ in group]
         order = sorted(range(len(group)), key=lambda j: group[j][1].deadline)
         rate, total = 0, 0
         for j in order:
             slot = group[j][1]
             total += slot.size
             rate = max(rate, -(-total // (max(slot.deadline - rnd, 0) + 1)))
-        rate = max(rate, -(-(total + expected) // max(self._horizon - rnd, 1)))
+        rate = max(rate, -(-(total + expected) // max(rounds_left, 1)))
         take: set[int] = set()
         taken = 0
         for j in order:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cdi.features.config import FeatureConfig
 from cdi.features.context import Batch, Call, FamilyRun, l2, z0_key
 
 
@@ -12,6 +13,11 @@ def ddim_step(b: Batch, z: torch.Tensor, eps: torch.Tensor, s: int, s_next: int)
     a, a_next = b.alpha_bar(s), b.alpha_bar(s_next)
     x0 = (z - (1.0 - a) ** 0.5 * eps) / a**0.5
     return a_next**0.5 * x0 + (1.0 - a_next) ** 0.5 * eps
+
+
+def secmi_depth(config: FeatureConfig) -> int:
+    """The call lists :func:`secmi_stat` yields: one per inversion step, then up and back."""
+    return config.secmi_t // config.secmi_step + 2
 
 
 def secmi_stat(b: Batch) -> FamilyRun:

@@ -218,13 +218,13 @@ def test_round_chunks_keep_order_respect_the_limit_and_are_few(seed):
 @pytest.mark.parametrize("config", [FeatureConfig(), FeatureConfig(secmi_t=40, secmi_step=20, no_steps=2)])
 def test_declared_family_depths_are_the_levels_each_family_yields(config):
     from cdi.features.context import Batch, CallResult, NoiseDraws
-    from cdi.features.extractor import FAMILIES, FAMILY_DEPTHS
+    from cdi.features.extractor import FAMILIES
 
     adapter = AnalyticAdapter()
     z0 = torch.zeros(2, 1, 4, 4)
     batch = Batch(adapter, z0, NoiseDraws.draw(0, ["a", "b"], z0.shape[1:], config.dl_repeats, z0.device), config)
     for name, family in FAMILIES.items():
-        gen, levels, reply = family(batch), 0, None
+        gen, levels, reply = family.run(batch), 0, None
         try:
             while True:
                 calls = next(gen) if reply is None else gen.send(reply)
@@ -232,7 +232,7 @@ def test_declared_family_depths_are_the_levels_each_family_yields(config):
                 reply = [CallResult(adapter.eps(c.z, c.t, None), torch.zeros_like(c.z)) for c in calls]
         except StopIteration:
             pass
-        assert levels == FAMILY_DEPTHS[name](config), name
+        assert levels == family.depth(config), name
 
 
 class RecordingAdapter(AnalyticAdapter):
@@ -255,7 +255,8 @@ def test_levelling_fills_the_deep_chains_rounds_with_the_shallow_families_work(m
     levelled_adapter = RecordingAdapter()
     levelled = FeatureExtractor(levelled_adapter, seed=3, batch_size=8).extract(items)
     # The same extraction with every call due in the round it is asked for.
-    monkeypatch.setattr(extractor_module, "FAMILY_DEPTHS", {f: (lambda c: 1) for f in extractor_module.FAMILIES})
+    flat = {name: extractor_module.Family(f.run, lambda c: 1) for name, f in extractor_module.FAMILIES.items()}
+    monkeypatch.setattr(extractor_module, "FAMILIES", flat)
     eager_adapter = RecordingAdapter()
     eager = FeatureExtractor(eager_adapter, seed=3, batch_size=8).extract(items)
     np.testing.assert_allclose(levelled, eager, rtol=1e-6)
