@@ -192,8 +192,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         captions=captions, labels=labels,  # type: ignore[arg-type]
         options=options, progress=AuditProgress(),
     )
-    print(summary(result))
+    # The report first: a closed stdout (`| head`) must not lose an audit's result.
     _write_report(result, args, signing_key)
+    print(summary(result))
     return 0
 
 
@@ -228,8 +229,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             model.name, labels=labels,  # type: ignore[arg-type]
             options=AuditOptions(seed=args.seed), progress=AuditProgress(),
         )
-    print(summary(result))
+    # The report first: a closed stdout (`| head`) must not lose an audit's result.
     _write_report(result, args, signing_key)
+    print(summary(result))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,22 @@ def test_demo_export_writes_both_sets(tmp_path: Path, capsys):
     assert len(list((tmp_path / "published").glob("*.png"))) == 5
     assert len(list((tmp_path / "unpublished").glob("*.png"))) == 7
     assert "cdi audit" in capsys.readouterr().out
+
+
+def test_cli_audit_keeps_the_report_when_stdout_is_closed(model, tmp_path, monkeypatch):
+    """`cdi audit … | head -1`: the pipe closes before the summary; the report is on disk."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    published, unpublished = model.export(tmp_path / "demo", members=20, held_out=20)
+    out = tmp_path / "report.json"
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(BrokenPipeError):
+        main([
+            "audit", "--model", MODEL, "--published", str(published[0].parent),
+            "--unpublished", str(unpublished[0].parent), "--protocol", "reference", "--out", str(out),
+            "--features", "gradient-free",
+        ])
+    assert json.loads(out.read_text())["verdict"] in {"used", "not_detected", "inconclusive"}
