@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cdi.options import Protocol
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -372,7 +374,7 @@ def register_submit(sub: Any) -> None:
                    help="one zip (or folder) with published/ and unpublished/, or two: PUBLISHED UNPUBLISHED")
     p.add_argument("--model", required=True, help="a model id (see GET /v1/models)")
     p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--protocol", choices=["crossfit", "reference"], default=None)
+    p.add_argument("--protocol", choices=[p.value for p in Protocol], default=None)
     p.add_argument("--features", choices=["all", "gradient-free"], default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--captions", default=None, help="CSV or JSONL of captions")

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import errors
-from app.api.routes import audits, health, models
+from app.api.routes import audits, health, models, plans
 from app.queue import AuditQueue, CeleryQueue
 from app.settings import Settings
 from app.storage.blobs import BlobStore
@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.include_router(health.router)
     app.include_router(audits.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(plans.router, prefix="/v1")
     return app

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.storage.models import Audit
+from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
 
 State = Literal["queued", "validating", "extracting", "scoring", "reporting", "done", "failed", "cancelled"]
 
@@ -119,8 +120,8 @@ SUBMIT_FORM_SCHEMA: dict[str, Any] = {
         "published": {"type": "string", "format": "binary", "description": "Zip of the published images."},
         "unpublished": {"type": "string", "format": "binary", "description": "Zip of the unpublished images."},
         "model": {"type": "string", "description": "A model id from GET /v1/models."},
-        "alpha": {"type": "number", "default": 0.01, "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
-        "protocol": {"type": "string", "enum": ["crossfit", "reference"], "default": "crossfit"},
+        "alpha": {"type": "number", "default": DEFAULT_ALPHA, "exclusiveMinimum": 0, "exclusiveMaximum": MAX_ALPHA},
+        "protocol": {"type": "string", "enum": [p.value for p in Protocol], "default": DEFAULT_PROTOCOL.value},
         "features": {"type": "string", "enum": ["all", "gradient-free"], "default": "all"},
         "seed": {"type": "integer", "default": 0, "minimum": 0},
         "captions": {"type": "string", "format": "binary",

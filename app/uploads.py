@@ -19,7 +19,6 @@ Archive rules (docs/service.md, "Upload format"):
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 import tempfile
@@ -33,6 +32,8 @@ from urllib.parse import urlsplit
 from app import errors as E
 from app.errors import BadInput, TooLarge
 from app.settings import Settings
+from cdi.errors import InputError
+from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, Protocol, check_alpha
 
 ROLES = ("published", "unpublished")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
@@ -55,14 +56,14 @@ _CHUNK = 1024 * 1024
 # --- options ------------------------------------------------------------------------------
 
 
-PROTOCOLS = ("crossfit", "reference")
+PROTOCOLS = tuple(p.value for p in Protocol)
 FEATURE_SETS = ("all", "gradient-free")
 
 
 @dataclass(frozen=True)
 class AuditRequestOptions:
-    alpha: float = 0.01
-    protocol: str = "crossfit"
+    alpha: float = DEFAULT_ALPHA
+    protocol: str = DEFAULT_PROTOCOL.value
     features: str = "all"
     seed: int = 0
 
@@ -76,11 +77,11 @@ def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str |
     alpha = defaults.alpha
     if "alpha" in fields:
         try:
-            alpha = float(fields["alpha"])
+            alpha = check_alpha(float(fields["alpha"]))
         except ValueError:
             raise BadInput(f"alpha must be a number, got {fields['alpha']!r}", E.INVALID_OPTIONS) from None
-        if not math.isfinite(alpha) or not 0.0 < alpha < 0.5:
-            raise BadInput(f"alpha must lie strictly between 0 and 0.5, got {alpha}", E.INVALID_OPTIONS)
+        except InputError as exc:
+            raise BadInput(str(exc), E.INVALID_OPTIONS) from None
     protocol = fields.get("protocol", defaults.protocol).strip()
     if protocol not in PROTOCOLS:
         raise BadInput(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}", E.INVALID_OPTIONS)

@@ -40,16 +40,30 @@ from cdi.controls import (
 )
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
-from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet
+from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
 from cdi.images import ImageFile, open_image, to_model_array
+from cdi.planning import Plan, plan_audit
+from cdi.stats import (
+    DEFAULT_ALPHA,
+    DEFAULT_EXCEEDANCES,
+    DEFAULT_FIT_FRACTION,
+    DEFAULT_MAX_PERMUTATIONS,
+    DEFAULT_N_FOLDS,
+    DEFAULT_N_PERMUTATIONS,
+    DEFAULT_PROTOCOL,
+    ProtocolOptions,
+    ProtocolResult,
+    check_alpha,
+    check_sizes,
+    run_test,
+    welch_greater,
+)
 from cdi.stats import Protocol as TestProtocol
-from cdi.stats import ProtocolOptions, ProtocolResult, check_sizes, run_test, welch_greater
 from cdi.verdict import Verdict, decide
 
 if TYPE_CHECKING:
     from cdi.models.base import DiffusionAdapter
 
-DEFAULT_PROTOCOL = TestProtocol.CROSSFIT
 STAGES = ("validating", "extracting", "scoring", "testing")
 
 
@@ -57,36 +71,43 @@ STAGES = ("validating", "extracting", "scoring", "testing")
 class AuditOptions:
     """Everything that changes an audit's result, besides the images and the model."""
 
-    alpha: float = 0.01
+    alpha: float = DEFAULT_ALPHA
     protocol: str = DEFAULT_PROTOCOL.value
     features: FeatureSet = FeatureSet.ALL
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 32
-    fit_fraction: float = 0.5
-    n_folds: int = 5
-    n_permutations: int = 999
+    fit_fraction: float = DEFAULT_FIT_FRACTION
+    n_folds: int = DEFAULT_N_FOLDS
+    n_permutations: int = DEFAULT_N_PERMUTATIONS
+    max_permutations: int = DEFAULT_MAX_PERMUTATIONS
+    exceedances: int = DEFAULT_EXCEEDANCES
     hamming_threshold: int = 4
     feature_config: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.alpha < 0.5:
-            raise InputError(f"alpha must lie in (0, 0.5), got {self.alpha}")
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         try:
             TestProtocol(self.protocol)
         except ValueError:
-            raise InputError(f"unknown protocol {self.protocol!r}; choose reference or crossfit") from None
+            choices = ", ".join(p.value for p in TestProtocol)
+            raise InputError(f"unknown protocol {self.protocol!r}; choose one of: {choices}") from None
         object.__setattr__(self, "features", FeatureSet(self.features))
         if self.batch_size < 1:
             raise InputError("batch_size must be at least 1")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        ProtocolOptions(self.fit_fraction, self.n_folds, self.n_permutations)
+        self.protocol_options  # noqa: B018 - validates the protocol's options
 
     @property
     def protocol_options(self) -> ProtocolOptions:
-        return ProtocolOptions(self.fit_fraction, self.n_folds, self.n_permutations)
+        """The test's options; the directional protocol tests the selected loss-type columns."""
+        return ProtocolOptions(
+            self.fit_fraction, self.n_folds, self.n_permutations,
+            exceedances=self.exceedances, max_permutations=self.max_permutations,
+            candidates=member_candidates(self.features.columns)[1],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,6 +162,8 @@ class AuditResult:
     cached_images: int
     timings: dict[str, float]
     versions: dict[str, str]
+    #: For a ``not_detected`` verdict: how many images would detect the effect these showed.
+    plan: Plan | None = None
 
     @property
     def outcome(self) -> str:
@@ -386,6 +409,10 @@ def audit(
     report("testing", 2, 2)
     reversal = direction_check(features[is_p], features[~is_p])
     verdict = decide(test, control, dist, reversal_p=reversal)
+    plan = None
+    if verdict.outcome.value == "not_detected":
+        plan = plan_audit(xp, xu, opts.features.columns, alpha=opts.alpha, bootstraps=100,
+                          random_state=opts.seed)
     lap("testing")
 
     images = [
@@ -416,6 +443,7 @@ def audit(
         cached_images=cached,
         timings=timings,
         versions=_versions(),
+        plan=plan,
     )
 
 

@@ -235,6 +235,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cdi.features.layout import FeatureSet
+    from cdi.planning import plan_audit, plan_from_report
+
+    options = {"alpha": args.alpha, "power": args.power, "u_ratio": args.u_ratio, "random_state": args.seed}
+    if args.report:
+        from cdi.report import parse_report, read_document
+
+        plan = plan_from_report(parse_report(read_document(args.report)), **options)
+    else:
+        if not (args.model and args.published and args.unpublished):
+            raise InputError("give --report FILE, or --model with --published DIR and --unpublished DIR")
+        from cdi.features import FeatureExtractor
+        from cdi.models import load_model
+
+        columns = FeatureSet(args.features).columns
+        adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+        extractor = FeatureExtractor(adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size)
+        pilot = []
+        for folder in (args.published, args.unpublished):
+            files = _read_folder(folder)
+            conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
+            result = extractor.extract_files(files, conditions, progress=ProgressBar(f"pilot {Path(folder).name}"))
+            for err in result.failures:
+                print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
+            pilot.append(np.array([row.values for row in result.rows])[:, columns] if result.rows else
+                         np.empty((0, len(columns))))
+        plan = plan_audit(pilot[0], pilot[1], columns, **options)
+    print(plan.summary())
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from cdi.report import load_public_key, read_document, verify_document
 
@@ -308,11 +342,23 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
 
 
-def _add_audit_options(p: argparse.ArgumentParser) -> None:
-    from cdi.audit import DEFAULT_PROTOCOL
+def _alpha(text: str) -> float:
+    from cdi.errors import InputError
+    from cdi.stats import check_alpha
 
-    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
-    p.add_argument("--protocol", choices=["reference", "crossfit"], default=DEFAULT_PROTOCOL.value)
+    try:
+        return check_alpha(float(text))
+    except (ValueError, InputError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_audit_options(p: argparse.ArgumentParser) -> None:
+    from cdi.stats import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
+
+    p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
+                   help=f"significance level, 0 < α < {MAX_ALPHA} (default {DEFAULT_ALPHA})")
+    p.add_argument("--protocol", choices=[p.value for p in Protocol], default=DEFAULT_PROTOCOL.value,
+                   help=f"statistical test (default {DEFAULT_PROTOCOL.value}; docs/method.md compares them)")
 
 
 def _add_report_options(p: argparse.ArgumentParser) -> None:
@@ -330,6 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("plan", help="how many images an audit needs, from a pilot or an earlier report")
+    p.add_argument("--report", help="an earlier report (JSON): its images are the pilot")
+    p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--published", help="folder of a few published images (the pilot's P)")
+    p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
+    p.add_argument("--features", choices=["all", "gradient-free"], default="all")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
+    p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
+    p.add_argument("--alpha", type=_alpha, default=0.01, help="significance level of the planned audit")
+    p.add_argument("--power", type=float, default=0.9, help="power to plan for (default 0.9)")
+    p.add_argument("--u-ratio", type=float, default=None,
+                   help="unpublished images per published image in the planned audit (default: the pilot's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("audit", help="test whether a model was trained on the published images")
     _add_model_options(p)

@@ -48,6 +48,7 @@ from cdi.stats import (
     DEFAULT_ALPHA,
     DEFAULT_N_FOLDS,
     DEFAULT_N_PERMUTATIONS,
+    DEFAULT_PROTOCOL,
     Protocol,
     ProtocolOptions,
     ProtocolResult,
@@ -111,7 +112,7 @@ class NegativeControlResult:
 
 def negative_control(
     features_u: np.ndarray,
-    protocol: Protocol | str = Protocol.REFERENCE,
+    protocol: Protocol | str = DEFAULT_PROTOCOL,
     options: ProtocolOptions | None = None,
     *,
     alpha: float = DEFAULT_ALPHA,

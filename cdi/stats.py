@@ -35,24 +35,45 @@ test without the features.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import stats as sps
 
 from cdi.errors import InputError
+from cdi.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_EXCEEDANCES,
+    DEFAULT_FIT_FRACTION,
+    DEFAULT_MAX_PERMUTATIONS,
+    DEFAULT_N_FOLDS,
+    DEFAULT_N_PERMUTATIONS,
+    DEFAULT_PROTOCOL,
+    MAX_ALPHA,
+    MIN_CROSSFIT_PER_FOLD,
+    MIN_CROSSFIT_SET,
+    MIN_DIRECTIONAL_SET,
+    MIN_REFERENCE_PART,
+    Protocol,
+    ProtocolOptions,
+    check_alpha,
+)
 from cdi.scoring import batched_fit_predict, fit_scoring_model, score, validate_features
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "DEFAULT_EXCEEDANCES",
     "DEFAULT_FIT_FRACTION",
+    "DEFAULT_MAX_PERMUTATIONS",
     "DEFAULT_N_FOLDS",
     "DEFAULT_N_PERMUTATIONS",
+    "DEFAULT_PROTOCOL",
+    "MAX_ALPHA",
     "MIN_CROSSFIT_PER_FOLD",
     "MIN_CROSSFIT_SET",
+    "MIN_DIRECTIONAL_SET",
     "MIN_REFERENCE_PART",
     "CrossfitReplicates",
     "Direction",
@@ -61,78 +82,31 @@ __all__ = [
     "ProtocolResult",
     "RecomputedTest",
     "ScoredImage",
+    "SequentialPValue",
     "WelchResult",
     "auc",
+    "candidate_matrix",
+    "check_alpha",
     "check_sizes",
     "cohens_d",
     "crossfit_replicates",
     "crossfit_test",
+    "directional_test",
     "minimum_set_size",
     "permutation_p_value",
     "recompute",
     "reference_test",
     "resolve_seed",
     "run_test",
+    "sequential_permutation_p_value",
     "welch_greater",
+    "welch_t_columns",
     "welch_t_rows",
 ]
-
-#: Significance level of the verdict (method §6).
-DEFAULT_ALPHA = 0.01
-#: Share of each set the reference protocol fits the scorer on *(ref)*.
-DEFAULT_FIT_FRACTION = 0.5
-#: Folds of the cross-fitted protocol: each scorer sees 80 % of the images.
-DEFAULT_N_FOLDS = 5
-#: Permutations of the cross-fitted protocol. The smallest attainable p-value is 1/1000, and
-#: p < 0.01 needs at most 8 permuted statistics at or above the observed one, so the Monte
-#: Carlo error costs little power (with a true p of 0.005 the test still rejects at 0.01 with
-#: probability ≈ 0.93; with 199 permutations it would be ≈ 0.37). 999 costs well under a
-#: second for 100 + 100 images.
-DEFAULT_N_PERMUTATIONS = 999
-
-#: Reference protocol: the fitting part and the test part of each set hold at least this many
-#: images. Five gives Welch's test at least ~4 degrees of freedom and the scorer at least ten
-#: fitting rows; with the default fit fraction it means at least 10 images per set.
-MIN_REFERENCE_PART = 5
-#: Cross-fitted protocol: images per set, at least. Below ten, a permutation test over a few
-#: hundred distinct splits is coarse and a fitted scorer is mostly noise.
-MIN_CROSSFIT_SET = 10
-#: Cross-fitted protocol: each fold holds at least this many images of each set, so that
-#: every scorer is fitted on both sets and every fold is tested on both.
-MIN_CROSSFIT_PER_FOLD = 2
 
 Direction = Literal["P>U", "P<U", "P=U"]
 SetName = Literal["P", "U"]
 Role = Literal["fit", "test"]
-
-
-class Protocol(str, Enum):
-    """The statistical protocol of an audit."""
-
-    REFERENCE = "reference"
-    CROSSFIT = "crossfit"
-
-
-@dataclass(frozen=True)
-class ProtocolOptions:
-    """The parameters of both protocols; each protocol reads only its own.
-
-    ``fit_fraction`` (reference): share of each set the scorer is fitted on, in (0, 1).
-    ``n_folds`` (crossfit): K ≥ 2. ``n_permutations`` (crossfit): ≥ 1; together with α it
-    must allow p < α, which :func:`crossfit_test` checks.
-    """
-
-    fit_fraction: float = DEFAULT_FIT_FRACTION
-    n_folds: int = DEFAULT_N_FOLDS
-    n_permutations: int = DEFAULT_N_PERMUTATIONS
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.fit_fraction < 1.0:
-            raise InputError(f"fit_fraction must lie strictly between 0 and 1, got {self.fit_fraction}")
-        if self.n_folds < 2:
-            raise InputError(f"n_folds must be at least 2, got {self.n_folds}")
-        if self.n_permutations < 1:
-            raise InputError(f"n_permutations must be at least 1, got {self.n_permutations}")
 
 
 class WelchResult(NamedTuple):
@@ -197,11 +171,23 @@ class ProtocolResult:
     n_permutations: int | None
     random_state: int
     rows: tuple[ScoredImage, ...]
+    selected_column: int | None = None
+    exceedances: int | None = None
+    max_permutations: int | None = None
 
     @property
     def significant(self) -> bool:
         """Whether p < α (one-sided: only "P scores higher" can be significant)."""
         return self.p_value < self.alpha
+
+    @property
+    def p_value_floor(self) -> float | None:
+        """The smallest p-value this run could have given (``None``: a parametric p-value)."""
+        if self.protocol is Protocol.DIRECTIONAL and self.max_permutations is not None:
+            return 1.0 / (1 + self.max_permutations)
+        if self.n_permutations is not None:
+            return 1.0 / (1 + self.n_permutations)
+        return None
 
 
 @dataclass(frozen=True)
@@ -338,6 +324,8 @@ def _fit_count(n: int, fit_fraction: float) -> int:
 
 
 def _set_size_ok(n: int, protocol: Protocol, options: ProtocolOptions) -> bool:
+    if protocol is Protocol.DIRECTIONAL:
+        return n >= MIN_DIRECTIONAL_SET
     if protocol is Protocol.REFERENCE:
         n_fit = _fit_count(n, options.fit_fraction)
         return min(n_fit, n - n_fit) >= MIN_REFERENCE_PART
@@ -347,9 +335,10 @@ def _set_size_ok(n: int, protocol: Protocol, options: ProtocolOptions) -> bool:
 def minimum_set_size(protocol: Protocol | str, options: ProtocolOptions | None = None) -> int:
     """The fewest images one set may hold for ``protocol`` with ``options``.
 
-    Reference: each set's fitting and test parts hold ≥ :data:`MIN_REFERENCE_PART` images
-    (10 per set at the default fit fraction). Crossfit: ≥ :data:`MIN_CROSSFIT_SET` and ≥
-    :data:`MIN_CROSSFIT_PER_FOLD` per fold (10 at the default 5 folds).
+    Directional: ≥ :data:`MIN_DIRECTIONAL_SET`. Reference: each set's fitting and test parts
+    hold ≥ :data:`MIN_REFERENCE_PART` images (10 per set at the default fit fraction).
+    Crossfit: ≥ :data:`MIN_CROSSFIT_SET` and ≥ :data:`MIN_CROSSFIT_PER_FOLD` per fold (10 at
+    the default 5 folds).
     """
     proto = _protocol(protocol)
     opts = options or ProtocolOptions()
@@ -376,7 +365,9 @@ def check_sizes(
     proto = _protocol(protocol)
     opts = options or ProtocolOptions()
     minimum = minimum_set_size(proto, opts)
-    if proto is Protocol.REFERENCE:
+    if proto is Protocol.DIRECTIONAL:
+        why = f"the directional protocol needs at least {minimum} images per set"
+    elif proto is Protocol.REFERENCE:
         why = (
             f"the reference protocol with fit fraction {opts.fit_fraction} needs at least {minimum} "
             f"images per set, so that each set's fitting and test parts hold at least "
@@ -421,11 +412,6 @@ def _features(features_p: np.ndarray, features_u: np.ndarray) -> tuple[np.ndarra
     return xp, xu
 
 
-def _check_alpha(alpha: float) -> float:
-    if not 0.0 < alpha < 1.0:
-        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
-    return float(alpha)
-
 
 # --- the protocols ----------------------------------------------------------------------
 
@@ -445,7 +431,7 @@ def reference_test(
     small sets (see :func:`check_sizes`; the negative control's needs are not checked here),
     non-finite features, or test scores without any spread.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     opts = options or ProtocolOptions()
     xp, xu = _features(features_p, features_u)
     n_p, n_u = len(xp), len(xu)
@@ -566,7 +552,7 @@ def crossfit_test(
     ``options.n_permutations``; raises :class:`InputError` if 1 / (1 + n_permutations) ≥ α
     (the test could never be significant), for too small sets or non-finite features.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     opts = options or ProtocolOptions()
     if 1.0 / (1 + opts.n_permutations) >= alpha:
         raise InputError(
@@ -613,22 +599,225 @@ def crossfit_test(
     )
 
 
-def run_test(
+# --- the directional protocol -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequentialPValue:
+    """A sequential Monte Carlo permutation p-value (Besag & Clifford 1991).
+
+    ``p_value``: h / L if the ``exceedances``-th permuted statistic at or above the observed
+    one came at draw L, else (1 + c) / (1 + N) after all N = ``max_permutations`` draws with
+    c such statistics. ``n_drawn``: the permutations drawn (L or N); ``n_exceeding``: how many
+    of them reached the observed statistic.
+    """
+
+    p_value: float
+    n_drawn: int
+    n_exceeding: int
+
+
+def sequential_permutation_p_value(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    n_p: int,
+    *,
+    exceedances: int,
+    max_permutations: int,
+    random_state: int,
+) -> tuple[float, SequentialPValue]:
+    """Observed statistic and sequential permutation p-value of a two-sample statistic.
+
+    ``statistic`` maps a boolean label matrix ``[R, n]`` (True: the image plays P; row by row
+    exactly ``n_p`` True) to ``[R]`` statistics, larger meaning "P more member-like". The
+    observed labelling puts the first ``n_p`` images in P. Permuted labellings are uniform
+    random subsets of size ``n_p``, drawn in blocks of growing size from ``random_state``,
+    so the result depends only on the arguments. Under exchangeability P(p ≤ u) ≤ u for
+    every u: the p-value is exact in the same sense as a fixed-count permutation test, and
+    it stops early when the evidence is weak, which keeps null-like audits cheap.
+    """
+    observed_labels = (np.arange(n) < n_p)[None, :]
+    observed = float(statistic(observed_labels)[0])
+    # A permuted statistic within a relative 100·eps of the observed one is a tie (≥), as
+    # in permutation_p_value; NaN counts as ≥ (conservative).
+    gamma = abs(observed) * 100.0 * np.finfo(np.float64).eps
+    rng = np.random.default_rng(random_state)
+    drawn = exceeding = 0
+    block = 256
+    # Blocks hold at most ~4 million labels, whatever the set sizes.
+    largest = max(256, 4_000_000 // max(n, 1))
+    while drawn < max_permutations:
+        b = min(block, max_permutations - drawn)
+        labels = rng.permuted(np.broadcast_to(np.arange(n), (b, n)), axis=1) < n_p
+        z = statistic(labels)
+        hits = (z >= observed - gamma) | np.isnan(z)
+        total = exceeding + int(hits.sum())
+        if total >= exceedances:
+            # Stop at the draw that brought the h-th exceedance.
+            last = int(np.flatnonzero(hits)[exceedances - exceeding - 1])
+            n_drawn = drawn + last + 1
+            return observed, SequentialPValue(exceedances / n_drawn, n_drawn, exceedances)
+        exceeding = total
+        drawn += b
+        block = min(4 * block, largest)
+    return observed, SequentialPValue((1 + exceeding) / (1 + drawn), drawn, exceeding)
+
+
+def welch_t_columns(x: np.ndarray, is_p: np.ndarray) -> np.ndarray:
+    """Welch's t (P minus U) of every column of ``x`` ``[n, k]`` for every row of ``is_p`` ``[R, n]``.
+
+    Returns ``[R, k]``. Sums come from two matrix products, so thousands of labellings cost
+    about as much as a few; a column whose both groups have no spread gives 0 (equal means)
+    or ±inf, as :func:`welch_t_rows`.
+    """
+    g = np.asarray(is_p, dtype=np.float64)
+    n_a = g.sum(axis=1, keepdims=True)
+    n_b = x.shape[0] - n_a
+    # Centre first: sums of squares of centred columns keep the variances accurate.
+    xc = x - x.mean(axis=0)
+    sum_a = g @ xc
+    sq_a = g @ (xc * xc)
+    sum_b = xc.sum(axis=0) - sum_a
+    sq_b = (xc * xc).sum(axis=0) - sq_a
+    mean_a, mean_b = sum_a / n_a, sum_b / n_b
+    var_a = np.maximum(sq_a - n_a * mean_a**2, 0.0) / (n_a - 1)
+    var_b = np.maximum(sq_b - n_b * mean_b**2, 0.0) / (n_b - 1)
+    diff = mean_a - mean_b
+    se = np.sqrt(var_a / n_a + var_b / n_b)
+    tiny = 1e-12 * np.sqrt((xc * xc).mean(axis=0))  # spread below rounding noise: none
+    degenerate = np.where(diff > tiny, np.inf, np.where(diff < -tiny, -np.inf, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(se > tiny, diff / np.where(se > 0, se, 1.0), degenerate)
+
+
+def candidate_matrix(x: np.ndarray, candidates: tuple[tuple[int, ...], ...] | None) -> np.ndarray:
+    """Each image's value ``[n, m]`` of each candidate statistic; larger means more member-like.
+
+    ``x`` ``[n, k]``: the pooled images' features. Every column is first put on one scale,
+    using the pooled images alone (no labels, so permutations see the same transform): the
+    logarithm where the column is strictly positive (the loss-type features are norms, whose
+    spread grows with their size; their logarithm is far closer to normal), then centred and
+    divided by its standard deviation. A candidate is the mean of its group of columns,
+    negated. A column without any spread contributes zeros.
+    """
+    xs = np.asarray(x, dtype=np.float64)
+    positive = np.all(xs > 0, axis=0)
+    xs = np.where(positive, np.log(np.where(positive, xs, 1.0)), xs)
+    sd = xs.std(axis=0)
+    z = np.where(sd > 0, (xs - xs.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
+    groups = candidates if candidates is not None else tuple((j,) for j in range(xs.shape[1]))
+    if any(max(g) >= xs.shape[1] for g in groups):
+        raise InputError(f"a candidate names a feature column beyond the {xs.shape[1]} given")
+    return -np.column_stack([z[:, list(g)].mean(axis=1) for g in groups])
+
+
+def directional_test(
     features_p: np.ndarray,
     features_u: np.ndarray,
-    protocol: Protocol | str = Protocol.REFERENCE,
     options: ProtocolOptions | None = None,
     *,
     alpha: float = DEFAULT_ALPHA,
     random_state: int | None = None,
 ) -> ProtocolResult:
-    """Run ``protocol`` (:func:`reference_test` or :func:`crossfit_test`) on P's and U's features.
+    """The directional protocol: max-T over loss-type candidates, sequential permutation p-value.
 
-    The default stays the reference protocol until the cross-fitted one has been shown, on
-    our own trained models, to keep its false-positive rate and to need fewer images (§6).
+    ``features_p`` ``[n_p, k]``, ``features_u`` ``[n_u, k]``. The method fixes the direction
+    of every loss-type feature: a training image's loss is lower. ``options.candidates``
+    groups the columns into candidate statistics (:func:`candidate_matrix`: log, standardise,
+    average, negate). For each candidate, Welch's t of P minus U; the statistic is the
+    largest of them, so the candidate that separates the sets best is found without fitting
+    anything and without setting images aside. Its p-value comes from label permutations that
+    recompute every candidate's t and take the largest again
+    (:func:`sequential_permutation_p_value`), so the choice is paid for and the p-value is
+    exact under exchangeability.
+
+    Each image's score is its standardised value of the selected candidate, so that Welch's
+    t of the scores (P minus U) is the statistic; ``selected_column`` is the candidate's index.
+    Raises :class:`InputError` for too small sets, non-finite features, an α the stopping rule
+    cannot reach, or no candidate with a spread.
+    """
+    alpha = check_alpha(alpha)
+    opts = options or ProtocolOptions()
+    if opts.exceedances / alpha >= opts.max_permutations + 1:
+        raise InputError(
+            f"the directional p-value stops after {opts.exceedances} exceedances or "
+            f"{opts.max_permutations} permutations, which cannot show p < α = {alpha}: use at least "
+            f"{math.ceil(opts.exceedances / alpha)} permutations"
+        )
+    xp, xu = _features(features_p, features_u)
+    n_p, n_u = len(xp), len(xu)
+    check_sizes(n_p, n_u, Protocol.DIRECTIONAL, opts, negative_control=False)
+    seed = resolve_seed(random_state)
+    x = candidate_matrix(np.vstack([xp, xu]), opts.candidates)
+    if not np.any(x.std(axis=0) > 0):
+        raise InputError("no candidate feature varies between images: there is nothing to test")
+
+    def statistic(is_p: np.ndarray) -> np.ndarray:
+        return welch_t_columns(x, is_p).max(axis=1)
+
+    _, seq = sequential_permutation_p_value(
+        statistic, n_p + n_u, n_p, exceedances=opts.exceedances, max_permutations=opts.max_permutations,
+        random_state=seed,
+    )
+    observed_t = welch_t_columns(x, (np.arange(n_p + n_u) < n_p)[None, :])[0]
+    best = int(np.argmax(observed_t))
+    column = x[:, best]
+    spread = column.std()
+    scores = (column - column.mean()) / spread if spread > 0 else np.zeros_like(column)
+    sp, su = scores[:n_p], scores[n_p:]
+    # The statistic as recompute() rebuilds it from the scores (bit-identical).
+    t = float(welch_t_rows(scores[None, :], (np.arange(n_p + n_u) < n_p)[None, :])[0])
+    rows = [ScoredImage("P", i, "test", None, float(sp[i])) for i in range(n_p)]
+    rows += [ScoredImage("U", i, "test", None, float(su[i])) for i in range(n_u)]
+    return ProtocolResult(
+        protocol=Protocol.DIRECTIONAL,
+        statistic_name="max_welch_t",
+        statistic=t,
+        df=None,
+        p_value=seq.p_value,
+        alternative="greater",
+        direction=_direction(t),
+        auc=auc(sp, su),
+        cohens_d=cohens_d(sp, su),
+        mean_score_p=float(sp.mean()),
+        mean_score_u=float(su.mean()),
+        n_p=n_p,
+        n_u=n_u,
+        n_fit_p=0,
+        n_fit_u=0,
+        n_test_p=n_p,
+        n_test_u=n_u,
+        alpha=alpha,
+        fit_fraction=None,
+        n_folds=None,
+        n_permutations=seq.n_drawn,
+        random_state=seed,
+        rows=tuple(rows),
+        selected_column=best,
+        exceedances=seq.n_exceeding,
+        max_permutations=opts.max_permutations,
+    )
+
+
+def run_test(
+    features_p: np.ndarray,
+    features_u: np.ndarray,
+    protocol: Protocol | str = DEFAULT_PROTOCOL,
+    options: ProtocolOptions | None = None,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    random_state: int | None = None,
+) -> ProtocolResult:
+    """Run ``protocol`` (:func:`directional_test`, :func:`reference_test` or :func:`crossfit_test`).
+
+    The default is :data:`DEFAULT_PROTOCOL`, the one every audit uses unless told otherwise.
     """
     proto = _protocol(protocol)
-    run = reference_test if proto is Protocol.REFERENCE else crossfit_test
+    run = {
+        Protocol.DIRECTIONAL: directional_test,
+        Protocol.REFERENCE: reference_test,
+        Protocol.CROSSFIT: crossfit_test,
+    }[proto]
     return run(features_p, features_u, options, alpha=alpha, random_state=random_state)
 
 

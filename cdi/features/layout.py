@@ -26,6 +26,47 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 assert len(FEATURE_NAMES) == 26
 
+#: Features that are lower for a training image than for an unseen one (method §4): every
+#: loss-type feature: the denoising losses (DL, ML at each t, NO's final loss), SecMI's
+#: reconstruction error, PIA's and PIAN's prediction inconsistency and gradient masking's
+#: masked error. NO's ‖δ‖ has no direction fixed by the method and is left out.
+MEMBER_LOWER: frozenset[str] = frozenset(name for name in FEATURE_NAMES if name != "no_delta_norm")
+
+#: The candidate statistics of the directional protocol (:mod:`cdi.stats`), each a group of
+#: loss-type features averaged (after a log and a standardisation) into one. Single features
+#: where one number stands for one attack; the timestep families split at t = 400 into the
+#: low-noise end, where the memorised detail of an image shows, and the high-noise end, and
+#: averaged within each half: one ε draw serves all their timesteps, so averaging removes
+#: per-timestep noise, and a few averaged candidates cost less multiplicity than twenty.
+MEMBER_CANDIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dl", ("dl",)),
+    ("secmi_stat", ("secmi_stat",)),
+    ("pia", ("pia",)),
+    ("pian", ("pian",)),
+    ("ml_low_t", tuple(f"ml_t{t:03d}" for t in GM_ML_TIMESTEPS if t < 400)),
+    ("ml_high_t", tuple(f"ml_t{t:03d}" for t in GM_ML_TIMESTEPS if t >= 400)),
+    ("gm_low_t", tuple(f"gm_t{t:03d}" for t in GM_ML_TIMESTEPS if t < 400)),
+    ("gm_high_t", tuple(f"gm_t{t:03d}" for t in GM_ML_TIMESTEPS if t >= 400)),
+    ("no_loss", ("no_loss",)),
+)
+
+
+def member_candidates(columns: list[int] | tuple[int, ...]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """The directional protocol's candidates among the layout columns ``columns``.
+
+    Returns the candidates' names and, for each, the positions in ``columns`` of its
+    features; a candidate none of whose features is in ``columns`` is left out.
+    """
+    position = {FEATURE_NAMES[c]: i for i, c in enumerate(columns)}
+    names, groups = [], []
+    for name, members in MEMBER_CANDIDATES:
+        group = tuple(position[m] for m in members if m in position)
+        if group:
+            names.append(name)
+            groups.append(group)
+    return tuple(names), tuple(groups)
+
+
 #: Column slices of each feature family.
 FAMILY_COLUMNS: dict[str, slice] = {
     "dl": slice(0, 1),

@@ -38,7 +38,7 @@ from cdi.report.errors import ReportFormatError
 
 if TYPE_CHECKING:
     from cdi.audit import AuditResult
-    from cdi.stats import ProtocolResult
+    from cdi.stats import ProtocolOptions, ProtocolResult
 
 __all__ = [
     "SCHEMA_ID",
@@ -117,13 +117,16 @@ class _Model(BaseModel):
 class ProtocolRun(_Model):
     """One run of the statistical protocol (the audit's test, or the negative control's)."""
 
-    protocol: Literal["reference", "crossfit"] = Field(
-        description="reference: split, fit, score, Welch's t-test; crossfit: K-fold cross-fitted "
-                    "scores and a permutation test that reruns the whole procedure")
-    statistic_name: Literal["welch_t"]
-    statistic: ExtendedFloat = Field(description="Welch's t of the test scores, P minus U")
+    protocol: Literal["directional", "reference", "crossfit"] = Field(
+        description="directional: the largest Welch t over the loss-type features (lower for training "
+                    "images), with a sequential permutation p-value; reference: split, fit, score, Welch's "
+                    "t-test; crossfit: K-fold cross-fitted scores and a permutation test that reruns the "
+                    "whole procedure")
+    statistic_name: Literal["welch_t", "max_welch_t"]
+    statistic: ExtendedFloat = Field(description="Welch's t of the test scores, P minus U (directional: the "
+                                                 "largest over the tested features, which the scores carry)")
     df: FiniteFloat | None = Field(description="Welch–Satterthwaite degrees of freedom (reference); "
-                                               "null for the permutation test")
+                                               "null for the permutation tests")
     p_value: Probability = Field(description="one-sided p-value (H1: P scores higher than U)")
     alternative: Literal["greater"]
     direction: Direction = Field(description="observed sign of the difference")
@@ -140,11 +143,25 @@ class ProtocolRun(_Model):
     alpha: FiniteFloat = Field(gt=0.0, lt=1.0)
     fit_fraction: FiniteFloat | None = Field(description="reference protocol: share of each set fitted on")
     n_folds: int | None = Field(description="crossfit: number of folds K")
-    n_permutations: int | None = Field(description="crossfit: number of label permutations")
+    n_permutations: int | None = Field(description="crossfit: number of label permutations; directional: the "
+                                                    "permutations drawn before the sequential p-value stopped")
     random_state: Count = Field(description="the seed the protocol ran with")
+    selected_feature: str | None = Field(
+        default=None, description="directional: the candidate (a loss-type feature, or the average of a family's "
+                                  "timesteps) with the largest t, whose standardised values are the scores")
+    exceedances: int | None = Field(
+        default=None, description="directional: permuted statistics at or above the observed one among those "
+                                  "drawn")
+    max_permutations: int | None = Field(
+        default=None, description="directional: the most permutations the sequential p-value may draw")
+    p_value_floor: Probability | None = Field(
+        default=None, description="the smallest p-value the test could give: 1/(1 + permutations) for the "
+                                  "permutation tests; null for the parametric reference test")
 
     @classmethod
-    def of(cls, result: ProtocolResult) -> ProtocolRun:
+    def of(cls, result: ProtocolResult, candidate_names: Sequence[str] = ()) -> ProtocolRun:
+        """The record of ``result``; ``candidate_names`` name the directional protocol's candidates."""
+        selected = result.selected_column
         return cls(
             protocol=result.protocol.value, statistic_name=result.statistic_name,  # type: ignore[arg-type]
             statistic=float(result.statistic), df=None if result.df is None else float(result.df),
@@ -154,6 +171,9 @@ class ProtocolRun(_Model):
             n_fit_u=result.n_fit_u, n_test_p=result.n_test_p, n_test_u=result.n_test_u, alpha=float(result.alpha),
             fit_fraction=None if result.fit_fraction is None else float(result.fit_fraction),
             n_folds=result.n_folds, n_permutations=result.n_permutations, random_state=int(result.random_state),
+            selected_feature=None if selected is None else candidate_names[selected],
+            exceedances=result.exceedances, max_permutations=result.max_permutations,
+            p_value_floor=result.p_value_floor,
         )
 
 
@@ -323,7 +343,7 @@ class AuditOptionsRecord(_Model):
     """Every option of the audit (``cdi.audit.AuditOptions``)."""
 
     alpha: FiniteFloat
-    protocol: Literal["reference", "crossfit"]
+    protocol: Literal["directional", "reference", "crossfit"]
     features: Literal["all", "gradient-free"]
     seed: Count
     device: str
@@ -332,8 +352,23 @@ class AuditOptionsRecord(_Model):
     fit_fraction: FiniteFloat
     n_folds: int
     n_permutations: int
+    max_permutations: int = Field(default=1_000_000, description="directional: most permutations drawn")
+    exceedances: int = Field(default=100, description="directional: permuted statistics at or above the "
+                                                      "observed one after which sampling stops")
     hamming_threshold: int
     feature_config: dict[str, Any] = Field(description="parameters of the 26 features")
+
+    def protocol_options(self, **changes: Any) -> ProtocolOptions:
+        """The test's options as the audit ran it (``cdi.audit.AuditOptions.protocol_options``)."""
+        from cdi.features.layout import FeatureSet, member_candidates
+        from cdi.stats import ProtocolOptions
+
+        fields: dict[str, Any] = {
+            "fit_fraction": self.fit_fraction, "n_folds": self.n_folds, "n_permutations": self.n_permutations,
+            "exceedances": self.exceedances, "max_permutations": self.max_permutations,
+            "candidates": member_candidates(FeatureSet(self.features).columns)[1],
+        }
+        return ProtocolOptions(**{**fields, **changes})
 
 
 class Seeds(_Model):
@@ -387,6 +422,20 @@ class Integrity(_Model):
 # --- the report ----------------------------------------------------------------------------
 
 
+class Planning(_Model):
+    """How many images would have detected the observed effect (``cdi.planning``), for not_detected audits."""
+
+    n_per_set: Count | None = Field(description="published images for the planned power (null: not reachable "
+                                                 "within the planner's range)")
+    additional_published: Count | None = Field(description="published images beyond this audit's")
+    interval: list[Count | None] = Field(description="percentile interval of n_per_set over bootstrap resamples")
+    confidence: Probability
+    power: Probability
+    u_ratio: FiniteFloat = Field(description="unpublished images per published image in the plan")
+    power_now: Probability = Field(description="estimated power of this audit's own sizes")
+    summary: str
+
+
 class Report(_Model):
     """A CDI audit report, schema cdi-report/1: whether a diffusion model was trained on a data
     owner's published images (P), tested against images it cannot have seen (U), with the
@@ -412,6 +461,9 @@ class Report(_Model):
     feature_layout: FeatureLayout
     images: list[ImageRow] = Field(description="every audited image, P first, then U, each in tested order")
     manifest: Manifest
+    planning: Planning | None = Field(
+        default=None, description="not_detected audits: the images per set that would detect the effect these "
+                                  "images showed (cdi plan)")
     integrity: Integrity | None = None
     service: dict[str, Any] | None = Field(
         default=None, description="delivery metadata a service attaches; not covered by the digest")
@@ -542,9 +594,10 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     ``created_at`` defaults to now (UTC).
     """
     from cdi.audit import DIRECTION_FEATURES
-    from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION
+    from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, member_candidates
 
     test, verdict, options = result.test, result.verdict, result.options
+    tested_names = member_candidates(options.features.columns)[0]
     rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in test.rows}
     images: list[ImageRow] = []
     sides: tuple[tuple[SetName, Sequence[Any]], ...] = (("P", result.images_p), ("U", result.images_u))
@@ -582,15 +635,22 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
         device=str(model["device"]), dtype=str(model["dtype"]),
         details={k: _json_ready(v) for k, v in model.items() if k not in known},
     )
+    plan = result.plan
+    planning = None if plan is None else Planning(
+        n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),
+        confidence=plan.confidence, power=plan.power, u_ratio=plan.u_ratio, power_now=plan.power_now,
+        summary=plan.summary(),
+    )
     return Report(
         schema_version=SCHEMA_VERSION,
+        planning=planning,
         verdict=verdict.outcome.value,  # type: ignore[arg-type]
         p_value=float(test.p_value),
         alpha=float(test.alpha),
         reason=verdict.reason,
         warnings=list(verdict.warnings),
         created_at=created_at or datetime.now(timezone.utc).replace(microsecond=0),
-        test=ProtocolRun.of(test),
+        test=ProtocolRun.of(test, tested_names),
         decision=Decision(
             rule="cdi-verdict/1", alpha=float(verdict.alpha), alpha_control=float(verdict.alpha_control),
             auc_threshold=float(verdict.auc_threshold),
@@ -603,7 +663,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             negative_control=NegativeControl(
                 p_value=float(nc.test.p_value), significant=bool(nc.test.p_value < nc.test.alpha),
                 split_random_state=int(nc.random_state), half_p=list(nc.half_p), half_u=list(nc.half_u),
-                test=ProtocolRun.of(nc.test), rows=control_rows,
+                test=ProtocolRun.of(nc.test, tested_names), rows=control_rows,
             ),
             direction_check=DirectionCheck(
                 p_value=None if verdict.reversal_p is None else float(verdict.reversal_p),

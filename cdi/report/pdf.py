@@ -252,8 +252,9 @@ def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
 
     below = t.p_value < t.alpha
     floor = ""
-    if t.n_permutations and t.p_value <= 1.0 / (1 + t.n_permutations):
-        floor = f" (the smallest value this test can give with {t.n_permutations} permutations)"
+    if t.p_value_floor is not None and t.p_value <= t.p_value_floor:
+        floor = (f" (the smallest value this test can give with {t.n_permutations:,} permutations: the evidence "
+                 f"may be stronger still)")
     flow.append(Paragraph(
         f"<b>p-value: {_p(t.p_value)}</b>{floor} — {'below' if below else 'not below'} the threshold "
         f"α = {t.alpha:g} fixed before the audit. The p-value is the probability of a difference at least "
@@ -278,6 +279,9 @@ def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
     means, not_means = _meaning(report)
     flow += [Paragraph("What this means", st["h2"]), Paragraph(means, st["body"]),
              Paragraph("What this does not mean", st["h2"]), Paragraph(not_means, st["body"])]
+    if report.planning is not None:
+        flow += [Paragraph("How many images would detect it", st["h2"]),
+                 Paragraph(_e(report.planning.summary), st["body"])]
 
     flow.append(Paragraph("Checks on the data (controls)", st["h2"]))
     rows = [[Paragraph(f"<b>{name}</b>", st["cell"]),
@@ -377,17 +381,31 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
     nc = report.controls.negative_control
     d = report.controls.distribution_check
     flow: list[Any] = [PageBreak(), Paragraph("1. The test", st["h1"])]
-    protocol = (
-        f"Reference protocol: each set split at random, {t.fit_fraction or 0:.0%} of it fitting the scoring "
-        f"model and the rest scored; Welch's t-test (one-sided) on the scores."
-        if t.protocol == "reference" else
-        f"Cross-fitted protocol: {t.n_folds} folds, each image scored by a model fitted on the other folds; "
-        f"the p-value from {t.n_permutations} permutations of the P/U labels, each rerunning the whole "
-        f"procedure (exact under the null hypothesis).")
-    flow.append(Paragraph(
-        f"Each image is described by {len(report.feature_layout.used)} numbers measuring how well the model "
-        f"reconstructs it (the CDI features). A scoring model (logistic regression) turns them into one score "
-        f"per image, and the test asks whether P's scores are higher than U's. {protocol}", st["body"]))
+    if t.protocol == "directional":
+        method = (
+            f"Each image is described by {len(report.feature_layout.used)} numbers measuring how well the model "
+            f"reconstructs it (the CDI features). Models reconstruct their training images better, so each "
+            f"reconstruction error is expected to be lower for P if the model was trained on P. Directional "
+            f"protocol: for every such feature, Welch's t compares P with U; the test statistic is the largest "
+            f"of them (here {_e(t.selected_feature or '')}), and an image's score is its standardised value of "
+            f"that feature, sign reversed. The p-value comes from random permutations of the P/U labels, each "
+            f"recomputing every feature's t and taking the largest again, so the choice of the feature is "
+            f"accounted for; permutations were drawn until {t.exceedances} of them reached the observed "
+            f"statistic or {t.max_permutations:,} had been drawn ({t.n_permutations:,} drawn). The p-value is "
+            f"exact under the null hypothesis, and its smallest possible value is {_fmt(t.p_value_floor)}.")
+    else:
+        protocol = (
+            f"Reference protocol: each set split at random, {t.fit_fraction or 0:.0%} of it fitting the "
+            f"scoring model and the rest scored; Welch's t-test (one-sided) on the scores."
+            if t.protocol == "reference" else
+            f"Cross-fitted protocol: {t.n_folds} folds, each image scored by a model fitted on the other folds; "
+            f"the p-value from {t.n_permutations} permutations of the P/U labels, each rerunning the whole "
+            f"procedure (exact under the null hypothesis).")
+        method = (
+            f"Each image is described by {len(report.feature_layout.used)} numbers measuring how well the model "
+            f"reconstructs it (the CDI features). A scoring model (logistic regression) turns them into one "
+            f"score per image, and the test asks whether P's scores are higher than U's. {protocol}")
+    flow.append(Paragraph(method, st["body"]))
     rows = [
         ("verdict", report.verdict), ("one-sided p-value (H1: P scores higher)", _fmt(t.p_value)),
         ("threshold α", _fmt(t.alpha)), ("statistic", f"Welch t = {_fmt(t.statistic)}"),
@@ -399,6 +417,10 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
         ("fitted on, P / U", f"{t.n_fit_p} / {t.n_fit_u}"), ("tested, P / U", f"{t.n_test_p} / {t.n_test_u}"),
         ("protocol", t.protocol), ("seed of the test", t.random_state),
     ]
+    if t.protocol == "directional":
+        rows += [("selected feature", t.selected_feature or "—"),
+                 ("permutations drawn / at most", f"{t.n_permutations:,} / {t.max_permutations:,}"),
+                 ("permuted statistics ≥ observed", t.exceedances)]
     flow.append(_kv_table(rows, st, width, key_share=0.42))
     flow.append(Paragraph("Why this verdict", st["h2"]))
     flow.append(Paragraph(_e(report.reason), st["body"]))
@@ -408,7 +430,7 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
                     "A model trained on P scores P higher: the red distribution lies to the right.", st)
 
     flow += [PageBreak(), Paragraph("2. How the p-value depends on the number of images", st["h1"])]
-    perms = (f" Each cross-fitted test used {curve.n_permutations} permutations (the audit used "
+    perms = (f" Each test here drew at most {curve.n_permutations} permutations (the audit: "
              f"{t.n_permutations}), so no p-value falls below {1 / (1 + (curve.n_permutations or 1)):.3g}."
              if curve.n_permutations else "")
     flow += _figure(figures.subsampling(report, curve), width,

@@ -83,7 +83,7 @@ def _scored_rows(rows: list[ImageRow]) -> list[Any]:
 
 def _protocol_checks(group: str, recorded: ProtocolRun, result: Any) -> list[Check]:
     names = ("statistic", "df", "p_value", "direction", "auc", "cohens_d", "mean_score_p", "mean_score_u",
-             "n_fit_p", "n_fit_u", "n_test_p", "n_test_u", "random_state")
+             "n_fit_p", "n_fit_u", "n_test_p", "n_test_u", "random_state", "n_permutations", "exceedances")
     out = []
     for name in names:
         value = getattr(result, name)
@@ -95,13 +95,13 @@ def recompute_report(report: Report) -> Recomputation:
     """Recompute ``report``'s test, negative control and verdict (see the module docstring)."""
     from cdi.audit import _versions, direction_check
     from cdi.controls import DistributionCheckResult, StatisticDifference, negative_control
-    from cdi.stats import ProtocolOptions, auc, cohens_d, recompute, run_test
+    from cdi.stats import auc, cohens_d, recompute, run_test
     from cdi.verdict import decide
 
     out = Recomputation()
     test = report.test
     opts = report.manifest.options
-    options = ProtocolOptions(opts.fit_fraction, opts.n_folds, opts.n_permutations)
+    options = opts.protocol_options()
 
     # 1. From the scores alone.
     rebuilt = recompute(_scored_rows(report.images), test.protocol)

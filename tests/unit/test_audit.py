@@ -183,3 +183,33 @@ def test_cli_audit_keeps_the_report_when_stdout_is_closed(model, tmp_path, monke
             "--features", "gradient-free",
         ])
     assert json.loads(out.read_text())["verdict"] in {"used", "not_detected", "inconclusive"}
+
+
+def test_overwhelming_evidence_is_resolved_below_one_in_a_million_and_recomputes(model, store):
+    # 75 members against 75 held-out digits: the evidence is far beyond any fixed permutation
+    # count; the sequential p-value draws a million permutations and says so.
+    from cdi.report import parse_report, recompute_report
+
+    n = 75
+    published = [png(i, model.image_size) for i in model.members[:n]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:n]]
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
+    assert result.outcome == "used", result.verdict.reason
+    assert result.p_value <= 1e-6
+    assert result.test.n_permutations == result.options.max_permutations
+    document = result.to_dict()
+    assert document["p_value"] <= 1e-6 and document["test"]["p_value_floor"] == result.p_value
+    assert document["test"]["selected_feature"]
+    check = recompute_report(parse_report(document))
+    assert check.ok, [(c.group, c.name, c.recorded, c.recomputed) for c in check.failures]
+
+
+def test_not_detected_report_says_how_many_images_would_detect_the_effect(model, store):
+    published = [png(i, model.image_size) for i in model.held_out[N : 2 * N]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:N]]
+    result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
+    assert result.outcome == "not_detected" and result.plan is not None
+    planning = result.to_dict()["planning"]
+    assert planning["power"] == 0.9 and planning["summary"].startswith(("About", "The pilot shows no"))
+    # Held-out against held-out: no real effect, so the planned size is large or unreachable.
+    assert planning["n_per_set"] is None or planning["n_per_set"] > N

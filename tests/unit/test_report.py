@@ -63,7 +63,8 @@ def synthetic_result(kind: str, *, protocol: str = "crossfit", features: str = "
     difference) or ``shift`` (P's image statistics differ: inconclusive).
     """
     rng = np.random.default_rng(seed)
-    options = AuditOptions(seed=seed, protocol=protocol, features=features, n_permutations=199)  # type: ignore[arg-type]
+    options = AuditOptions(seed=seed, protocol=protocol, features=features, n_permutations=199,  # type: ignore[arg-type]
+                           max_permutations=20_000)
     feats = rng.normal(size=(n_p + n_u, len(FEATURE_NAMES)))
     if kind in ("used", "shift"):
         loss = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
@@ -111,6 +112,7 @@ def results() -> dict[str, AuditResult]:
         "inconclusive": synthetic_result("shift", seed=1),
         "reference": synthetic_result("used", protocol="reference", features="gradient-free", seed=2,
                                       duplicates=True),
+        "directional": synthetic_result("used", protocol="directional", seed=4),
     }
     for name in ("used", "not_detected", "inconclusive"):
         assert out[name].outcome == name, out[name].verdict.reason
@@ -336,7 +338,7 @@ def test_signature_with_a_deployment_key(results, key_pair, monkeypatch) -> None
 # --- recompute -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["used", "inconclusive", "reference"])
+@pytest.mark.parametrize("name", ["used", "inconclusive", "reference", "directional"])
 def test_recompute_reproduces_the_test_and_the_verdict_exactly(documents, name: str) -> None:
     result = recompute_document(documents[name])
     assert result.ok, [(c.group, c.name, c.recorded, c.recomputed) for c in result.failures]

@@ -188,6 +188,7 @@ def test_batched_solver_equals_the_pipeline() -> None:
 
 
 def test_minimum_sizes() -> None:
+    assert stats.minimum_set_size(Protocol.DIRECTIONAL) == 10
     assert stats.minimum_set_size(Protocol.REFERENCE) == 10
     assert stats.minimum_set_size("crossfit") == 10
     assert stats.minimum_set_size(Protocol.REFERENCE, ProtocolOptions(fit_fraction=0.7)) == 16
@@ -282,10 +283,137 @@ def test_crossfit_replicates_relabel_uniformly_and_stratify() -> None:
 
 @pytest.mark.parametrize("protocol", list(Protocol))
 def test_a_shift_is_detected(protocol: Protocol) -> None:
-    xp, xu = gaussian_sets(np.random.default_rng(8), 100, 100, shift=0.5)
-    res = stats.run_test(xp, xu, protocol, random_state=0)
+    # Training images have lower losses: P's first columns shifted down. A learned scorer
+    # finds either direction; the directional protocol only this one.
+    xp, xu = gaussian_sets(np.random.default_rng(8), 100, 100, shift=-0.5)
+    res = stats.run_test(xp, xu, protocol, ProtocolOptions(max_permutations=20_000), random_state=0)
     assert res.significant and res.p_value < 0.01
     assert res.direction == "P>U" and res.auc > 0.6 and res.cohens_d > 0.3
+
+
+# --- the directional protocol -------------------------------------------------------------
+
+
+def test_directional_is_the_default_everywhere() -> None:
+    import inspect
+
+    from cdi import audit, controls
+
+    assert stats.DEFAULT_PROTOCOL is Protocol.DIRECTIONAL
+    assert inspect.signature(stats.run_test).parameters["protocol"].default is stats.DEFAULT_PROTOCOL
+    assert inspect.signature(controls.negative_control).parameters["protocol"].default is stats.DEFAULT_PROTOCOL
+    assert audit.AuditOptions().protocol == stats.DEFAULT_PROTOCOL.value
+
+
+def test_candidates_are_logged_standardised_group_means_without_labels() -> None:
+    rng = np.random.default_rng(26)
+    x = np.exp(rng.normal(size=(30, 3)))
+    x[:, 2] -= 5.0  # not positive: no logarithm
+    got = stats.candidate_matrix(x, ((0, 1), (2,)))
+    logs = np.log(x[:, :2])
+    z = (logs - logs.mean(axis=0)) / logs.std(axis=0)
+    np.testing.assert_allclose(got[:, 0], -z.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got[:, 1], -(x[:, 2] - x[:, 2].mean()) / x[:, 2].std(), rtol=1e-12)
+    with pytest.raises(InputError, match="beyond"):
+        stats.candidate_matrix(x, ((0, 3),))
+
+
+def test_welch_t_columns_equals_scipy() -> None:
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(25, 4)) * [1.0, 10.0, 1e-3, 1e4] + [0.0, 1e6, 5.0, -3.0]
+    labels = np.array([rng.permutation(25) < 11 for _ in range(6)])
+    t = stats.welch_t_columns(x, labels)
+    for r in range(6):
+        expected = sps.ttest_ind(x[labels[r]], x[~labels[r]], equal_var=False).statistic
+        np.testing.assert_allclose(t[r], expected, rtol=1e-9)
+
+
+def test_directional_detects_lower_losses_only_in_the_tested_columns() -> None:
+    rng = np.random.default_rng(21)
+    xp, xu = gaussian_sets(rng, 30, 30, shift=-1.0, columns=1)
+    res = stats.directional_test(xp, xu, random_state=0)
+    assert res.significant and res.selected_column == 0 and res.statistic_name == "max_welch_t"
+    # Column 0 not among the candidates: nothing else carries a signal.
+    others = tuple((j,) for j in range(1, K))
+    blind = stats.directional_test(xp, xu, ProtocolOptions(candidates=others), random_state=0)
+    assert not blind.significant
+    # A candidate averaging column 0 with others still finds it.
+    grouped = stats.directional_test(xp, xu, ProtocolOptions(candidates=((0, 1), (2, 3))), random_state=0)
+    assert grouped.significant and grouped.selected_column == 0
+    # P *higher* in a tested column (less member-like) is never significant.
+    up = stats.directional_test(-xp, -xu, random_state=0)
+    assert not up.significant and up.p_value > 0.5
+
+
+def test_directional_scores_carry_the_statistic_and_recompute() -> None:
+    rng = np.random.default_rng(22)
+    xp, xu = gaussian_sets(rng, 17, 25, shift=-0.8, columns=3)
+    res = stats.directional_test(xp, xu, random_state=5)
+    assert [r.index for r in res.rows] == [*range(17), *range(25)]
+    assert all(r.role == "test" and r.fold is None for r in res.rows)
+    candidates = stats.candidate_matrix(np.vstack([xp, xu]), None)
+    column = candidates[:, res.selected_column]
+    scores = np.array([r.score for r in res.rows])
+    np.testing.assert_allclose(scores, (column - column.mean()) / column.std(), rtol=1e-12)
+    welch = sps.ttest_ind(scores[:17], scores[17:], equal_var=False).statistic
+    assert res.statistic == pytest.approx(welch, rel=1e-12)
+    assert stats.recompute(res.rows, "directional").statistic == res.statistic
+    assert stats.directional_test(xp, xu, random_state=5) == res  # a pure function of its seed
+
+
+def test_sequential_p_value_resolves_strong_evidence_and_stops_early_on_weak() -> None:
+    rng = np.random.default_rng(23)
+    strong = stats.directional_test(*gaussian_sets(rng, 75, 75, shift=-1.5), random_state=1)
+    assert strong.p_value <= 1e-6 and strong.n_permutations == stats.DEFAULT_MAX_PERMUTATIONS
+    assert strong.p_value == 1 / (1 + stats.DEFAULT_MAX_PERMUTATIONS) == strong.p_value_floor
+    weak = stats.directional_test(*gaussian_sets(rng, 30, 30), random_state=2)
+    assert weak.exceedances == stats.DEFAULT_EXCEEDANCES
+    assert weak.n_permutations is not None and weak.n_permutations < 5_000
+    assert weak.p_value == stats.DEFAULT_EXCEEDANCES / weak.n_permutations
+
+
+def test_resolving_further_never_changes_the_verdict() -> None:
+    # p < α depends only on the first ⌈h/α⌉ permutations: stopping at that many or at a
+    # million gives the same decision on every audit, strong, weak or borderline.
+    rng = np.random.default_rng(24)
+    short = ProtocolOptions(max_permutations=2_000)  # h = 100, α = 0.05: 2,000 suffice
+    longer = ProtocolOptions(max_permutations=50_000)
+    decisions = []
+    for seed in range(40):
+        xp, xu = gaussian_sets(rng, 20, 20, shift=-0.2 * (seed % 5))
+        full = stats.directional_test(xp, xu, longer, alpha=0.05, random_state=seed)
+        brief = stats.directional_test(xp, xu, short, alpha=0.05, random_state=seed)
+        assert full.significant == brief.significant, seed
+        decisions.append(full.significant)
+    assert 5 < sum(decisions) < 35  # both kinds of audit were tried
+    with pytest.raises(InputError, match="cannot show p < α"):
+        stats.directional_test(xp, xu, ProtocolOptions(max_permutations=1_000), alpha=0.05, random_state=0)
+
+
+def test_directional_false_positives_on_null_data() -> None:
+    # Skewed, correlated "losses" (log-normal with a shared factor), unequal set sizes.
+    rng = np.random.default_rng(25)
+    p = []
+    for seed in range(300):
+        shared = rng.normal(size=(60, 1))
+        x = np.exp(0.5 * rng.normal(size=(60, K)) + shared)
+        p.append(stats.directional_test(x[:20], x[20:], alpha=0.05, random_state=seed).p_value)
+    values = np.array(p)
+    for alpha in (0.01, 0.05):
+        count = int((values < alpha).sum())
+        assert count <= binomial_bound(300, alpha), (alpha, count)
+    assert 0.3 < float(np.median(values)) < 0.7
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.7, -0.01, float("nan"), "x"])
+def test_one_rule_for_alpha(alpha: object) -> None:
+    from cdi.audit import AuditOptions
+
+    with pytest.raises(InputError, match="alpha"):
+        stats.check_alpha(alpha)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="alpha"):
+        AuditOptions(alpha=alpha)  # type: ignore[arg-type]
+    assert stats.check_alpha(0.49) == 0.49
 
 
 def test_p_scoring_lower_than_u_is_never_significant() -> None:

@@ -1,0 +1,132 @@
+"""The options of the statistical test, declared once: protocols, defaults, limits, α's rule.
+
+Pure Python (no numpy, no scipy), so that the command line can build its help and validate
+its arguments without loading the statistics; :mod:`cdi.stats` re-exports every name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from cdi.errors import InputError
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_EXCEEDANCES",
+    "DEFAULT_FIT_FRACTION",
+    "DEFAULT_MAX_PERMUTATIONS",
+    "DEFAULT_N_FOLDS",
+    "DEFAULT_N_PERMUTATIONS",
+    "DEFAULT_PROTOCOL",
+    "MAX_ALPHA",
+    "MIN_CROSSFIT_PER_FOLD",
+    "MIN_CROSSFIT_SET",
+    "MIN_DIRECTIONAL_SET",
+    "MIN_REFERENCE_PART",
+    "Protocol",
+    "ProtocolOptions",
+    "check_alpha",
+]
+
+#: Significance level of the verdict (method §6).
+DEFAULT_ALPHA = 0.01
+#: α must lie strictly between 0 and this. One rule for every entry point (library, CLI,
+#: HTTP form): a level of ½ or more would call a coin flip evidence.
+MAX_ALPHA = 0.5
+#: Share of each set the reference protocol fits the scorer on *(ref)*.
+DEFAULT_FIT_FRACTION = 0.5
+#: Folds of the cross-fitted protocol: each scorer sees 80 % of the images.
+DEFAULT_N_FOLDS = 5
+#: Permutations of the cross-fitted protocol. The smallest attainable p-value is 1/1000, and
+#: p < 0.01 needs at most 8 permuted statistics at or above the observed one, so the Monte
+#: Carlo error costs little power (with a true p of 0.005 the test still rejects at 0.01 with
+#: probability ≈ 0.93; with 199 permutations it would be ≈ 0.37). 999 costs well under a
+#: second for 100 + 100 images.
+DEFAULT_N_PERMUTATIONS = 999
+#: Directional protocol, sequential permutation p-value (Besag & Clifford 1991): permutations
+#: are drawn until this many permuted statistics reach the observed one (p = h / L after L
+#: draws) ... With h = 100 a p-value near α is resolved to about ±10 %.
+DEFAULT_EXCEEDANCES = 100
+#: ... or until this many have been drawn (p = (1 + c) / (1 + N)): strong evidence is resolved
+#: down to 1 / (1 + 10⁶) < 10⁻⁶. Whether p < α depends only on the first ⌈h / α⌉ draws, so
+#: resolving further never changes a verdict.
+DEFAULT_MAX_PERMUTATIONS = 1_000_000
+
+#: Reference protocol: the fitting part and the test part of each set hold at least this many
+#: images. Five gives Welch's test at least ~4 degrees of freedom and the scorer at least ten
+#: fitting rows; with the default fit fraction it means at least 10 images per set.
+MIN_REFERENCE_PART = 5
+#: Directional protocol: images per set, at least (Welch's t of each feature needs a spread in
+#: both sets; below ten a set's mean loss is mostly one or two images).
+MIN_DIRECTIONAL_SET = 10
+#: Cross-fitted protocol: images per set, at least. Below ten, a permutation test over a few
+#: hundred distinct splits is coarse and a fitted scorer is mostly noise.
+MIN_CROSSFIT_SET = 10
+#: Cross-fitted protocol: each fold holds at least this many images of each set, so that
+#: every scorer is fitted on both sets and every fold is tested on both.
+MIN_CROSSFIT_PER_FOLD = 2
+
+class Protocol(str, Enum):
+    """The statistical protocol of an audit (see the module docstring)."""
+
+    DIRECTIONAL = "directional"
+    REFERENCE = "reference"
+    CROSSFIT = "crossfit"
+
+
+#: The protocol of an audit, its negative control and every study, unless one is chosen:
+#: declared here once. Chosen by measurement (docs/method.md, "Choosing the default").
+DEFAULT_PROTOCOL = Protocol.DIRECTIONAL
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """The parameters of the protocols; each protocol reads only its own.
+
+    ``fit_fraction`` (reference): share of each set the scorer is fitted on, in (0, 1).
+    ``n_folds`` (crossfit): K ≥ 2. ``n_permutations`` (crossfit): ≥ 1; together with α it
+    must allow p < α, which :func:`crossfit_test` checks. ``exceedances`` and
+    ``max_permutations`` (directional): the sequential p-value's stopping rule (h ≥ 1, N ≥ 1;
+    N must allow p < α). ``candidates`` (directional): the statistics it takes the largest
+    of, each a group of feature columns (indices into the tested columns) whose values are
+    expected to be *lower* for a training image; ``None`` makes every column a candidate.
+    """
+
+    fit_fraction: float = DEFAULT_FIT_FRACTION
+    n_folds: int = DEFAULT_N_FOLDS
+    n_permutations: int = DEFAULT_N_PERMUTATIONS
+    exceedances: int = DEFAULT_EXCEEDANCES
+    max_permutations: int = DEFAULT_MAX_PERMUTATIONS
+    candidates: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise InputError(f"fit_fraction must lie strictly between 0 and 1, got {self.fit_fraction}")
+        if self.n_folds < 2:
+            raise InputError(f"n_folds must be at least 2, got {self.n_folds}")
+        if self.n_permutations < 1:
+            raise InputError(f"n_permutations must be at least 1, got {self.n_permutations}")
+        if self.exceedances < 1:
+            raise InputError(f"exceedances must be at least 1, got {self.exceedances}")
+        if self.max_permutations < 1:
+            raise InputError(f"max_permutations must be at least 1, got {self.max_permutations}")
+        if self.candidates is not None:
+            groups = tuple(tuple(int(c) for c in group) for group in self.candidates)
+            if not groups or any(not g or min(g) < 0 for g in groups):
+                raise InputError("candidates must be non-empty groups of non-negative column indices")
+            object.__setattr__(self, "candidates", groups)
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float if 0 < α < :data:`MAX_ALPHA`; else :class:`InputError`.
+
+    The one rule for α: the library, the command line and the HTTP form all call this.
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise InputError(f"alpha must be a number, got {alpha!r}") from None
+    if not 0.0 < value < MAX_ALPHA:
+        raise InputError(f"alpha must lie strictly between 0 and {MAX_ALPHA}, got {alpha}")
+    return value
