@@ -350,3 +350,42 @@ def test_openapi_documents_the_wire_format(service: Service) -> None:
             "labels", "callback_url"} <= set(form["properties"])
     status = spec["components"]["schemas"]["AuditStatus"]["properties"]
     assert {"id", "state", "progress", "created_at", "updated_at", "error"} <= set(status)
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+def test_plans_from_a_report_or_an_own_finished_audit(service: Service, migrated: str) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_report import synthetic_result  # type: ignore[import-not-found]
+
+    c = service.client
+    document = json.loads(json.dumps(synthetic_result("used", protocol="directional", seed=5).to_dict()))
+    r = c.post("/v1/plans", json={"report": document, "power": 0.8}, headers=service.headers(service.alice))  # type: ignore[attr-defined]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["power"] == 0.8 and body["n_pilot_p"] == 30 and body["n_pilot_u"] == 40
+    assert body["n_per_set"] is not None and body["n_unpublished"] >= body["n_per_set"]
+    assert body["summary"].startswith("About")
+
+    # A finished audit of the caller's: its stored report is the pilot; another tenant gets 404.
+    with session_scope(migrated) as s:
+        audit = Audit(tenant_id=service.alice.id, model_id="synthetic", model_source="synthetic", state="done",
+                      options={}, report=document, n_published=30, n_unpublished=40)
+        s.add(audit)
+        s.flush()
+        audit_id = str(audit.id)
+    r = c.post("/v1/plans", json={"audit_id": audit_id}, headers=service.headers(service.alice))  # type: ignore[attr-defined]
+    assert r.status_code == 200 and r.json()["power"] == 0.9, r.text
+    r = c.post("/v1/plans", json={"audit_id": audit_id}, headers=service.headers(service.bob))  # type: ignore[attr-defined]
+    assert r.status_code == 404 and r.json()["error"]["code"] == "audit_not_found"
+
+    for bad in ({}, {"audit_id": audit_id, "report": document}, {"report": {"verdict": "used"}},
+                {"report": document, "alpha": 0.7}):
+        r = c.post("/v1/plans", json=bad, headers=service.headers(service.alice))  # type: ignore[attr-defined]
+        assert r.status_code == 422, (bad.keys(), r.text)
+        assert r.json()["error"]["code"] in ("invalid_request", "invalid_report", "validation_error"), r.text
