@@ -24,18 +24,19 @@ def losses(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
 def test_predicted_power_matches_the_test_it_plans_for() -> None:
     rng = np.random.default_rng(0)
     # A large pilot, so that the comparison is of the power model, not of the pilot's noise.
-    pilot_p, pilot_u = losses(rng, 400, shift=0.25), losses(rng, 400)
+    pilot_p, pilot_u = losses(rng, 3000, shift=0.25), losses(rng, 3000)
     options = stats.ProtocolOptions(candidates=member_candidates(COLUMNS)[1], max_permutations=10_000)
     n = 40
     predicted = power_at(pilot_p, pilot_u, COLUMNS, n, n, alpha=0.05)
-    runs = 150
+    runs = 200
     hits = sum(
         stats.directional_test(losses(rng, n, shift=0.25), losses(rng, n), options, alpha=0.05,
                                random_state=s).significant
         for s in range(runs)
     )
     assert 0.2 < predicted < 0.95  # a size where the answer is not trivial
-    assert abs(hits / runs - predicted) < 0.12, (hits / runs, predicted)
+    # Binomial sampling error of 200 runs is ±0.035 (1 sd); the rest is the model's.
+    assert abs(hits / runs - predicted) < 0.1, (hits / runs, predicted)
 
 
 def test_plan_grows_as_the_effect_shrinks_and_brackets_its_estimate() -> None:
