@@ -410,6 +410,10 @@ MAX_CROP = 0.08
 #: Largest distance between two images' 8×8 RGB sketches (RMS levels of 255) that makes them candidates.
 DEFAULT_CANDIDATE_DISTANCE = 16.0
 #: Largest aligned difference (RMS levels of 255) that verifies a candidate pair as near-duplicates.
+#: Measured (bench/duplicates_study.py, docs/method.md): at 4, false links between distinct
+#: look-alike digits, glyphs, icons and product shots stay below 1 in 1,000 pairs, while every
+#: re-encoding at quality ≥ 75, ¾ and 2× resizing and EXIF orientation change is caught; 5
+#: catches more crops and half-size copies but links 2.8 in 1,000 look-alike product pairs.
 DEFAULT_DIFFERENCE_THRESHOLD = 4.0
 #: How much larger than the threshold the difference in one of the 8×8 blocks may be.
 BLOCK_FACTOR = 2.4
