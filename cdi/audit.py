@@ -27,6 +27,7 @@ import numpy as np
 
 from cdi import __version__
 from cdi.controls import (
+    DEFAULT_DIFFERENCE_THRESHOLD,
     DistributionCheckResult,
     DuplicateReport,
     Exclusion,
@@ -83,7 +84,7 @@ class AuditOptions:
     n_permutations: int = DEFAULT_N_PERMUTATIONS
     max_permutations: int = DEFAULT_MAX_PERMUTATIONS
     exceedances: int = DEFAULT_EXCEEDANCES
-    hamming_threshold: int = 4
+    duplicate_threshold: float = DEFAULT_DIFFERENCE_THRESHOLD
     feature_config: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -248,7 +249,7 @@ def _validate(
         more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
         raise InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
     n_p = len(published)
-    dups = find_duplicates(prints[:n_p], prints[n_p:], options.hamming_threshold)
+    dups = find_duplicates(prints[:n_p], prints[n_p:], options.duplicate_threshold)
     excl = duplicates_to_exclude(dups)
     keep = [i for i in range(n_p) if i not in set(excl.p)] + [
         n_p + j for j in range(len(unpublished)) if j not in set(excl.u)
@@ -257,7 +258,7 @@ def _validate(
     try:
         check_sizes(kept_p, len(keep) - kept_p, options.protocol, options.protocol_options)
     except InputError as exc:
-        raise InputError(f"after excluding duplicates: {exc}") from None
+        raise InputError(_exclusion_message(excl, n_p, len(unpublished), exc)) from None
     prepared = _Prepared(
         files=[files[i] for i in keep],
         set_names=["P" if i < n_p else "U" for i in keep],
@@ -265,6 +266,15 @@ def _validate(
         conditions=[conds[i] for i in keep],
     )
     return prepared, dups, excl
+
+
+def _exclusion_message(excl: Exclusion, n_p: int, n_u: int, exc: InputError) -> str:
+    """Why an audit valid as submitted became too small: which images were excluded, and why."""
+    return (
+        f"{len(excl.p)} published and {len(excl.u)} unpublished image(s) were excluded as duplicates, "
+        f"leaving P = {n_p - len(excl.p)} of {n_p} and U = {n_u - len(excl.u)} of {n_u}: {exc}. "
+        f"Excluded: {'; '.join(excl.reasons)}. Remove or replace the duplicates, or add images."
+    )
 
 
 def _extract(

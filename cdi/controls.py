@@ -22,10 +22,25 @@ Distribution check
     overlapping data, and are not independent.
 
 Duplicates
-    Exact (SHA-256 of the file bytes) and perceptual (64-bit DCT hash, :func:`perceptual_hash`)
-    duplicates within P, within U and between them (:func:`find_duplicates`), and the images
-    to leave out (:func:`duplicates_to_exclude`): every image of a group that spans P and U,
-    and all but the first image of a group inside one set.
+    Exact duplicates share the SHA-256 of their file bytes. Near-duplicates (the same picture
+    re-encoded, resized, lightly cropped, brightened, or stored turned with an EXIF tag) are
+    found in two stages (:func:`find_duplicates`). Candidates: every pair whose 8×8 RGB
+    sketches, or the sketch of one and a 5 %-cropped sketch of the other, lie within
+    ``DEFAULT_CANDIDATE_DISTANCE`` levels (:func:`candidate_pairs`; one matrix product per
+    block of images, no pixel work). Verification, for candidates only: the two 32×32
+    thumbnails are compared after undoing a crop of up to ``MAX_CROP`` of each side of either
+    image, one gain and a per-channel offset (:func:`align`); the pair is linked when the RMS
+    difference is at most ``DEFAULT_DIFFERENCE_THRESHOLD`` levels of 255 and no 4×4-pixel block
+    differs by more than ``BLOCK_FACTOR`` times that. A 64-bit perceptual hash within 4 bits,
+    the former rule, linked different pictures: measured by ``bench/duplicates_study.py`` on
+    look-alike digits, glyphs, icons, product shots and photo tiles (docs/method.md). A
+    perceptual hash is still computed and reported for each pair, never decisive.
+
+    What is left out (:func:`duplicates_to_exclude`): every image of a group that spans P and
+    U (method §7: an error in the owner's data, which the owner must resolve), and all but the
+    first image of a group inside one set, so that no picture counts twice: two copies of one
+    image on the same side are one draw, which a permutation test counting them as two would
+    treat as independent evidence.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -62,8 +78,13 @@ from cdi.stats import (
 )
 
 __all__ = [
-    "DEFAULT_HAMMING_THRESHOLD",
+    "BLOCK_FACTOR",
+    "DEFAULT_CANDIDATE_DISTANCE",
+    "DEFAULT_DIFFERENCE_THRESHOLD",
     "IMAGE_STATISTIC_NAMES",
+    "MAX_CROP",
+    "THUMBNAIL_SIDE",
+    "Alignment",
     "DistributionCheckResult",
     "DuplicateGroup",
     "DuplicatePair",
@@ -73,6 +94,8 @@ __all__ = [
     "ImageRef",
     "NegativeControlResult",
     "StatisticDifference",
+    "align",
+    "candidate_pairs",
     "distribution_check",
     "duplicates_to_exclude",
     "find_duplicates",
@@ -81,6 +104,8 @@ __all__ = [
     "image_statistics",
     "negative_control",
     "perceptual_hash",
+    "sketches",
+    "verify",
 ]
 
 SetName = Literal["P", "U"]
@@ -379,13 +404,20 @@ def _auc_rows(scores: np.ndarray, is_p: np.ndarray) -> np.ndarray:
 
 # --- duplicates -------------------------------------------------------------------------
 
-#: Largest Hamming distance between two 64-bit perceptual hashes that counts as a
-#: near-duplicate. Measured (this implementation): JPEG re-encoding (quality 30–75),
-#: 2× resizing, Gaussian blur (radius 1) and +10 brightness move a hash by ≤ 4 bits on
-#: scikit-learn's digits and ≤ 2 on its sample photographs; distinct photographs lie ~30
-#: bits apart; of the 1.6 M pairs of distinct digits, 73 lie within 4 bits (all the same
-#: digit, drawn almost alike) and 404 within 6.
-DEFAULT_HAMMING_THRESHOLD = 4
+#: Side, in pixels, of the thumbnail two images are compared at.
+THUMBNAIL_SIDE = 32
+#: Largest crop, as a fraction of the side, that verification undoes on each side of either image.
+MAX_CROP = 0.08
+#: Largest distance between two images' 8×8 RGB sketches (RMS levels of 255) that makes them candidates.
+DEFAULT_CANDIDATE_DISTANCE = 16.0
+#: Largest aligned difference (RMS levels of 255) that verifies a candidate pair as near-duplicates.
+#: Measured (bench/duplicates_study.py, docs/method.md): at 4, false links between distinct
+#: look-alike digits, glyphs, icons and product shots stay below 1 in 1,000 pairs, while every
+#: re-encoding at quality ≥ 75, ¾ and 2× resizing and EXIF orientation change is caught; 5
+#: catches more crops and half-size copies but links 2.8 in 1,000 look-alike product pairs.
+DEFAULT_DIFFERENCE_THRESHOLD = 4.0
+#: How much larger than the threshold the difference in one of the 8×8 blocks may be.
+BLOCK_FACTOR = 2.4
 
 Kind = Literal["exact", "perceptual"]
 Scope = Literal["within_P", "within_U", "between"]
@@ -393,11 +425,25 @@ Scope = Literal["within_P", "within_U", "between"]
 
 @dataclass(frozen=True)
 class ImageFingerprint:
-    """An image's name, SHA-256 of its file bytes and 64-bit perceptual hash."""
+    """What the duplicate search knows of one image.
+
+    ``sha256`` of the file bytes; ``phash`` the 64-bit DCT perceptual hash (reported);
+    ``thumbnail`` the oriented image on white, squashed to ``THUMBNAIL_SIDE`` squared, RGB,
+    row-major uint8 bytes; ``log_aspect`` log(width / height) of the oriented image.
+    """
 
     name: str
     sha256: str
     phash: int
+    thumbnail: bytes
+    log_aspect: float
+
+    def pixels(self) -> np.ndarray:
+        """The thumbnail as float64 ``[THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3]``."""
+        side = THUMBNAIL_SIDE
+        if len(self.thumbnail) != side * side * 3:
+            raise InputError(f"{self.name}: the fingerprint's thumbnail is not {side}×{side} RGB")
+        return np.frombuffer(self.thumbnail, dtype=np.uint8).reshape(side, side, 3).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -411,10 +457,11 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class DuplicatePair:
-    """Two images that are the same file (``exact``) or look the same (``perceptual``).
+    """Two images that are the same file (``exact``) or verified to show the same picture (``perceptual``).
 
-    ``distance``: Hamming distance of the perceptual hashes (0 for exact duplicates, which
-    are reported only as exact). ``first`` precedes ``second`` (P before U, then by index).
+    ``distance``: Hamming distance of the 64-bit perceptual hashes (reported, not decisive).
+    ``difference``: the aligned pixel difference that verified the pair (RMS levels of 255,
+    0 for exact duplicates). ``first`` precedes ``second`` (P before U, then by index).
     """
 
     kind: Kind
@@ -422,6 +469,7 @@ class DuplicatePair:
     first: ImageRef
     second: ImageRef
     distance: int
+    difference: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -438,11 +486,15 @@ class DuplicateGroup:
 
 @dataclass(frozen=True)
 class DuplicateReport:
-    """Every duplicate pair and group found, and the threshold used."""
+    """Every duplicate pair and group found, and the thresholds of :func:`find_duplicates` used.
+
+    ``difference_threshold`` < 0: the perceptual search was off (exact duplicates only).
+    """
 
     pairs: tuple[DuplicatePair, ...]
     groups: tuple[DuplicateGroup, ...]
-    hamming_threshold: int
+    difference_threshold: float = DEFAULT_DIFFERENCE_THRESHOLD
+    candidate_distance: float = DEFAULT_CANDIDATE_DISTANCE
 
     @property
     def has_between_set(self) -> bool:
@@ -465,9 +517,14 @@ def perceptual_hash(img: Image.Image) -> int:
     Luminance (transparency on white) resized to 32×32 with a Lanczos filter; 2-D DCT-II;
     the 8×8 lowest frequencies; bit i (row-major, most significant first) is set where the
     coefficient exceeds their median. Robust to re-encoding, resizing and mild colour or
-    brightness changes; not to crops or rotations.
+    brightness changes; not to crops or rotations, and not discriminating enough to decide
+    alone (see :func:`find_duplicates`).
     """
     grey = _rgb8(ImageOps.exif_transpose(img) or img).convert("L")
+    return _phash_of(grey)
+
+
+def _phash_of(grey: Image.Image) -> int:
     small = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = dctn(small, type=2, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low)
@@ -480,12 +537,22 @@ def hamming_distance(a: int, b: int) -> int:
 
 
 def fingerprint(name: str, data: bytes, img: Image.Image | None = None) -> ImageFingerprint:
-    """SHA-256 of ``data`` and the perceptual hash of the image (decoded from ``data`` unless given)."""
+    """The fingerprint of one image file (decoded from ``data`` unless ``img`` is given)."""
     if img is None:
         from cdi.images import open_image
 
         img = open_image(data, name)
-    return ImageFingerprint(name=name, sha256=hashlib.sha256(data).hexdigest(), phash=perceptual_hash(img))
+    oriented = _rgb8(ImageOps.exif_transpose(img) or img)
+    width, height = oriented.size
+    side = THUMBNAIL_SIDE
+    thumb = oriented.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return ImageFingerprint(
+        name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        phash=_phash_of(oriented.convert("L")),
+        thumbnail=np.asarray(thumb, dtype=np.uint8).tobytes(),
+        log_aspect=float(np.log(width / height)),
+    )
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -497,47 +564,277 @@ def _hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
 
 
+# The verification compares two thumbnails after undoing a light crop of either: along each
+# axis, image B's frame [0, 1] shows A's interval [p, 1 - q], p and q in [-MAX_CROP, MAX_CROP]
+# (negative: B shows more than A there). The two axes are independent, so each is searched
+# with the other fixed, coarse then fine.
+
+_BLUR_SIGMA = 0.7  # pixels of the 32-pixel thumbnail: sub-pixel misalignment and JPEG noise fade
+_MIN_OVERLAP = 0.75  # a pair whose aligned frames share less than this is not a light crop
+_GAIN_RANGE = (0.85, 1.18)  # brightness changes undone: one gain, then one offset per channel
+_BLOCKS = 8  # the frame is split into 8 × 8 blocks for the local difference
+
+
+@lru_cache(maxsize=4)
+def _sampling(side: int, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation matrices for every crop (p, q) on a grid of ``step``.
+
+    Returns the grid values ``[g]``, the matrices ``[g, g, side, side]`` (row i of the
+    resampled axis from A's pixels), validity ``[g, g, side]`` (inside A) and the index grid.
+    """
+    values = np.round(np.arange(-MAX_CROP, MAX_CROP + 1e-9, step), 6)
+    g = len(values)
+    u = (np.arange(side) + 0.5) / side
+    p = values[:, None, None]
+    q = values[None, :, None]
+    x = p + u[None, None, :] * (1.0 - p - q)  # [g, g, side] positions in A's frame
+    valid = (x >= -0.5 / side) & (x <= 1.0 + 0.5 / side)
+    pos = np.clip(x * side - 0.5, 0.0, side - 1.0)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, side - 1)
+    w = pos - lo
+    mats = np.zeros((g, g, side, side))
+    ii, jj, rr = np.indices((g, g, side))
+    np.add.at(mats, (ii, jj, rr, lo), 1.0 - w)
+    np.add.at(mats, (ii, jj, rr, hi), w)
+    return values, mats, valid, np.indices((g, g)).reshape(2, -1).T
+
+
+def _prepared(pixels: np.ndarray, side: int) -> np.ndarray:
+    """Blurred channels-first thumbnail ``[3, side, side]``."""
+    from scipy.ndimage import gaussian_filter
+
+    x = pixels
+    if x.shape[0] != side:
+        factor = x.shape[0] // side
+        x = x.reshape(side, factor, side, factor, 3).mean(axis=(1, 3))
+    sigma = _BLUR_SIGMA * side / THUMBNAIL_SIDE
+    return np.stack([gaussian_filter(x[..., c], sigma, mode="nearest") for c in range(3)])
+
+
+def _residual_ms(a: np.ndarray, b: np.ndarray, fixed: np.ndarray, fixed_valid: np.ndarray,
+                 mats: np.ndarray, valid: np.ndarray, axis: str) -> np.ndarray:
+    """Mean squared difference, per-channel offset removed, of B and A warped by each of ``mats``.
+
+    ``a``, ``b`` ``[3, n, n]``; the other axis is warped by ``fixed`` ``[n, n]``; ``mats``
+    ``[K, n, n]`` are the candidates along ``axis`` ("y" or "x") → ``[K]`` (inf where the
+    frames overlap too little). One matrix product warps A for all K.
+    """
+    n = a.shape[1]
+    if axis == "y":
+        t = a @ fixed.T  # x warped: [3, n, n]
+        warped = np.tensordot(mats, t, axes=(2, 1))  # [K, n(y), 3, n(x)]
+        mask = (valid[:, :, None] & fixed_valid[None, None, :])[:, :, None, :]
+        target = b.transpose(1, 0, 2)[None]  # [1, n, 3, n]
+        axes: tuple[int, ...] = (1, 3)
+    else:
+        t = fixed @ a  # y warped: [3, n, n]
+        warped = np.tensordot(t, mats, axes=(2, 2))  # [3, n(y), K, n(x)]
+        mask = (fixed_valid[:, None, None] & valid[None, :, :])[None]  # [1, n, K, n]
+        target = b[:, :, None, :]
+        axes = (1, 3)
+    diff = np.where(mask, target - warped, 0.0)
+    count = mask.sum(axis=axes).reshape(-1).astype(np.float64)  # [K]
+    sums = diff.sum(axis=axes)  # [K, 3] or [3, K]
+    sq = (diff**2).sum(axis=axes)
+    if axis == "x":
+        sums, sq = sums.T, sq.T
+    ss = sq.sum(axis=1) - (sums**2).sum(axis=1) / np.maximum(count, 1.0)
+    ms = ss / np.maximum(3.0 * count, 1.0)
+    return np.where(count >= _MIN_OVERLAP * n * n, ms, np.inf)
+
+
+def _search(a: np.ndarray, b: np.ndarray, side: int, step: float, start: tuple[int, int, int, int],
+            radius: int | None, rounds: int) -> tuple[int, int, int, int]:
+    """Alternating search of the (py, qy, px, qx) grid indices around ``start``."""
+    _, mats, valid, grid = _sampling(side, step)
+    py, qy, px, qx = start
+    for _ in range(rounds):
+        for axis in ("y", "x"):
+            c0, c1 = (py, qy) if axis == "y" else (px, qx)
+            cand = grid
+            if radius is not None:
+                cand = grid[(np.abs(grid[:, 0] - c0) <= radius) & (np.abs(grid[:, 1] - c1) <= radius)]
+            f0, f1 = (px, qx) if axis == "y" else (py, qy)
+            ms = _residual_ms(a, b, mats[f0, f1], valid[f0, f1], mats[cand[:, 0], cand[:, 1]],
+                              valid[cand[:, 0], cand[:, 1]], axis)
+            k = int(np.argmin(ms))
+            if axis == "y":
+                py, qy = int(cand[k, 0]), int(cand[k, 1])
+            else:
+                px, qx = int(cand[k, 0]), int(cand[k, 1])
+    return py, qy, px, qx
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How two thumbnails compare once a light crop is undone.
+
+    ``difference``: RMS difference (levels of 255) over the shared frame, after one gain and
+    a per-channel offset; ``block_difference``: the largest RMS difference of the 8×8 blocks
+    of the frame (a local change: an accent, a logo); ``crop``: (top, bottom, left, right),
+    what of A's frame lies outside B's (negative: B shows more).
+    """
+
+    difference: float
+    block_difference: float
+    crop: tuple[float, float, float, float]
+
+    def matches(self, threshold: float = DEFAULT_DIFFERENCE_THRESHOLD) -> bool:
+        """The same picture: ``difference`` ≤ ``threshold`` and no block above ``BLOCK_FACTOR`` times it."""
+        return self.difference <= threshold and self.block_difference <= BLOCK_FACTOR * threshold
+
+
+def align(a: np.ndarray, b: np.ndarray) -> Alignment:
+    """Compare thumbnails ``a`` and ``b`` (float ``[THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3]``, 0–255)."""
+    n = THUMBNAIL_SIDE
+    coarse_step, fine_step = 0.02, 0.01
+    ca, cb = _prepared(a, n // 2), _prepared(b, n // 2)
+    values_c, *_ = _sampling(n // 2, coarse_step)
+    zero_c = int(np.argmin(np.abs(values_c)))
+    py, qy, px, qx = _search(ca, cb, n // 2, coarse_step, (zero_c,) * 4, None, 2)
+    values_f, mats, valid, _ = _sampling(n, fine_step)
+    to_fine = [int(np.argmin(np.abs(values_f - values_c[i]))) for i in (py, qy, px, qx)]
+    fa, fb = _prepared(a, n), _prepared(b, n)
+    py, qy, px, qx = _search(fa, fb, n, fine_step, (to_fine[0], to_fine[1], to_fine[2], to_fine[3]), 1, 2)
+    warped = mats[py, qy] @ fa @ mats[px, qx].T  # [3, n, n]
+    mask = valid[py, qy][:, None] & valid[px, qx][None, :]
+    wa = warped[:, mask]  # [3, m]
+    wb = fb[:, mask]
+    ca_ = wa - wa.mean(axis=1, keepdims=True)
+    cb_ = wb - wb.mean(axis=1, keepdims=True)
+    denom = float((ca_**2).sum())
+    gain = float(np.clip((ca_ * cb_).sum() / denom, *_GAIN_RANGE)) if denom > 0 else 1.0
+    resid = np.zeros_like(fb)
+    fitted = gain * wa
+    resid[:, mask] = wb - fitted - (wb - fitted).mean(axis=1, keepdims=True)
+    difference = float(np.sqrt((resid[:, mask] ** 2).mean()))
+    blocks = _BLOCKS
+    bs = n // blocks
+    sq = (resid**2).sum(axis=0).reshape(blocks, bs, blocks, bs).sum(axis=(1, 3))
+    cnt = mask.reshape(blocks, bs, blocks, bs).sum(axis=(1, 3)) * 3.0
+    block = np.where(cnt >= 0.5 * bs * bs * 3, np.sqrt(sq / np.maximum(cnt, 1.0)), 0.0)
+    crop = (float(values_f[py]), float(values_f[qy]), float(values_f[px]), float(values_f[qx]))
+    return Alignment(difference, float(block.max()), crop)
+
+
+#: The crops (top, bottom, left, right) whose sketches are also compared, so that a copy
+#: cropped by a few percent on any sides still becomes a candidate.
+_SKETCH_CROPS = ((0.0, 0.0, 0.0, 0.0), (0.05, 0.05, 0.05, 0.05), (0.05, 0.0, 0.05, 0.0), (0.0, 0.05, 0.0, 0.05),
+                 (0.05, 0.0, 0.0, 0.05), (0.0, 0.05, 0.05, 0.0))
+
+
+def sketches(prints: Sequence[ImageFingerprint]) -> np.ndarray:
+    """8×8 RGB sketches of each thumbnail and of its crops, each channel's mean removed.
+
+    ``[len(_SKETCH_CROPS), N, 192]``: sketch 0 is the whole frame, the others the frame
+    cropped by ``_SKETCH_CROPS``.
+    """
+    side = THUMBNAIL_SIDE
+    out = np.zeros((len(_SKETCH_CROPS), len(prints), 192))
+    if not prints:
+        return out
+    rgb = np.stack([p.pixels() for p in prints]).transpose(0, 3, 1, 2)  # [N, 3, side, side]
+    for k, (top, bottom, left, right) in enumerate(_SKETCH_CROPS):
+        small = _crop_matrix(side, top, bottom) @ rgb @ _crop_matrix(side, left, right).T  # [N, 3, 8, 8]
+        small = small - small.mean(axis=(2, 3), keepdims=True)
+        out[k] = small.reshape(len(prints), 192)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _crop_matrix(side: int, start: float, end: float) -> np.ndarray:
+    """``[8, side]``: the area-average of [start, 1 - end] of an axis into 8 cells."""
+    m = np.zeros((8, side))
+    edges = start + (1.0 - start - end) * np.arange(9) / 8 * side
+    for i in range(8):
+        lo, hi = edges[i], edges[i + 1]
+        for j in range(int(np.floor(lo)), min(side, int(np.ceil(hi)))):
+            m[i, j] = max(0.0, min(hi, j + 1) - max(lo, j))
+        m[i] /= m[i].sum()
+    return m
+
+
+def candidate_pairs(prints: Sequence[ImageFingerprint], max_distance: float = DEFAULT_CANDIDATE_DISTANCE,
+                    block: int = 1024) -> np.ndarray:
+    """Pairs (i < j) whose sketches lie within ``max_distance`` (RMS grey levels): ``[m, 2]``.
+
+    The cheap first stage of :func:`find_duplicates`: the whole-frame sketch of each image is
+    compared with every sketch (whole and cropped) of every other, by blocks of ``block``
+    rows, with matrix products; the pair is a candidate when any comparison is close enough.
+    """
+    s = sketches(prints)
+    n = s.shape[1]
+    sq = (s**2).sum(axis=2)  # [V, N]
+    aspects = np.array([p.log_aspect for p in prints])
+    limit = max_distance**2 * 192
+    out = []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        close = np.zeros((stop - start, n), dtype=bool)
+        for v in range(s.shape[0]):
+            # rows' whole frame against columns' crop v, and rows' crop v against columns' whole frame
+            d2 = sq[0, start:stop, None] + sq[v][None, :] - 2.0 * s[0, start:stop] @ s[v].T
+            close |= d2 <= limit
+            if v:
+                d2 = sq[v, start:stop, None] + sq[0][None, :] - 2.0 * s[v, start:stop] @ s[0].T
+                close |= d2 <= limit
+        rows, cols = np.nonzero(close)
+        keep = cols > rows + start
+        rows, cols = rows[keep] + start, cols[keep]
+        # A light crop changes the aspect ratio by at most the crop: more is another picture.
+        near = np.abs(aspects[rows] - aspects[cols]) <= 3 * MAX_CROP
+        out.append(np.stack([rows[near], cols[near]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.intp)
+
+
+def verify(a: ImageFingerprint, b: ImageFingerprint,
+           threshold: float = DEFAULT_DIFFERENCE_THRESHOLD) -> tuple[bool, float]:
+    """Whether two fingerprints show the same picture: (linked, aligned difference)."""
+    al = align(a.pixels(), b.pixels())
+    return al.matches(threshold), al.difference
+
+
 def find_duplicates(
     images_p: Sequence[ImageFingerprint],
     images_u: Sequence[ImageFingerprint],
-    hamming_threshold: int = DEFAULT_HAMMING_THRESHOLD,
+    difference_threshold: float = DEFAULT_DIFFERENCE_THRESHOLD,
+    *,
+    candidate_distance: float = DEFAULT_CANDIDATE_DISTANCE,
 ) -> DuplicateReport:
     """Exact and perceptual duplicates within P, within U and between P and U.
 
-    Two images are exact duplicates when their SHA-256 match, perceptual duplicates when
-    their perceptual hashes differ in at most ``hamming_threshold`` of 64 bits (and the files
-    differ). ``hamming_threshold`` < 0 turns the perceptual search off.
+    Exact: the same SHA-256. Perceptual (the files differ): the pair's 8×8 sketches lie within
+    ``candidate_distance`` (:func:`candidate_pairs`), and, once a light crop of either image is
+    undone, the thumbnails differ by at most ``difference_threshold`` overall and twice that in
+    every block (:func:`align`). ``difference_threshold`` < 0 turns the perceptual search off.
     """
-    if hamming_threshold > 64:
-        raise InputError(f"hamming_threshold must be at most 64, got {hamming_threshold}")
     refs = [ImageRef("P", i, f.name) for i, f in enumerate(images_p)]
     refs += [ImageRef("U", i, f.name) for i, f in enumerate(images_u)]
     prints = [*images_p, *images_u]
     n = len(prints)
-    hashes = np.array([f.phash & 0xFFFFFFFFFFFFFFFF for f in prints], dtype=np.uint64)
 
-    pairs: list[DuplicatePair] = []
-    links: list[tuple[int, int, Kind]] = []
+    links: list[tuple[int, int, Kind, float]] = []
     by_sha: dict[str, list[int]] = {}
     for i, f in enumerate(prints):
         by_sha.setdefault(f.sha256, []).append(i)
     for members in by_sha.values():
         for a_pos, a in enumerate(members):
             for b in members[a_pos + 1 :]:
-                links.append((a, b, "exact"))
-    if hamming_threshold >= 0 and n > 1:
-        block = 512
-        for start in range(0, n, block):
-            dist = _hamming_matrix(hashes[start : start + block], hashes)
-            rows, cols = np.nonzero(dist <= hamming_threshold)
-            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-                a = start + r
-                if c > a and prints[a].sha256 != prints[c].sha256:
-                    links.append((a, c, "perceptual"))
+                links.append((a, b, "exact", 0.0))
+    if difference_threshold >= 0 and n > 1:
+        for a, b in candidate_pairs(prints, candidate_distance).tolist():
+            if prints[a].sha256 == prints[b].sha256:
+                continue
+            linked, difference = verify(prints[a], prints[b], difference_threshold)
+            if linked:
+                links.append((a, b, "perceptual", difference))
     links.sort()
-    for a, b, link_kind in links:
-        distance = hamming_distance(int(hashes[a]), int(hashes[b]))
-        pairs.append(DuplicatePair(link_kind, _scope(refs[a], refs[b]), refs[a], refs[b], distance))
+    pairs = [
+        DuplicatePair(kind, _scope(refs[a], refs[b]), refs[a], refs[b],
+                      hamming_distance(prints[a].phash, prints[b].phash), round(diff, 3))
+        for a, b, kind, diff in links
+    ]
 
     # Connected components of the duplicate graph (union-find).
     parent = list(range(n))
@@ -548,18 +845,14 @@ def find_duplicates(
             i = parent[i]
         return i
 
-    for a, b, _ in links:
+    for a, b, _, _ in links:
         ra, rb = root(a), root(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    components: dict[int, list[int]] = {}
-    for a, b, _ in links:
-        for i in (a, b):
-            members = components.setdefault(root(i), [])
-            if i not in members:
-                members.append(i)
+    components: dict[int, set[int]] = {}
     kinds: dict[int, set[str]] = {}
-    for a, _b, link_kind in links:
+    for a, b, link_kind, _ in links:
+        components.setdefault(root(a), set()).update((a, b))
         kinds.setdefault(root(a), set()).add(link_kind)
     groups = []
     for key in sorted(components):
@@ -568,7 +861,10 @@ def find_duplicates(
         scope: Scope = "between" if len(sets) == 2 else ("within_P" if sets == {"P"} else "within_U")
         kind: Kind = "exact" if kinds[key] == {"exact"} else "perceptual"
         groups.append(DuplicateGroup(kind, scope, tuple(refs[i] for i in members)))
-    return DuplicateReport(pairs=tuple(pairs), groups=tuple(groups), hamming_threshold=hamming_threshold)
+    return DuplicateReport(
+        pairs=tuple(pairs), groups=tuple(groups), candidate_distance=candidate_distance,
+        difference_threshold=difference_threshold,
+    )
 
 
 def _scope(a: ImageRef, b: ImageRef) -> Scope:

@@ -101,6 +101,7 @@ ExtendedFloat = Annotated[
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 SetName = Literal["P", "U"]
 Outcome = Literal["used", "not_detected", "inconclusive"]
@@ -266,7 +267,9 @@ class DuplicatePair(_Model):
     scope: Literal["within_P", "within_U", "between"]
     first: ImageRef
     second: ImageRef
-    distance: Count = Field(description="Hamming distance of the 64-bit perceptual hashes")
+    distance: Count = Field(description="Hamming distance of the 64-bit perceptual hashes (reported, not decisive)")
+    difference: NonNegativeFloat = Field(
+        0.0, description="aligned pixel difference that verified the pair (RMS levels of 255; 0 if exact)")
 
 
 class DuplicateGroup(_Model):
@@ -276,7 +279,10 @@ class DuplicateGroup(_Model):
 
 
 class Duplicates(_Model):
-    hamming_threshold: int
+    difference_threshold: float = Field(
+        description="largest aligned pixel difference (RMS levels of 255) of a perceptual duplicate; < 0: off")
+    candidate_distance: NonNegativeFloat = Field(
+        description="largest distance of the 8x8 sketches (RMS grey levels) of a pair worth verifying")
     pairs: list[DuplicatePair]
     groups: list[DuplicateGroup]
 
@@ -355,7 +361,7 @@ class AuditOptionsRecord(_Model):
     max_permutations: int = Field(default=1_000_000, description="directional: most permutations drawn")
     exceedances: int = Field(default=100, description="directional: permuted statistics at or above the "
                                                       "observed one after which sampling stops")
-    hamming_threshold: int
+    duplicate_threshold: float
     feature_config: dict[str, Any] = Field(description="parameters of the 26 features")
 
     def protocol_options(self, **changes: Any) -> ProtocolOptions:
@@ -678,9 +684,11 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
                                      for d in dist.largest_differences],
             ),
             duplicates=Duplicates(
-                hamming_threshold=dups.hamming_threshold,
+                difference_threshold=float(dups.difference_threshold),
+                candidate_distance=float(dups.candidate_distance),
                 pairs=[DuplicatePair(kind=p.kind, scope=p.scope, first=_refs([p.first])[0],
-                                     second=_refs([p.second])[0], distance=p.distance) for p in dups.pairs],
+                                     second=_refs([p.second])[0], distance=p.distance,
+                                     difference=float(p.difference)) for p in dups.pairs],
                 groups=[DuplicateGroup(kind=g.kind, scope=g.scope, members=_refs(g.members)) for g in dups.groups],
             ),
             excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),

@@ -510,7 +510,7 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
     flow.append(_kv_table([
         ("protocol", o.protocol), ("α", _fmt(o.alpha)), ("fit fraction (reference)", _fmt(o.fit_fraction)),
         ("folds (crossfit)", o.n_folds), ("permutations (crossfit)", o.n_permutations),
-        ("duplicate threshold (Hamming bits of 64)", o.hamming_threshold),
+        ("duplicate threshold (aligned RMS difference, levels of 255)", _fmt(o.duplicate_threshold)),
         ("decision rule", dec.rule), ("distribution check α", _fmt(dec.alpha_control)),
         ("distribution check AUC threshold", _fmt(dec.auc_threshold)),
         ("batch size", o.batch_size), ("device / dtype", f"{o.device} / {o.dtype}"),
@@ -535,8 +535,9 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
     ex = report.controls.excluded
     dups = report.controls.duplicates
     if not dups.groups:
-        flow.append(Paragraph(f"No duplicates (exact SHA-256, or perceptual hashes within "
-                              f"{dups.hamming_threshold} bits).", st["body"]))
+        flow.append(Paragraph(f"No duplicates (exact SHA-256, or thumbnails that differ by at most "
+                              f"{_fmt(dups.difference_threshold)} levels once a light crop is undone).",
+                              st["body"]))
     for reason in ex.reasons:
         flow.append(Paragraph(_e(reason), st["small"]))
     if report.warnings:

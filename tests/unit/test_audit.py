@@ -131,6 +131,24 @@ def test_duplicates_across_sets_are_reported_and_excluded(model, store):
     assert shared.name not in names and "copy.png" not in names
 
 
+def test_exclusions_that_leave_too_few_images_are_named(model):
+    # 10 + 21 images is a valid cross-fitted audit; U[0] is P[0] saved as JPEG and U[5] repeats
+    # U[4]'s file, so P loses one image (10 → 9) and U two (21 → 19): both below their minimum.
+    published = [png(i, model.image_size) for i in model.members[:10]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:21]]
+    buf = io.BytesIO()
+    digits.image(model.members[0], model.image_size).save(buf, format="JPEG", quality=80)
+    unpublished[0] = ImageFile("copy-of-first.jpg", buf.getvalue())
+    unpublished[5] = ImageFile("again.png", unpublished[4].data)
+    with pytest.raises(InputError) as caught:
+        audit(published, unpublished, MODEL, options=AuditOptions(seed=3))
+    message = str(caught.value)
+    assert "1 published and 2 unpublished image(s) were excluded" in message
+    assert "P = 9 of 10" in message and "U = 19 of 21" in message
+    assert published[0].name in message and "copy-of-first.jpg" in message and "across P and U" in message
+    assert "again.png" in message and f"kept {unpublished[4].name}" in message
+
+
 def test_too_small_sets_fail_before_any_model_is_read(tmp_path):
     few = [png(i, 16) for i in range(3)]
     with pytest.raises(InputError, match="images"):
