@@ -117,6 +117,11 @@
     copy(doc.body.firstChild, target);
   }
 
+  /* A description from the API's schema: `x` becomes code. */
+  function described(target, text) {
+    target.replaceChildren(...String(text || "").split("`").map((part, i) => (i % 2 ? el("code", {}, part) : part)));
+  }
+
   function showError(box, err) {
     box.replaceChildren(el("p", {}, err.message));
     if (err.code && err.status) box.append(el("p", { class: "help" }, `Error code: ${err.code} (HTTP ${err.status})`));
@@ -217,8 +222,8 @@
       if (p.minimum !== undefined) { input.min = p.minimum; range.push(`at least ${p.minimum}`); }
       if (p.exclusiveMaximum !== undefined) range.push(`less than ${p.exclusiveMaximum}`);
       if (p.maximum !== undefined) { input.max = p.maximum; }
-      $(`${id}-help`).textContent = [p.description, range.length ? `Must be ${range.join(" and ")}.` : ""]
-        .filter(Boolean).join(" ");
+      described($(`${id}-help`), [p.description, range.length ? `Must be ${range.join(" and ")}.` : ""]
+        .filter(Boolean).join(" "));
     };
     const choice = (id, p) => {
       const select = $(id);
@@ -226,7 +231,7 @@
       const values = p.enum || (p.anyOf || []).flatMap((a) => a.enum || []);
       select.replaceChildren(...values.map((v) => el("option", { value: v }, v)));
       if (p.default !== undefined) select.value = p.default;
-      $(`${id}-help`).textContent = p.description || "";
+      described($(`${id}-help`), p.description);
     };
     num("alpha", props.alpha);
     num("seed", props.seed);
@@ -429,16 +434,15 @@
     const p = audit.progress || {};
     const bar = $("stage-bar");
     const text = $("stage-text");
-    if (audit.state === "done") { bar.max = 1; bar.value = 1; text.textContent = "The audit is done."; return; }
-    if (audit.state === "failed" || audit.state === "cancelled") {
-      $("audit-progress").hidden = true;
-      return;
-    }
+    const ended = FINAL.includes(audit.state);
+    for (const id of ["stage-label", "stage-bar", "stage-text"]) $(id).hidden = ended;
+    if (ended) return;
     const label = (STAGES.find(([s]) => s === audit.state) || [null, audit.state])[1];
     if (p.total) {
       bar.max = p.total;
       bar.value = p.done;
-      text.textContent = `${label}: ${p.stage || audit.state} ${p.done} of ${p.total}`;
+      const what = ["validating", "extracting"].includes(p.stage) ? "images" : "steps";
+      text.textContent = `${label}: ${p.done} of ${p.total} ${what} (${p.stage || audit.state})`;
     } else {
       bar.removeAttribute("value");
       text.textContent = `${label}…`;
@@ -451,7 +455,6 @@
     state.audit = id;
     $("audit-title").textContent = "Audit";
     $("audit-meta").textContent = "";
-    $("audit-progress").hidden = false;
     $("verdict").hidden = true;
     $("audit-error").hidden = true;
     $("download-json").hidden = true;
@@ -592,7 +595,7 @@
         el("td", { class: a.state === "failed" ? "state-failed" : "" },
           a.state + (a.images_deleted ? " (images deleted)" : "")),
         el("td", { class: a.verdict ? `verdict-${a.verdict}` : "" }, a.verdict ? a.verdict.replace("_", " ") : "—"),
-        el("td", {}, a.p_value === null || a.p_value === undefined ? "—" : Number(a.p_value).toPrecision(3)),
+        el("td", {}, a.p_value === null || a.p_value === undefined ? "—" : String(Number(Number(a.p_value).toPrecision(3)))),
         el("td", {}, el("span", { class: "actions" }, open, del))));
     }
     $("audits-table").hidden = body.children.length === 0;
