@@ -98,10 +98,6 @@ def _p(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _pct(alpha: float) -> str:
-    return f"{alpha * 100:g} %"
-
-
 # --- the plain-language page ----------------------------------------------------------------
 
 
