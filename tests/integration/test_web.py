@@ -198,6 +198,27 @@ def test_upload_progress_verdict_download_delete(page: Any, site: dict[str, Any]
     shot(page, "6-deleted")
 
 
+def test_keyboard_alone_signs_in_and_reaches_every_control(page: Any, site: dict[str, Any]) -> None:
+    page.goto(site["base"] + "/")
+    page.keyboard.press("Tab")  # the skip link comes first
+    assert page.evaluate("document.activeElement.textContent") == "Skip to the content"
+    page.get_by_label("API key").focus()
+    page.keyboard.type(site["key"])
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#view-new:not([hidden])")
+    reached = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id"))
+        if reached[-1] == "published-folder":
+            # The visually hidden file input shows its focus on its label, the visible button.
+            style = page.evaluate("getComputedStyle(document.querySelector(\"label[for='published-folder']\"))"
+                                  ".outlineStyle")
+            assert style != "none"
+    for control in ("published-folder", "published-zip", "unpublished-folder", "unpublished-zip", "model", "submit"):
+        assert control in reached, reached
+
+
 def test_bad_key_is_refused_with_a_message(page: Any, site: dict[str, Any]) -> None:
     page.goto(site["base"] + "/")
     page.get_by_label("API key").fill("cdi_0000000000000000_not-a-real-key")
