@@ -131,3 +131,21 @@ def test_the_page_and_its_scripts_ship_with_the_package() -> None:
 
     names = {p.name for p in Path(WEB_DIR).iterdir()}
     assert {"index.html", "app.js", "app.css", "zip.js"} <= names
+
+
+def test_an_unknown_form_field_lists_the_known_ones(tmp_path: Path) -> None:
+    import asyncio
+
+    from app.api.multipart import read_form
+    from app.services import FILE_FIELDS, TEXT_FIELDS
+
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"modle\"\r\n\r\ndigits-memorised\r\n--b--\r\n")
+
+    async def chunks() -> Any:
+        yield body
+
+    with pytest.raises(BadInput) as info:
+        asyncio.run(read_form("multipart/form-data; boundary=b", chunks(), tmp_dir=tmp_path, file_fields=FILE_FIELDS,
+                              text_fields=TEXT_FIELDS, max_body_bytes=10_000))
+    assert "'modle'" in info.value.message
+    assert all(name in info.value.message for name in FILE_FIELDS | TEXT_FIELDS)
