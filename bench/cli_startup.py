@@ -21,6 +21,8 @@ COMMANDS = {
     "python -c pass (baseline)": [sys.executable, "-c", "pass"],
     "cdi --help": [sys.executable, "-c", "import sys; from cdi.cli import main; sys.argv[0] = 'cdi'; main()",
                    "--help"],
+    "cdi audit --help": [sys.executable, "-c", "import sys; from cdi.cli import main; sys.argv[0] = 'cdi'; main()",
+                         "audit", "--help"],
     "cdi submit --help": [sys.executable, "-c", "import sys; from cdi.cli import main; sys.argv[0] = 'cdi'; main()",
                           "submit", "--help"],
     "import cdi": [sys.executable, "-c", "import cdi"],

@@ -258,7 +258,18 @@ def test_too_few_images_and_a_corrupt_image_are_explained(page: Any, site: dict[
 def test_a_zip_with_a_refused_file_is_caught_before_upload(page: Any, site: dict[str, Any],
                                                            images: dict[str, Path]) -> None:
     sign_in(page, site)
-    page.set_input_files("#published-zip", str(images["published_zip"]))
+    # The published zip is dropped on its box, as a person would drag it there.
+    data = list(images["published_zip"].read_bytes())
+    page.evaluate("""([bytes, name]) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], name, {type: "application/zip"}));
+        const zone = document.querySelector('[data-drop="published"]');
+        for (const type of ["dragover", "drop"]) {
+            zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }
+    }""", [data, images["published_zip"].name])
+    page.wait_for_selector("#published-preview .count")
+    assert "from published.zip" in page.locator("#published-preview").inner_text()
     page.set_input_files("#unpublished-zip", str(images["notes_zip"]))
     page.wait_for_selector("#unpublished-preview .refused")
     assert page.locator("#published-preview .count").inner_text() == f"{N_PUBLISHED} images"

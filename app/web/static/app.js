@@ -346,9 +346,14 @@
     zone.addEventListener("drop", async (e) => {
       e.preventDefault();
       zone.classList.remove("over");
+      const dropped = [...e.dataTransfer.files];
       const items = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
-      if (items.length === 1 && items[0].isFile && /\.zip$/i.test(items[0].name)) {
-        setZip(role, e.dataTransfer.files[0]);
+      if (dropped.length === 1 && /\.zip$/i.test(dropped[0].name) && !(items[0] && items[0].isDirectory)) {
+        setZip(role, dropped[0]);
+        return;
+      }
+      if (!items.length) { // no file-system entries (some browsers, some sources): loose files
+        setFolder(role, dropped.map((f) => { f.relPath = `dropped/${f.name}`; return f; }));
         return;
       }
       const files = [];
