@@ -22,11 +22,13 @@ COPY migrations ./migrations
 # --- api: the package without torch ---------------------------------------------------------
 FROM source AS api
 # The API imports no torch: install the project without its dependencies, then the service's
-# dependencies and the library's light ones (everything but the model stack).
+# dependencies, the report's (the web page's figures) and the library's light ones
+# (everything but the model stack).
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 heavy = {'torch', 'diffusers', 'transformers', 'safetensors'}; \
 name = lambda d: d.split(';')[0].split('[')[0].split('=')[0].split('>')[0].split('<')[0].strip().lower(); \
-print('\n'.join([d for d in p['dependencies'] if name(d) not in heavy] + p['optional-dependencies']['service']))" \
+print('\n'.join([d for d in p['dependencies'] if name(d) not in heavy] + p['optional-dependencies']['service'] \
++ p['optional-dependencies']['report']))" \
     > /tmp/requirements-api.txt \
  && pip install -r /tmp/requirements-api.txt \
  && pip install --no-deps . \

@@ -240,16 +240,47 @@ def _as_zip(path: Path) -> Iterator[Path]:
         yield out
 
 
-def _print_status(status: dict[str, Any]) -> None:
+def status_line(status: dict[str, Any]) -> str:
     p = status.get("progress") or {}
     line = f"{status['id']}  {status['state']}"
-    if p.get("total"):
+    if p.get("total") and status["state"] not in ("done", "failed", "cancelled"):
         line += f"  {p.get('stage')}: {p.get('done')}/{p.get('total')}"
     if status.get("verdict"):
         line += f"  verdict={status['verdict']} p={status.get('p_value')}"
     if status.get("error"):
         line += f"  error={status['error']['code']}: {status['error']['message']}"
-    print(line, file=sys.stderr)
+    return line
+
+
+class StatusLine:
+    """Shows an audit's status while ``--wait`` polls: one line redrawn in place on a terminal;
+    elsewhere (a log, a pipe) a line only when the state or the stage changes."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._width = 0
+        self._key: tuple[Any, ...] | None = None
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        line = status_line(status)
+        final = status["state"] in ("done", "failed", "cancelled")
+        if self.tty:
+            self.stream.write("\r" + line + " " * max(0, self._width - len(line)) + ("\n" if final else ""))
+            self._width = 0 if final else len(line)
+        else:
+            key = (status["state"], (status.get("progress") or {}).get("stage"))
+            if key != self._key or final:
+                self.stream.write(line + "\n")
+            self._key = key
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End a line left open (an interrupt, an error)."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
 
 
 def _client_call(fn: Any) -> Any:
@@ -283,7 +314,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(accepted["id"])
         if not args.wait:
             return 0
-        status = client.wait(accepted["id"], poll=args.poll, on_status=_print_status)
+        line = StatusLine()
+        try:
+            status = client.wait(accepted["id"], poll=args.poll, on_status=line)
+        finally:
+            line.close()
         if status["state"] != "done":
             return 1
         print(json.dumps({"verdict": status.get("verdict"), "p_value": status.get("p_value")}))
@@ -293,8 +328,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 @_client_call
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        status = client.wait(args.audit_id, poll=args.poll, on_status=_print_status) if args.wait \
-            else client.status(args.audit_id)
+        if args.wait:
+            line = StatusLine()
+            try:
+                status = client.wait(args.audit_id, poll=args.poll, on_status=line)
+            finally:
+                line.close()
+        else:
+            status = client.status(args.audit_id)
         print(json.dumps(status, indent=2))
         return 0 if status["state"] != "failed" else 1
 
@@ -412,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                      register_fetch):
         register(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from cdi.cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """A Python client of the audit service's HTTP API (httpx).
 
 >>> client = CdiClient("http://127.0.0.1:8000", api_key="cdi_…")
->>> audit = client.submit(model="digits-ddpm", archive="demo.zip")
+>>> audit = client.submit(model="digits-memorised", archive="demo.zip")
 >>> status = client.wait(audit["id"])
 >>> client.report(audit["id"])["verdict"]
 
 Every error the service answers becomes a :class:`ServiceError` carrying its stable
-``code``; transport failures are :class:`TransportError`. The transport is injectable
+``code``; transport failures are :class:`TransportError`, whose message names the URL and
+how to start the service. This module imports httpx only: it works where torch is not
+installed (``pip install httpx`` and this file are enough). The transport is injectable
 (``transport=httpx.MockTransport(...)`` or ``httpx.ASGITransport(app)``), so tests need
 no patching.
 """
@@ -53,7 +55,8 @@ class CdiClient:
         headers = {"User-Agent": "cdi-audit-client/1"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
                                   transport=transport)
 
     def close(self) -> None:
@@ -70,8 +73,13 @@ class CdiClient:
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise TransportError(
+                f"cannot connect to the CDI service at {self.base_url} ({exc}). Is it running? Start it with "
+                f"`scripts/run` (or `cdi serve`) on that machine, or give the URL of a running service with "
+                f"--url or CDI_URL.") from exc
         except httpx.HTTPError as exc:
-            raise TransportError(f"{method} {url}: {exc}") from exc
+            raise TransportError(f"{method} {self.base_url}{url}: {exc}") from exc
         if response.status_code >= 400:
             try:
                 err = response.json()["error"]

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import errors
-from app.api.routes import audits, health, models, plans
+from app.api.routes import audits, explain, health, models, plans, web
 from app.queue import AuditQueue, CeleryQueue
 from app.settings import Settings
 from app.storage.blobs import BlobStore
@@ -37,6 +37,9 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
         version=__version__,
         summary="Was a diffusion model trained on your images? Submit them, get a verdict with a p-value.",
         lifespan=lifespan,
+        # Served by app.api.routes.web from installed files: the defaults load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
@@ -45,6 +48,8 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     errors.install(app)
     app.include_router(health.router)
     app.include_router(audits.router, prefix="/v1")
+    app.include_router(explain.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     app.include_router(plans.router, prefix="/v1")
+    web.install(app)
     return app

@@ -9,7 +9,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.storage.models import Audit
-from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
 
 State = Literal["queued", "validating", "extracting", "scoring", "reporting", "done", "failed", "cancelled"]
 
@@ -109,27 +108,3 @@ class RegisterModel(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = {}
-
-
-#: OpenAPI description of the submit form (the route reads the body as a stream).
-SUBMIT_FORM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "archive": {"type": "string", "format": "binary",
-                    "description": "One zip holding published/ and unpublished/ folders."},
-        "published": {"type": "string", "format": "binary", "description": "Zip of the published images."},
-        "unpublished": {"type": "string", "format": "binary", "description": "Zip of the unpublished images."},
-        "model": {"type": "string", "description": "A model id from GET /v1/models."},
-        "alpha": {"type": "number", "default": DEFAULT_ALPHA, "exclusiveMinimum": 0, "exclusiveMaximum": MAX_ALPHA},
-        "protocol": {"type": "string", "enum": [p.value for p in Protocol], "default": DEFAULT_PROTOCOL.value},
-        "features": {"type": "string", "enum": ["all", "gradient-free"], "default": "all"},
-        "seed": {"type": "integer", "default": 0, "minimum": 0},
-        "captions": {"type": "string", "format": "binary",
-                     "description": "CSV (file,caption) or JSONL ({\"file\":..., \"caption\":...})."},
-        "labels": {"type": "string", "format": "binary",
-                   "description": "CSV (file,label) or JSONL ({\"file\":..., \"label\":...})."},
-        "callback_url": {"type": "string", "format": "uri",
-                         "description": "POSTed the final status JSON when the audit ends."},
-    },
-    "required": ["model"],
-}

@@ -27,13 +27,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+
+from pydantic import ValidationError
 
 from app import errors as E
 from app.errors import BadInput, TooLarge
+from app.forms import AuditOptionsForm
 from app.settings import Settings
-from cdi.errors import InputError
-from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, Protocol, check_alpha
 
 ROLES = ("published", "unpublished")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
@@ -56,53 +56,47 @@ _CHUNK = 1024 * 1024
 # --- options ------------------------------------------------------------------------------
 
 
-PROTOCOLS = tuple(p.value for p in Protocol)
-FEATURE_SETS = ("all", "gradient-free")
-
-
 @dataclass(frozen=True)
 class AuditRequestOptions:
-    alpha: float = DEFAULT_ALPHA
-    protocol: str = DEFAULT_PROTOCOL.value
-    features: str = "all"
-    seed: int = 0
+    """The validated options (names, ranges and defaults: :class:`app.forms.AuditOptionsForm`)."""
+
+    alpha: float
+    protocol: str
+    features: str
+    seed: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "protocol": self.protocol, "features": self.features, "seed": self.seed}
 
 
+def _option_error(exc: ValidationError) -> BadInput:
+    err = exc.errors()[0]
+    name = ".".join(str(p) for p in err["loc"]) or "options"
+    if err["type"] == "extra_forbidden":
+        return BadInput(f"unknown option {name!r}", E.INVALID_OPTIONS)
+    prop = AuditOptionsForm.model_json_schema()["properties"].get(name, {})
+    allowed = ""
+    if "enum" in prop:
+        allowed = f" (one of {', '.join(prop['enum'])})"
+    elif name == "alpha":
+        allowed = " (0 < alpha < 0.5)"
+    elif name == "seed":
+        allowed = " (an integer, 0 ≤ seed < 2**32)"
+    elif name == "callback_url":
+        allowed = " (an http or https URL)"
+    return BadInput(f"{name}{allowed}: {err['msg'].lower()}, got {err.get('input')!r}", E.INVALID_OPTIONS)
+
+
 def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str | None]:
-    """The audit options and callback URL from the form's text fields."""
-    defaults = AuditRequestOptions()
-    alpha = defaults.alpha
-    if "alpha" in fields:
-        try:
-            alpha = check_alpha(float(fields["alpha"]))
-        except ValueError:
-            raise BadInput(f"alpha must be a number, got {fields['alpha']!r}", E.INVALID_OPTIONS) from None
-        except InputError as exc:
-            raise BadInput(str(exc), E.INVALID_OPTIONS) from None
-    protocol = fields.get("protocol", defaults.protocol).strip()
-    if protocol not in PROTOCOLS:
-        raise BadInput(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}", E.INVALID_OPTIONS)
-    features = fields.get("features", defaults.features).strip()
-    if features not in FEATURE_SETS:
-        raise BadInput(f"features must be one of {', '.join(FEATURE_SETS)}; got {features!r}",
-                       E.INVALID_OPTIONS)
-    seed = defaults.seed
-    if "seed" in fields:
-        try:
-            seed = int(fields["seed"].strip())
-        except ValueError:
-            raise BadInput(f"seed must be an integer, got {fields['seed']!r}", E.INVALID_OPTIONS) from None
-        if not 0 <= seed < 2**32:
-            raise BadInput(f"seed must lie in [0, 2**32), got {seed}", E.INVALID_OPTIONS)
-    callback = fields.get("callback_url", "").strip() or None
-    if callback is not None:
-        parts = urlsplit(callback)
-        if parts.scheme not in ("http", "https") or not parts.hostname or len(callback) > 2000:
-            raise BadInput(f"callback_url must be an http(s) URL, got {callback!r}", E.INVALID_OPTIONS)
-    return AuditRequestOptions(alpha=alpha, protocol=protocol, features=features, seed=seed), callback
+    """The audit options and callback URL from the form's text fields (absent or blank: the default)."""
+    names = AuditOptionsForm.model_fields
+    given = {k: v for k, v in fields.items() if k in names and v.strip() != ""}
+    try:
+        form = AuditOptionsForm.model_validate(given)
+    except ValidationError as exc:
+        raise _option_error(exc) from None
+    options = AuditRequestOptions(alpha=form.alpha, protocol=form.protocol, features=form.features, seed=form.seed)
+    return options, form.callback_url
 
 
 # --- archives -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import argparse
 import csv
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,25 @@ from cdi.errors import CdiError, InputError
 
 
 class ProgressBar:
-    """A tqdm bar on stderr, fed with (done, total) calls."""
+    """A tqdm bar on stderr, fed with (done, total) calls.
 
-    def __init__(self, desc: str, unit: str = "img") -> None:
+    ``unit`` names what is counted (``img``, ``step``…); ``rate=False`` hides the rate for
+    stages whose steps are not alike (a rate of "1.93 s/step" over two steps says nothing).
+    """
+
+    def __init__(self, desc: str, unit: str = "img", rate: bool = True) -> None:
         self.desc = desc
         self.unit = unit
+        self.rate = rate
         self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self._bar is None:
-            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=True)
+            fmt = None if self.rate else "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}]"
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=True,
+                             bar_format=fmt)
         self._bar.update(done - self._bar.n)
         if done >= total:
             self.close()
@@ -39,6 +45,12 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+#: What each audit stage counts: stages over images show a rate per image; the others count
+#: steps of different lengths, so they show no rate.
+STAGE_UNITS = {"validating": ("img", True), "extracting": ("img", True), "loading": ("step", False),
+               "scoring": ("step", False), "testing": ("step", False)}
 
 
 def _conditions_for(names: Sequence[str], captions: str | None, labels: str | None) -> list[Any] | None:
@@ -64,6 +76,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     paths = list_image_files(args.images)
     if not paths:
         raise InputError(f"no image files in {args.images}")
+    check_device(args.device)
     files = [ImageFile.read(p) for p in paths]
     conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
     adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
@@ -110,7 +123,8 @@ class AuditProgress:
         if p.stage != self._stage:
             self._bar.close()
             self._stage = p.stage
-            self._bar = ProgressBar(p.stage)
+            unit, rate = STAGE_UNITS.get(p.stage, ("step", False))
+            self._bar = ProgressBar(p.stage, unit=unit, rate=rate)
         if p.total:
             self._bar(p.done, p.total)
 
@@ -160,7 +174,7 @@ def _write_report(result: Any, args: argparse.Namespace, signing_key: Any) -> No
     if args.pdf:
         path = Path(args.pdf)
         path.parent.mkdir(parents=True, exist_ok=True)
-        bar = ProgressBar("figures", unit="test")
+        bar = ProgressBar("figures", unit="test", rate=False)
         data = render_pdf(report, progress=lambda done, total: bar(done, total))
         bar.close()
         path.write_bytes(data)
@@ -181,6 +195,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from cdi.conditions import read_conditions
 
     options = _audit_options(args)
+    check_device(args.device)
     # The key is read before any work, so that a bad key fails at once.
     signing_key = _signing_key(args.signing_key) if args.out or args.pdf else None
     published = _read_folder(args.published)
@@ -208,7 +223,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cdi.audit import AuditOptions, audit
     from cdi.conditions import read_conditions
 
-    model = zoo.get(args.model)
+    try:
+        model = zoo.get(args.model)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0])) from None
     if args.export:
         published, unpublished = model.export(args.export, members=args.members, held_out=args.held_out)
         root = Path(args.export)
@@ -344,7 +362,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _alpha(text: str) -> float:
     from cdi.errors import InputError
-    from cdi.stats import check_alpha
+    from cdi.options import check_alpha
 
     try:
         return check_alpha(float(text))
@@ -353,7 +371,7 @@ def _alpha(text: str) -> float:
 
 
 def _add_audit_options(p: argparse.ArgumentParser) -> None:
-    from cdi.stats import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
+    from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
 
     p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
                    help=f"significance level, 0 < α < {MAX_ALPHA} (default {DEFAULT_ALPHA})")
@@ -434,8 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_registrars() -> list[Callable[[Any], None]]:
+    """The ``cdi.commands`` entry points: the service's commands, when its extras are installed.
+
+    They are read from this project's own distribution first: scanning every installed
+    distribution's metadata (``entry_points(group=...)``) costs most of ``cdi --help``'s time.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution, entry_points
+
+    try:
+        found = list(distribution("cdi-audit").entry_points.select(group="cdi.commands"))
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        found = list(entry_points(group="cdi.commands"))
     out = []
-    for ep in entry_points(group="cdi.commands"):
+    for ep in found:
         try:
             out.append(ep.load())
         except ImportError:  # the service's extras are not installed
@@ -443,17 +472,81 @@ def _plugin_registrars() -> list[Callable[[Any], None]]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _known_models() -> str:
+    from cdi import zoo
+
+    names = ", ".join(m.name for m in zoo.list_models()) or "none"
+    return (f"The models that ship with the project: {names} (see `cdi models`). A model can also be a "
+            "local directory in diffusers layout or a hub id (owner/name).")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this torch build cannot use, before any work (no traceback from deep inside torch)."""
+    if device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if torch.version.cuda is None:
+            raise InputError(f"--device {device}: this torch build ({torch.__version__}) has no CUDA support; "
+                             "use --device cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is visible (check the driver and "
+                             "CUDA_VISIBLE_DEVICES); use --device cpu")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("--device mps: Apple's MPS is not available here; use --device cpu")
+        return
+    raise InputError(f"--device {device!r}: unknown device; use cpu, cuda or cuda:N")
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``cdi fetch ID | head``), send what is left to /dev/null, silently."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; every failure a user can cause becomes one line on stderr, not a traceback."""
+    from cdi.errors import ModelNotFoundError
+
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except ModelNotFoundError as exc:
+        print(f"error: {exc}\n{_known_models()}", file=sys.stderr)
+        return 2
     except CdiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError) as exc:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -123,10 +123,10 @@ def decide(
             f"{_differences(distribution)}"
         )
 
-    test_text = (
-        f"{test.protocol.value} test: Welch t = {test.statistic:.3f}, one-sided p = {_p(test.p_value)}, "
-        f"P {'higher' if test.statistic > 0 else 'not higher'} than U"
-    )
+    # One clause per fact, so that the sentence reads the same in the JSON, the CLI and the PDF:
+    # "crossfit test, one-sided: p = 0.001 < α = 0.01 (Welch t = 3.2)".
+    stat_text = f"Welch t = {test.statistic:.3f}"
+    test_text = f"{test.protocol.value} test, one-sided: p = {_p(test.p_value)}"
     reversal = reversal_p is not None and reversal_p < alpha
     if control_failed or shift or reversal:
         failures = []
@@ -150,21 +150,23 @@ def decide(
                 f"and any difference in scores may come from that"
             )
         outcome = Outcome.INCONCLUSIVE
-        reason = "Inconclusive: " + "; and ".join(failures) + f". ({test_text}.)"
+        reason = ("Inconclusive: " + "; and ".join(failures)
+                  + f". (For the record, the {test_text}, {stat_text}.)")
     elif test.p_value < alpha and test.statistic > 0:
         outcome = Outcome.USED
         reason = (
             f"Used: P's images score higher than U's beyond chance ({test_text} < α = {alpha}; "
-            f"AUC {test.auc:.3f}, Cohen's d {test.cohens_d:.2f}); the negative control "
+            f"{stat_text}, AUC {test.auc:.3f}, Cohen's d {test.cohens_d:.2f}); the negative control "
             f"(p = {_p(control.p_value)}) and the distribution check (AUC {distribution.auc:.3f}, "
             f"p = {_p(distribution.p_value)}) pass."
         )
     else:
         outcome = Outcome.NOT_DETECTED
         reason = (
-            f"Not detected: no evidence that the model was trained on P ({test_text} ≥ α = {alpha})"
+            f"Not detected: no evidence that the model was trained on P ({test_text} ≥ α = {alpha}; "
+            f"{stat_text})"
             if test.p_value >= alpha
-            else f"Not detected: P did not score higher than U ({test_text})"
+            else f"Not detected: P did not score higher than U ({test_text}, {stat_text})"
         ) + ". This is not evidence that it was not."
     return Verdict(
         outcome=outcome,

@@ -128,7 +128,8 @@ async def read_form(
             kind = "a file" if name in file_fields else "a plain field, not a file"
             fail(BadInput(f"form field {name!r} must be {kind}", MALFORMED_UPLOAD))
         else:
-            fail(BadInput(f"unknown form field {name!r}", MALFORMED_UPLOAD))
+            known = ", ".join(sorted(file_fields | text_fields))
+            fail(BadInput(f"unknown form field {name!r}; the form's fields are: {known}", MALFORMED_UPLOAD))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if errors or current.name is None:

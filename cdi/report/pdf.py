@@ -98,134 +98,7 @@ def _p(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _pct(alpha: float) -> str:
-    return f"{alpha * 100:g} %"
-
-
 # --- the plain-language page ----------------------------------------------------------------
-
-
-def _headline(report: Report) -> str:
-    return {
-        "used": "Evidence found that the model was trained on the published images.",
-        "not_detected": "No evidence found that the model was trained on the published images.",
-        "inconclusive": "The checks on the data failed, so the audit cannot give a verdict.",
-    }[report.verdict]
-
-
-def _failed_controls(report: Report) -> list[str]:
-    out = []
-    if report.decision.negative_control_failed:
-        out.append("the negative control found a difference between two random halves of the unpublished "
-                   "images, where there can be none")
-    if report.decision.direction_check_failed:
-        out.append("the published images look less like training data than the unpublished ones, so the "
-                   "unpublished set may hold training images, or the two sets may have been swapped")
-    if report.decision.distribution_shift:
-        out.append("a classifier that ignores the model can tell the published from the unpublished images "
-                   "by simple image statistics, so the two sets are not comparable")
-    return out
-
-
-def _meaning(report: Report) -> tuple[str, str]:
-    p, a = _p(report.p_value), f"{report.alpha:g}"
-    if report.verdict == "used":
-        means = (
-            f"The model fits the published images (P) better than comparable images it cannot have seen (U), "
-            f"as models fit the images they were trained on. If the model had <b>not</b> been trained on P, a "
-            f"difference at least this large would come up by chance with probability {p} (the p-value), "
-            f"below the threshold of {a} fixed before the audit. The checks on the data passed, so the "
-            f"difference is not explained by a flaw in the data that they can detect.")
-        not_means = (
-            f"It does not say which individual images were used, how the model came to be trained on them, "
-            f"or whether that use was permitted: those are questions for people, not for this test. The "
-            f"p-value is not the probability that the model was not trained on P. At this threshold, an "
-            f"audit of a model that never saw P reports \u201cused\u201d at most {_pct(report.alpha)} of the "
-            f"time.")
-    elif report.verdict == "not_detected":
-        means = (
-            f"The model did not treat the published images (P) differently enough from comparable images it "
-            f"cannot have seen (U) to conclude that it was trained on them: the p-value {p} is not below the "
-            f"threshold of {a} fixed before the audit.")
-        not_means = (
-            "<b>It is not proof that the model was not trained on these images.</b> The test may lack "
-            "power: the model may have seen the images too rarely to keep a trace of them, the sets may be "
-            "too small (Figure 2 shows how the p-value changes with the number of images), or the model may "
-            "have been trained on altered copies. Absence of evidence is not evidence of absence.")
-    else:
-        failed = "; and ".join(_failed_controls(report))
-        means = (
-            f"A check on the data failed: {failed}. When a check fails, the test's p-value cannot be trusted "
-            f"in either direction, so the audit draws no conclusion. (For the record, the test's p-value was "
-            f"{p} against a threshold of {a}.)")
-        not_means = (
-            "It is neither evidence that the model was trained on the published images nor evidence that it "
-            "was not. Repeat the audit with unpublished images that match the published ones more closely: "
-            "same source, format, size and processing.")
-    return means, not_means
-
-
-def _control_rows(report: Report) -> list[tuple[str, str, str]]:
-    nc = report.controls.negative_control
-    d = report.controls.distribution_check
-    a = f"{report.alpha:g}"
-    if nc.significant:
-        nc_row = ("Negative control", "FAILED",
-                  f"The same test, run on two random halves of the unpublished images, found a difference "
-                  f"(p = {_p(nc.p_value)} &lt; {a}). There is none to find, so something in the data or in "
-                  f"the pipeline breaks the test's assumptions.")
-    else:
-        nc_row = ("Negative control", "passed",
-                  f"The same test, run on two random halves of the unpublished images, found no difference "
-                  f"(p = {_p(nc.p_value)}), as it should.")
-    dc = report.controls.direction_check
-    if dc.p_value is None:
-        dir_row = ("Direction check", "not run", "The direction check was not run for this audit.")
-    elif dc.failed:
-        dir_row = ("Direction check", "FAILED",
-                   f"The published images look <i>less</i> like training data than the unpublished ones "
-                   f"(p = {_p(dc.p_value)} &lt; {a}): the unpublished set may hold training images, or the "
-                   f"two sets may have been swapped.")
-    else:
-        dir_row = ("Direction check", "passed",
-                   f"The published images do not look less like training data than the unpublished ones "
-                   f"(p = {_p(dc.p_value)}).")
-    stats = ", ".join(_e(s.name) for s in d.largest_differences[:3])
-    if d.shift:
-        dc_row = ("Distribution check", "FAILED",
-                  f"A classifier that ignores the model and looks only at simple image statistics (size, "
-                  f"colour, sharpness, file format) tells the two sets apart (AUC {d.auc:.2f}, where 0.5 is "
-                  f"chance; p = {_p(d.p_value)}). They differ most in: {stats or 'no single statistic'}.")
-    elif d.warning:
-        dc_row = ("Distribution check", "passed, with a warning",
-                  f"A classifier using only simple image statistics finds a small but significant difference "
-                  f"between the sets (AUC {d.auc:.2f} &lt; {report.decision.auc_threshold:g}, p = "
-                  f"{_p(d.p_value)}), too weak to explain a detection ({stats or 'no single statistic'}).")
-    else:
-        dc_row = ("Distribution check", "passed",
-                  f"A classifier that ignores the model and looks only at simple image statistics (size, "
-                  f"colour, sharpness, file format) could not tell the two sets apart (AUC {d.auc:.2f}, where "
-                  f"0.5 is chance; p = {_p(d.p_value)}).")
-    excl = report.controls.excluded
-    groups = report.controls.duplicates.groups
-    n_excl = len(excl.p) + len(excl.u)
-    if groups:
-        dup_row = ("Duplicates", "found",
-                   f"{len(groups)} group(s) of identical or near-identical images; {n_excl} image(s) were left "
-                   f"out of the audit (Appendix B).")
-    else:
-        dup_row = ("Duplicates", "none", "No image appears twice, within or across the two sets.")
-    return [nc_row, dir_row, dc_row, dup_row]
-
-
-def _model_line(report: Report) -> str:
-    m = report.manifest.model
-    revision = f", revision {_e(m.revision)}" if m.revision else ""
-    n = len(m.weight_sha256)
-    weights = ("its weight file is identified by its SHA-256" if n == 1
-               else f"its {n} weight files are identified by their SHA-256")
-    return (f"<b>{_e(m.source)}</b>{revision} ({_e(m.family)} diffusion model, {m.image_size}×{m.image_size} "
-            f"pixels); {weights} (Appendix A).")
 
 
 def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
@@ -233,88 +106,51 @@ def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
     from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
 
     from cdi.report import figures
+    from cdi.report.explain import explain
 
     label, dark, light = _VERDICT_STYLE[report.verdict]
-    t = report.test
-    n_excl = len(report.controls.excluded.p) + len(report.controls.excluded.u)
+    text = explain(report)
     flow: list[Any] = [
         Paragraph("CDI audit report", st["title"]),
         Paragraph("Was this diffusion model trained on these images?", st["subtitle"]),
     ]
     banner = Table([[Paragraph(f'<font color="{dark}">Verdict: {label}</font>', st["banner"])],
-                    [Paragraph(_headline(report), st["bannertext"])]], colWidths=[width])
+                    [Paragraph(text.headline, st["bannertext"])]], colWidths=[width])
     banner.setStyle(TableStyle([
         ("BACKGROUND", (0, 0), (-1, -1), HexColor(light)), ("BOX", (0, 0), (-1, -1), 1.5, HexColor(dark)),
         ("LEFTPADDING", (0, 0), (-1, -1), 10), ("TOPPADDING", (0, 0), (-1, 0), 8),
         ("BOTTOMPADDING", (0, -1), (-1, -1), 9),
     ]))
     flow += [banner, Spacer(1, 8)]
-
-    below = t.p_value < t.alpha
-    floor = ""
-    if t.p_value_floor is not None and t.p_value <= t.p_value_floor:
-        floor = (f" (the smallest value this test can give with {t.n_permutations:,} permutations: the evidence "
-                 f"may be stronger still)")
-    flow.append(Paragraph(
-        f"<b>p-value: {_p(t.p_value)}</b>{floor} — {'below' if below else 'not below'} the threshold "
-        f"α = {t.alpha:g} fixed before the audit. The p-value is the probability of a difference at least "
-        f"this large between the published and the unpublished images if the model had not been trained on "
-        f"the published ones: the smaller it is, the stronger the evidence.", st["body"]))
+    flow.append(Paragraph(text.p_value, st["body"]))
     flow.append(_image(figures.p_value_scale(report), 5.6 * 72))
 
     flow.append(Paragraph("What was tested", st["h2"]))
-    tested = [
-        f"<b>Model:</b> {_model_line(report)}",
-        f"<b>Published images (P):</b> {t.n_p} images the owner made public and suspects were used for "
-        f"training.",
-        f"<b>Unpublished images (U):</b> {t.n_u} comparable images the owner never made public, which the "
-        f"model cannot have seen.",
-    ]
-    if n_excl:
-        tested.append(f"<b>Left out:</b> {n_excl} duplicate image(s) (see the controls below).")
-    tested.append(f"<b>Method:</b> CDI ({_e(t.protocol)} protocol, one-sided test), report created "
-                  f"{report.created_at.strftime('%Y-%m-%d %H:%M UTC')}.")
-    flow += [Paragraph(line, st["body"]) for line in tested]
-
-    means, not_means = _meaning(report)
-    flow += [Paragraph("What this means", st["h2"]), Paragraph(means, st["body"]),
-             Paragraph("What this does not mean", st["h2"]), Paragraph(not_means, st["body"])]
+    flow += [Paragraph(line, st["body"]) for line in text.tested]
+    flow += [Paragraph("What this means", st["h2"]), Paragraph(text.means, st["body"]),
+             Paragraph("What this does not mean", st["h2"]), Paragraph(text.not_means, st["body"])]
     if report.planning is not None:
         flow += [Paragraph("How many images would detect it", st["h2"]),
                  Paragraph(_e(report.planning.summary), st["body"])]
 
     flow.append(Paragraph("Checks on the data (controls)", st["h2"]))
-    rows = [[Paragraph(f"<b>{name}</b>", st["cell"]),
-             Paragraph(f"<b>{outcome}</b>", st["cell"]), Paragraph(text, st["cell"])]
-            for name, outcome, text in _control_rows(report)]
+    rows = [[Paragraph(f"<b>{c.name}</b>", st["cell"]),
+             Paragraph(f"<b>{c.outcome}</b>", st["cell"]), Paragraph(c.text, st["cell"])]
+            for c in text.controls]
     table = Table(rows, colWidths=[0.2 * width, 0.14 * width, 0.66 * width])
     styles = [("VALIGN", (0, 0), (-1, -1), "TOP"), ("LINEBELOW", (0, 0), (-1, -2), 0.4, HexColor("#cccccc")),
               ("LEFTPADDING", (0, 0), (-1, -1), 3), ("TOPPADDING", (0, 0), (-1, -1), 3)]
-    for i, (_, outcome, _) in enumerate(_control_rows(report)):
-        if outcome == "FAILED":
+    for i, c in enumerate(text.controls):
+        if c.failed:
             styles.append(("TEXTCOLOR", (1, i), (1, i), HexColor("#922b21")))
     table.setStyle(TableStyle(styles))
     flow.append(table)
-    for w in report.warnings:
-        flow.append(Paragraph(f"<i>Note:</i> {_e(w)}", st["small"]))
+    for w in text.warnings:
+        flow.append(Paragraph(f"<i>Note:</i> {w}", st["small"]))
 
     flow.append(Paragraph("How to check this report", st["h2"]))
-    flow.append(Paragraph(_check_text(report), st["small"]))
+    flow.append(Paragraph(text.check, st["small"]))
     return flow
-
-
-def _check_text(report: Report) -> str:
-    if report.integrity is None:
-        return ("This report is <b>not sealed</b>: it carries no digest, so nothing ties it to a JSON file. "
-                "Ask for the sealed report.")
-    sig = report.integrity.signature
-    signed = (f"It is signed with Ed25519 key <font face='{_MONO}'>{sig.key_id}</font>; "
-              f"<font face='{_MONO}'>cdi verify --public-key KEY report.json</font> checks the signature against "
-              f"the key published by whoever ran the audit. " if sig else "It is not signed. ")
-    return (f"This PDF renders a JSON report whose SHA-256 digest is printed at the foot of every page. "
-            f"<font face='{_MONO}'>cdi verify report.json</font> checks that the JSON file is the one this PDF "
-            f"shows, unaltered. {signed}<font face='{_MONO}'>cdi recompute report.json</font> reruns the test "
-            f"from the per-image data the JSON file holds and confirms the p-value and the verdict.")
 
 
 # --- statistics and figures -----------------------------------------------------------------

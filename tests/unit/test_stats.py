@@ -467,3 +467,12 @@ def test_result_is_frozen() -> None:
     res = stats.reference_test(xp, xu, random_state=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.p_value = 0.0  # type: ignore[misc]
+
+
+def test_the_service_form_offers_the_library_protocols_and_alpha_rule() -> None:
+    from app.forms import PROTOCOLS, AuditOptionsForm
+
+    assert set(PROTOCOLS) == {p.value for p in Protocol}
+    fields = AuditOptionsForm.model_fields
+    assert fields["protocol"].default == stats.DEFAULT_PROTOCOL.value
+    assert fields["alpha"].default == stats.DEFAULT_ALPHA

@@ -132,3 +132,14 @@ def test_statistics_modules_never_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("shift", [0.5, 0.0])
+def test_reason_reads_as_a_sentence(shift: float, passing_distribution: DistributionCheckResult) -> None:
+    """The p-value sits next to its comparison with α ("p = 0.001 < α = 0.01"), not after a clause."""
+    test, control = audit(shift, Protocol.CROSSFIT, seed=3)
+    v = verdict.decide(test, control, passing_distribution)
+    sign = "<" if v.outcome is Outcome.USED else "≥"
+    assert f"crossfit test, one-sided: p = {test.p_value:.3g} {sign} α = {test.alpha}" in v.reason, v.reason
+    assert f"Welch t = {test.statistic:.3f}" in v.reason
+    assert "than U <" not in v.reason and "than U ≥" not in v.reason

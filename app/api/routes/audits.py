@@ -12,7 +12,8 @@ from app import errors as E
 from app.api.deps import AuditServiceDep, BlobsDep, CallerAudit, CurrentCaller, SessionDep, SettingsDep
 from app.api.multipart import read_form
 from app.errors import BadInput, Conflict
-from app.schemas import SUBMIT_FORM_SCHEMA, AuditAccepted, AuditPage, AuditStatus, ErrorResponse
+from app.forms import form_schema
+from app.schemas import AuditAccepted, AuditPage, AuditStatus, ErrorResponse
 from app.services import FILE_FIELDS, TEXT_FIELDS
 from app.storage.blobs import BlobNotFound
 from app.storage.repositories import AuditRepository, InvalidCursor
@@ -34,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                422: {"model": ErrorResponse, "description": "Bad input; `error.code` names the problem."},
                503: {"model": ErrorResponse, "description": "The work queue is unreachable."}},
     openapi_extra={"requestBody": {"required": True,
-                                   "content": {"multipart/form-data": {"schema": SUBMIT_FORM_SCHEMA}}}},
+                                   "content": {"multipart/form-data": {"schema": form_schema()}}}},
 )
 async def submit_audit(request: Request, caller: CurrentCaller, settings: SettingsDep,
                        service: AuditServiceDep) -> JSONResponse:
@@ -77,7 +78,7 @@ def get_audit(audit: CallerAudit) -> AuditStatus:
     return AuditStatus.of(audit)
 
 
-def _require_done(audit: Any) -> None:
+def require_done(audit: Any) -> None:
     if audit.state == "done" and audit.report is not None:
         return
     if audit.state == "failed":
@@ -93,7 +94,7 @@ def _require_done(audit: Any) -> None:
 )
 def get_report(audit: CallerAudit) -> JSONResponse:
     """The library's report (``verdict`` and ``p_value`` at the top level) plus a ``service`` block."""
-    _require_done(audit)
+    require_done(audit)
     report = dict(audit.report or {})
     report["service"] = {"audit_id": str(audit.id), "model": audit.model_id, "options": audit.options,
                          "created_at": audit.created_at.isoformat(),
@@ -108,7 +109,7 @@ def get_report(audit: CallerAudit) -> JSONResponse:
     response_class=Response, summary="The report (PDF)",
 )
 def get_report_pdf(audit: CallerAudit, blobs: BlobsDep) -> Response:
-    _require_done(audit)
+    require_done(audit)
     if audit.report_pdf_sha256 is None:
         raise Conflict("the report has no PDF", "report_not_ready")
     try:

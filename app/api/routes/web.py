@@ -1,0 +1,76 @@
+"""The data owner's web page at ``/`` and the API documentation at ``/docs`` and ``/redoc``.
+
+Everything is served from this process: the page's files from ``app/web/static`` (plain
+HTML, CSS and JavaScript, no build step), and Swagger UI's and ReDoc's files from the
+installed ``fastapi-offline`` package, so the documentation renders on a host with no
+internet access.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+router = APIRouter(include_in_schema=False)
+
+WEB_DIR = Path(str(files("app.web") / "static"))
+#: A strict policy: the page loads nothing from elsewhere, and runs no inline script.
+PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+def docs_assets_dir() -> Path | None:
+    """The folder of Swagger UI's and ReDoc's files shipped by ``fastapi-offline``, if installed."""
+    try:
+        import fastapi_offline
+    except ModuleNotFoundError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    return folder if folder.is_dir() else None
+
+
+@router.get("/", response_class=HTMLResponse)
+def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html",
+                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
+                                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+
+def install(app: FastAPI) -> None:
+    """Mount the page, its files and the offline API docs on ``app`` (built with docs_url=None)."""
+    app.include_router(router)
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    assets = docs_assets_dir()
+    title = app.title
+    openapi_url = app.openapi_url or "/openapi.json"
+    if assets is None:
+        message = ("<p>The API documentation needs the <code>fastapi-offline</code> package (the service's "
+                   f"extra). The API's description is at <a href='{openapi_url}'>{openapi_url}</a>.</p>")
+
+        @app.get("/docs", include_in_schema=False)
+        def docs_missing() -> HTMLResponse:
+            return HTMLResponse(message, status_code=503)
+
+        return
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{title}: API documentation",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url, title=f"{title}: API reference",
+            redoc_js_url="/docs-assets/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )

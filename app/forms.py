@@ -1,0 +1,86 @@
+"""The submit form of ``POST /v1/audits``, declared once as typed models.
+
+:class:`AuditOptionsForm` holds the form's plain fields (their names, types, ranges and
+defaults): :func:`app.uploads.parse_options` validates with it, the OpenAPI description of
+the form is generated from :class:`AuditForm` (:func:`form_schema`), and the web page reads
+that description to build its option fields. Nothing else spells the options out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA
+
+__all__ = ["FEATURE_SETS", "PROTOCOLS", "AuditForm", "AuditOptionsForm", "FeatureSetName", "ProtocolName",
+           "form_schema"]
+
+ProtocolName = Literal["directional", "crossfit", "reference"]
+FeatureSetName = Literal["all", "gradient-free"]
+PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
+FEATURE_SETS: tuple[str, ...] = get_args(FeatureSetName)
+
+_BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+
+
+class AuditOptionsForm(BaseModel):
+    """The audit's options and callback, as the form's text fields."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    alpha: float = Field(DEFAULT_ALPHA, gt=0.0, lt=MAX_ALPHA, allow_inf_nan=False,
+                         description="Significance level α of the test: `used` needs p < α.")
+    protocol: ProtocolName = Field(
+        DEFAULT_PROTOCOL.value,  # type: ignore[arg-type]
+        description="`directional` (the default): the largest Welch t over the loss-type features, whose "
+                    "direction the method fixes, with a permutation p-value resolved down to 1e-6; "
+                    "`crossfit`: every image scored by a model that never saw it, permutation test; "
+                    "`reference`: the published method's split and Welch test.")
+    features: FeatureSetName = Field(
+        "all", description="`gradient-free` skips the two families that need gradients (faster, less power).")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds every random draw: the same seed, the same report.")
+    callback_url: str | None = Field(
+        None, max_length=2000, pattern=r"^https?://[^\s/?#]+", json_schema_extra={"format": "uri"},
+        description="http(s) URL POSTed the final status JSON when the audit ends.")
+
+
+class AuditForm(AuditOptionsForm):
+    """The whole form: one ``archive``, or ``published`` and ``unpublished``; a ``model``; options."""
+
+    model: str = Field(min_length=1, max_length=200, description="A model id from GET /v1/models.")
+    archive: bytes | None = Field(None, description="One zip holding published/ and unpublished/ folders "
+                                                    "(optionally inside one top folder).")
+    published: bytes | None = Field(None, description="A zip of the published images (P).")
+    unpublished: bytes | None = Field(None, description="A zip of the unpublished images (U).")
+    captions: bytes | None = Field(None, description='CSV (header file,caption) or JSON Lines {"file": ..., '
+                                                     '"caption": ...}, keyed by image file name.')
+    labels: bytes | None = Field(None, description='CSV (header file,label) or JSON Lines {"file": ..., '
+                                                   '"label": ...}; class-conditional models need one per image.')
+
+
+def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [X, null]`` → X (a form field is absent, never null); bytes → a file part."""
+    variants = prop.get("anyOf")
+    if variants:
+        kept = [v for v in variants if v.get("type") != "null"]
+        if len(kept) == 1:
+            prop = {**{k: v for k, v in prop.items() if k != "anyOf"}, **kept[0]}
+    if prop.get("type") == "string" and prop.get("format") in ("binary", "base64"):
+        prop = {**prop, **_BINARY}
+    if prop.get("default", 0) is None:
+        prop = {k: v for k, v in prop.items() if k != "default"}
+    return prop
+
+
+def form_schema() -> dict[str, Any]:
+    """The OpenAPI schema of the multipart form, generated from :class:`AuditForm`."""
+    schema = AuditForm.model_json_schema()
+    properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
+    # The model first, then the images, then the options: the order a person fills them in.
+    order = ["model", "archive", "published", "unpublished", "alpha", "protocol", "features", "seed", "captions",
+             "labels", "callback_url"]
+    properties = {k: properties[k] for k in order if k in properties} | properties
+    return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
+            "required": ["model"]}
