@@ -32,6 +32,9 @@ SIZES = {
     "digits-hard": (25, 50, 100, 150, 200, 300),
     "digits-latent": (10, 20, 30, 50, 100),
     "digits-dit": (10, 20, 30, 50, 100),
+    "digits-latent-class": (10, 20, 30, 50, 100),
+    "digits-flip": (10, 20, 30, 50, 100),
+    "photos-rgb": (10, 20, 30, 50, 100),
 }
 
 
@@ -46,17 +49,17 @@ def zoo_features(name: str, cache: Path, batch_size: int = 100) -> tuple[np.ndar
     from cdi.features.extractor import ExtractionInput
     from cdi.images import to_model_array
     from cdi.models import load_model
-    from cdi.zoo import digits
 
     model = zoo.get(name)
+    prefix = zoo.DATASETS[model.dataset].PREFIX
     adapter = load_model(name)
     extractor = FeatureExtractor(adapter, seed=0, batch_size=batch_size)
 
     def items(indices: tuple[int, ...]) -> list[ExtractionInput]:
         return [
             ExtractionInput(
-                f"digit-{i}", to_model_array(digits.image(i, model.image_size), model.image_size, 1),
-                digits.label(i) if model.conditioning == "class" else None,
+                f"{prefix}-{i}", to_model_array(model.image(i), model.image_size, model.image_channels),
+                model.label(i) if model.conditioning == "class" else None,
             )
             for i in indices
         ]
