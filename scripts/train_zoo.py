@@ -15,7 +15,7 @@ Models (see each Spec's description):
   embedding of the digit added to the timestep embedding) on 150 digits;
 - digits-flip: a smaller pixel DDPM trained on 150 digits with random horizontal flips, so
   each member is seen as itself only half of the time (augmentation dilutes its signal);
-- photos-rgb: a smaller RGB pixel DDPM on 150 16×16 tiles of scikit-learn's two sample
+- photos-rgb: a smaller RGB pixel DDPM on 100 16×16 tiles of scikit-learn's two sample
   photographs (cdi/zoo/photos.py).
 
 Data. Per data set, one seeded permutation of its images: its last images are held out
@@ -141,8 +141,8 @@ SPECS: dict[str, Spec] = {
         Spec("digits-flip", "pixel", "pixel DDPM (0.28M parameters, 16x16) trained on 150 digits with random "
              "horizontal flips: each member is seen mirrored half of the time", 16, 150, 1200, 32, 2e-3, SEED + 6,
              flip=True, widths=(16, 32, 32)),
-        Spec("photos-rgb", "pixel", "RGB pixel DDPM (0.28M parameters) trained on 150 16x16 tiles of "
-             "scikit-learn's two sample photographs", 16, 150, 1500, 32, 2e-3, SEED + 8,
+        Spec("photos-rgb", "pixel", "RGB pixel DDPM (0.28M parameters) trained on 100 16x16 tiles of "
+             "scikit-learn's two sample photographs", 16, 100, 900, 32, 2e-3, SEED + 8,
              dataset="sklearn-sample-photos", widths=(16, 32, 32)),
     )
 }
@@ -379,6 +379,11 @@ def save_half(net: torch.nn.Module, directory: Path) -> None:
         copy.deepcopy(net).to(torch.float16).save_pretrained(directory, safe_serialization=True)
     finally:
         diffusers_logging.set_verbosity(level)
+    # A module loaded from disk records where it came from; a shipped config names no local path.
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build(spec: Spec, out: Path, shared: dict[str, object], threads: int) -> dict[str, object]:

@@ -123,9 +123,10 @@ def test_detected_as_the_manifest_says(model: zoo.ZooModel) -> None:
 
 def test_latent_models_ship_one_autoencoder() -> None:
     """Every latent digit model encodes with the same autoencoder: identical float16 weights."""
-    files = [m.path / "vae" / "diffusion_pytorch_model.safetensors" for m in MODELS if m.family != "pixel"]
-    assert len(files) >= 3
-    assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 1
+    folders = [m.path / "vae" for m in MODELS if m.family != "pixel"]
+    assert len(folders) >= 3
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert len({hashlib.sha256((f / name).read_bytes()).hexdigest() for f in folders}) == 1, name
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
