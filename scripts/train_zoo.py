@@ -26,7 +26,9 @@ network; its first 1,000 are the pool, and a model's members are the first N of 
 Digits: 1,797 images, 797 held out. Photo tiles: 2,080 non-overlapping tiles, 1,080 held out
 (no tile shares a pixel with another). The one autoencoder of the latent digit models is
 trained on the whole digit pool (1,000 digits, never a held-out one) and saved, identical,
-in every latent model folder.
+in every latent model folder; digits-latent-class is trained on the latents of that saved
+float16 copy, which it reloads from digits-latent when the run does not train the
+autoencoder (the same weights either way).
 
 Training: AdamW, 20-step linear warm-up then cosine decay to 0, uniform timesteps of a
 1000-step linear-beta DDPM schedule, MSE on ε; a flip model mirrors each drawn image
@@ -35,11 +37,13 @@ left-right with probability 1/2.
 Weights are saved in float16 safetensors (the zoo stays a few MB). After saving, every model
 is reloaded through diffusers in float32 and its members-vs-held-out AUC of the denoising
 loss (t = 100, mean of 5 noise draws of ‖ε̂ − ε‖₂, noise seeded per image) is measured on
-all members and all 797 held-out digits; that number goes into the manifest.
+all members and all held-out images; that number goes into the manifest
+(``scripts/measure_zoo.py`` adds the AUC of each of the 26 features).
 
 Threads: OpenMP's default busy-waiting makes multi-threaded torch 20× slower when another
 process shares the cores, so OMP_WAIT_POLICY=PASSIVE is set before torch is imported.
-Results are bit-for-bit reproducible for a given ``--threads`` (recorded in the manifest).
+Results are bit-for-bit reproducible for a given ``--threads`` (recorded in the manifest:
+digits-latent-class and digits-flip were trained with ``--threads 1``, the others with 2).
 """
 
 from __future__ import annotations
