@@ -56,13 +56,14 @@ def zoo_features(name: str, cache: Path, batch_size: int = 100) -> tuple[np.ndar
     from cdi.models import load_model
 
     model = zoo.get(name)
+    prefix = zoo.DATASETS[model.dataset].PREFIX
     adapter = load_model(name)
     extractor = FeatureExtractor(adapter, seed=0, batch_size=batch_size)
 
     def items(indices: tuple[int, ...]) -> list[ExtractionInput]:
         return [
             ExtractionInput(
-                f"{name}-{i}", to_model_array(model.image(i), adapter.image_size, adapter.image_channels),
+                f"{prefix}-{i}", to_model_array(model.image(i), model.image_size, model.image_channels),
                 model.label(i) if model.conditioning == "class" else None,
             )
             for i in indices

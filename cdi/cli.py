@@ -343,8 +343,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from cdi import zoo
 
     for m in zoo.list_models():
-        print(f"{m.name:20s} {m.family:8s} {m.image_size}px  {m.description}")
+        kind = f"{m.image_size}px {'RGB' if m.image_channels == 3 else 'grey'}"
+        conditioning = "class-conditional" if m.conditioning == "class" else "unconditional"
+        print(f"{m.name:20s} {m.family:7s} {kind:9s} {conditioning:18s} {m.description}")
         print(f"{'':20s} {m.path}")
+        print(f"{'':20s} {m.dataset}: {len(m.members)} members, {len(m.held_out)} held out, "
+              f"denoising-loss AUC {m.manifest['measured']['dl_auc_t100']:.2f}")
     return 0
 
 

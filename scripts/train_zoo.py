@@ -1,4 +1,4 @@
-"""Train the shipped test models on scikit-learn's digits (seeded, CPU, a few minutes each).
+"""Train the shipped test models on image data inside scikit-learn (seeded, CPU, minutes each).
 
     python scripts/train_zoo.py [--only NAME ...] [--out cdi/zoo/models] [--threads 2]
 
@@ -10,25 +10,40 @@ Models (see each Spec's description):
   space of a small KL autoencoder; the class is the digit. Only the ε half of its output is
   trained (plain MSE, no variational-bound term), so its variance channels are untrained;
   CDI reads the ε half only;
-- digits-latent: the same autoencoder plus a UNet denoiser in its latent space.
+- digits-latent: the same autoencoder plus a UNet denoiser in its latent space;
+- digits-latent-class: the same autoencoder plus a class-conditional UNet (a learned
+  embedding of the digit added to the timestep embedding) on 150 digits;
+- digits-flip: a smaller pixel DDPM trained on 150 digits with random horizontal flips, so
+  each member is seen as itself only half of the time (augmentation dilutes its signal);
+- photos-rgb: an RGB pixel DDPM on 100 16×16 tiles of scikit-learn's two sample
+  photographs (cdi/zoo/photos.py), with digits-memorised's network and about its
+  schedule; the mean loss is lower on members but its rank is not (AUC ≈ 0.5): how hard
+  a tile is to denoise varies more between tiles than membership changes it.
 
-Data. One seeded permutation of the 1,797 digits: its last 797 are held out from every
-model (the autoencoder included), so a held-out image was never seen by any network; its
-first 1,000 are the pool, and a model's members are the first N of the pool. The one
-autoencoder of the two latent models is trained on the whole pool (1,000 digits, never a
-held-out one) and saved, identical, in both model folders.
+Data. Per data set, one seeded permutation of its images: its last images are held out
+from every model (the autoencoder included), so a held-out image was never seen by any
+network; its first 1,000 are the pool, and a model's members are the first N of the pool.
+Digits: 1,797 images, 797 held out. Photo tiles: 2,080 non-overlapping tiles, 1,080 held out
+(no tile shares a pixel with another). The one autoencoder of the latent digit models is
+trained on the whole digit pool (1,000 digits, never a held-out one) and saved, identical,
+in every latent model folder; digits-latent-class is trained on the latents of that saved
+float16 copy, which it reloads from digits-latent when the run does not train the
+autoencoder (the same weights either way).
 
 Training: AdamW, 20-step linear warm-up then cosine decay to 0, uniform timesteps of a
-1000-step linear-beta DDPM schedule, MSE on ε.
+1000-step linear-beta DDPM schedule, MSE on ε; a flip model mirrors each drawn image
+left-right with probability 1/2.
 
 Weights are saved in float16 safetensors (the zoo stays a few MB). After saving, every model
 is reloaded through diffusers in float32 and its members-vs-held-out AUC of the denoising
 loss (t = 100, mean of 5 noise draws of ‖ε̂ − ε‖₂, noise seeded per image) is measured on
-all members and all 797 held-out digits; that number goes into the manifest.
+all members and all held-out images; that number goes into the manifest
+(``scripts/measure_zoo.py`` adds the AUC of each of the 26 features).
 
 Threads: OpenMP's default busy-waiting makes multi-threaded torch 20× slower when another
 process shares the cores, so OMP_WAIT_POLICY=PASSIVE is set before torch is imported.
-Results are bit-for-bit reproducible for a given ``--threads`` (recorded in the manifest).
+Results are bit-for-bit reproducible for a given ``--threads`` (recorded in the manifest:
+digits-latent-class and digits-flip were trained with ``--threads 1``, the others with 2).
 """
 
 from __future__ import annotations
@@ -58,14 +73,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cdi.images import to_model_array  # noqa: E402
-from cdi.zoo import digits  # noqa: E402
+from cdi.zoo import DATASETS  # noqa: E402
 
 SEED = 20251128
-N_POOL = 1000  # the first 1,000 of the permutation; the other 797 are held out from everything
+N_POOL = 1000  # the first 1,000 of each permutation; the rest is held out from everything
+#: The seed of each data set's permutation (the digits' is the first one, kept as it was).
+SPLIT_SEEDS = {"sklearn-digits": SEED, "sklearn-sample-photos": SEED + 100}
 MEASURE_SEED = 0
 MEASURE_T = 100
 MEASURE_DRAWS = 5
 DEFAULT_OUT = ROOT / "cdi" / "zoo" / "models"
+#: A model folder whose vae/ holds the saved float16 autoencoder.
+SAVED_AUTOENCODER = "digits-latent"
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,24 @@ class Spec:
     batch_size: int
     lr: float
     seed: int
+    dataset: str = "sklearn-digits"
+    #: Mirror each drawn training image left-right with probability 1/2.
+    flip: bool = False
+    #: Class-conditional on this many classes (the image's label); 0: unconditional.
+    classes: int = 0
+    #: Channels of the pixel UNet's three levels.
+    widths: tuple[int, int, int] = (32, 64, 64)
+    #: Train on latents of the autoencoder's float16 copy (the one every latent model ships),
+    #: so the model can be retrained from the saved autoencoder without retraining that.
+    half_autoencoder: bool = False
+
+    @property
+    def channels(self) -> int:
+        return int(DATASETS[self.dataset].CHANNELS)
+
+    @property
+    def conditioning(self) -> str:
+        return "class" if self.family == "dit" or self.classes else "none"
 
 
 @dataclass(frozen=True)
@@ -104,6 +141,16 @@ SPECS: dict[str, Spec] = {
              "KL latents) trained on 100 digits; the class is the digit", 32, 100, 1500, 50, 2e-3, SEED + 3),
         Spec("digits-latent", "latent", "latent diffusion (0.7M-parameter UNet on 4x8x8 KL latents of 32x32 "
              "digits) trained on 100 digits", 32, 100, 700, 50, 2e-3, SEED + 4),
+        Spec("digits-latent-class", "latent", "class-conditional latent diffusion (0.7M-parameter UNet with a "
+             "learned class embedding, on 4x8x8 KL latents of 32x32 digits) trained on 150 digits; the class is "
+             "the digit", 32, 150, 1000, 32, 2e-3, SEED + 5, classes=10, half_autoencoder=True),
+        Spec("digits-flip", "pixel", "pixel DDPM (0.28M parameters, 16x16) trained on 150 digits with random "
+             "horizontal flips: each member is seen mirrored half of the time", 16, 150, 1200, 32, 2e-3, SEED + 6,
+             flip=True, widths=(16, 32, 32)),
+        Spec("photos-rgb", "pixel", "RGB pixel DDPM (1.1M parameters) trained on 100 16x16 tiles of "
+             "scikit-learn's two sample photographs: the per-image loss carries almost no membership signal",
+             16, 100, 800, 50, 2e-3, SEED + 8,
+             dataset="sklearn-sample-photos"),
     )
 }
 
@@ -111,23 +158,25 @@ SPECS: dict[str, Spec] = {
 # --------------------------------------------------------------------------- data
 
 
-def split() -> tuple[list[int], list[int]]:
-    """(pool in permutation order, held-out sorted): disjoint, together all 1,797 digits."""
-    order = np.random.default_rng(SEED).permutation(digits.count()).tolist()
+def split(dataset: str = "sklearn-digits") -> tuple[list[int], list[int]]:
+    """(pool in permutation order, held-out sorted): disjoint, together every image of ``dataset``."""
+    order = np.random.default_rng(SPLIT_SEEDS[dataset]).permutation(DATASETS[dataset].count()).tolist()
     return order[:N_POOL], sorted(order[N_POOL:])
 
 
 def members_of(spec: Spec) -> list[int]:
-    return sorted(split()[0][: spec.n_members])
+    return sorted(split(spec.dataset)[0][: spec.n_members])
 
 
-def pixels(indices: list[int], size: int) -> torch.Tensor:
-    """The exact model input of the feature extractor: ``to_model_array`` of the rendered digit."""
-    return torch.from_numpy(np.stack([to_model_array(digits.image(i, size), size, 1) for i in indices]))
+def pixels(indices: list[int], size: int, dataset: str = "sklearn-digits") -> torch.Tensor:
+    """The exact model input of the feature extractor: ``to_model_array`` of the rendered image."""
+    source = DATASETS[dataset]
+    return torch.from_numpy(np.stack([to_model_array(source.image(i, size), size, source.CHANNELS)
+                                      for i in indices]))
 
 
-def labels_of(indices: list[int]) -> torch.Tensor:
-    return torch.tensor([digits.label(i) for i in indices], dtype=torch.long)
+def labels_of(indices: list[int], dataset: str = "sklearn-digits") -> torch.Tensor:
+    return torch.tensor([DATASETS[dataset].label(i) for i in indices], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- networks
@@ -137,18 +186,19 @@ def scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000)
 
 
-def pixel_unet(size: int) -> UNet2DModel:
+def pixel_unet(size: int, channels: int = 1, widths: tuple[int, int, int] = (32, 64, 64)) -> UNet2DModel:
     return UNet2DModel(
-        sample_size=size, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=8,
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=widths, norm_num_groups=8,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     )
 
 
-def latent_unet() -> UNet2DModel:
+def latent_unet(classes: int = 0) -> UNet2DModel:
+    """The latent denoiser; with ``classes``, a learned class embedding joins the time embedding."""
     return UNet2DModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, num_class_embeds=classes or None,
         block_out_channels=(32, 64), norm_num_groups=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -178,7 +228,7 @@ def predict_eps(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: 
     """ε̂: the first C output channels (a learned-sigma DiT also predicts the variance)."""
     if isinstance(net, DiTTransformer2DModel):
         return net(x, timestep=t, class_labels=labels).sample[:, : x.shape[1]]
-    return net(x, t).sample
+    return net(x, t, class_labels=labels).sample
 
 
 # --------------------------------------------------------------------------- training
@@ -198,6 +248,9 @@ def train_denoiser(net: torch.nn.Module, x0: torch.Tensor, spec: Spec, gen: torc
     for step in range(spec.steps):
         idx = torch.randint(0, x0.shape[0], (spec.batch_size,), generator=gen)
         x = x0[idx]
+        if spec.flip:  # drawn only for flip models: the others' random streams stay as they were
+            mirrored = torch.rand(spec.batch_size, generator=gen) < 0.5
+            x = torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)
         t = torch.randint(0, 1000, (spec.batch_size,), generator=gen)
         noise = torch.randn(x.shape, generator=gen)
         a = ab[t].view(-1, 1, 1, 1)
@@ -304,8 +357,8 @@ def encode(vae: AutoencoderKL | None, x: torch.Tensor) -> torch.Tensor:
 def measure_saved(root: Path, spec: Spec, members: list[int], held_out: list[int]) -> dict[str, object]:
     net, vae, ab = load_saved(root, spec.family)
     idx = members + held_out
-    z0 = encode(vae, pixels(idx, spec.image_size))
-    labels = labels_of(idx) if spec.family == "dit" else None
+    z0 = encode(vae, pixels(idx, spec.image_size, spec.dataset))
+    labels = labels_of(idx, spec.dataset) if spec.conditioning == "class" else None
     dl = denoising_losses(net, z0, idx, labels, ab)
     lm, lh = dl[: len(members)], dl[len(members) :]
     return {"dl_auc_t100": round(auc_members_lower(lm, lh), 4), "n_members": len(members),
@@ -333,64 +386,86 @@ def save_half(net: torch.nn.Module, directory: Path) -> None:
         copy.deepcopy(net).to(torch.float16).save_pretrained(directory, safe_serialization=True)
     finally:
         diffusers_logging.set_verbosity(level)
+    # A module loaded from disk records where it came from; a shipped config names no local path.
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build(spec: Spec, out: Path, shared: dict[str, object], threads: int) -> dict[str, object]:
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    pool, held_out = split()
+    pool, held_out = split(spec.dataset)
     members = members_of(spec)
     assert not set(members) & set(held_out)
+    assert not spec.flip or spec.family == "pixel", "flips are drawn in pixel space"
     root = out / spec.name
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     print(f"{spec.name}: {len(members)} members, {spec.steps} steps", flush=True)
     start = time.time()
-    x = pixels(members, spec.image_size)
+    x = pixels(members, spec.image_size, spec.dataset)
+    labels = labels_of(members, spec.dataset) if spec.conditioning == "class" else None
     extra: dict[str, object] = {}
+    if spec.flip:
+        extra["augmentation"] = "random horizontal flip, p = 0.5"
+    if spec.dataset == "sklearn-sample-photos":
+        from cdi.zoo import photos
+
+        extra["data"] = {"photos": list(photos.PHOTOS), "tile": photos.TILE, "sha256": photos.fingerprint()}
 
     if spec.family == "pixel":
-        net: torch.nn.Module = pixel_unet(spec.image_size)
+        assert not spec.classes, "class-conditional pixel models are not built here"
+        net: torch.nn.Module = pixel_unet(spec.image_size, spec.channels, spec.widths)
         train_denoiser(net, x, spec, gen)
         save_half(net, root / "unet")
         save_index(root, "DDPMPipeline", {"unet": ("diffusers", "UNet2DModel"),
                                           "scheduler": ("diffusers", "DDPMScheduler")})
-        conditioning = "none"
     else:
-        if "ae" not in shared:
+        assert spec.dataset == "sklearn-digits", "the one autoencoder is trained on digits"
+        saved = out / SAVED_AUTOENCODER / "vae"
+        if spec.half_autoencoder and "ae" not in shared and saved.is_dir():
+            # The float16 copy saved with another model is exactly the float16 rounding of
+            # the trained autoencoder, so reloading it gives the weights a retraining would.
+            shared.setdefault("ae_half", AutoencoderKL.from_pretrained(saved, torch_dtype=torch.float32).eval())
+            shared.setdefault("ae_seconds", json.loads((saved.parent / "manifest.json").read_text())
+                              ["training"]["autoencoder"]["seconds"])
+        elif "ae" not in shared:
             t0 = time.time()
             print(f"  autoencoder: {N_POOL} pool digits, {AE.steps} steps", flush=True)
             shared["ae"] = train_autoencoder(pixels(pool, AE.image_size))
             shared["ae_seconds"] = round(time.time() - t0, 1)
             start += time.time() - t0  # the model's own seconds; the autoencoder's are recorded apart
-        ae = shared["ae"]
+        if spec.half_autoencoder and "ae_half" not in shared:
+            shared["ae_half"] = copy.deepcopy(shared["ae"]).to(torch.float16).to(torch.float32).eval()
+        ae = shared["ae_half" if spec.half_autoencoder else "ae"]
         assert isinstance(ae, AutoencoderKL)
         extra["autoencoder"] = {
             "trained_on": f"the pool: the {N_POOL} digits not held out from any model", "steps": AE.steps,
             "batch_size": AE.batch_size, "lr": AE.lr, "kl_weight": AE.kl_weight, "seed": AE.seed,
             "parameters": n_params(ae), "seconds": shared["ae_seconds"],
             "scaling_factor": float(ae.config.scaling_factor),
+            "latents_from": "its float16 copy" if spec.half_autoencoder else "the float32 autoencoder",
         }
         with torch.no_grad():
             z = ae.encode(x).latent_dist.mean * ae.config.scaling_factor
         save_half(ae, root / "vae")
         if spec.family == "latent":
-            net = latent_unet()
-            train_denoiser(net, z, spec, gen)
+            net = latent_unet(spec.classes)
+            train_denoiser(net, z, spec, gen, labels)
             save_half(net, root / "unet")
             save_index(root, "LDMPipeline", {"vae": ("diffusers", "AutoencoderKL"),
                                              "unet": ("diffusers", "UNet2DModel"),
                                              "scheduler": ("diffusers", "DDPMScheduler")})
-            conditioning = "none"
         else:
             net = dit()
-            train_denoiser(net, z, spec, gen, labels_of(members))
+            train_denoiser(net, z, spec, gen, labels)
             save_half(net, root / "transformer")
             save_index(root, "DiTPipeline", {"transformer": ("diffusers", "DiTTransformer2DModel"),
                                              "vae": ("diffusers", "AutoencoderKL"),
                                              "scheduler": ("diffusers", "DDPMScheduler")})
-            conditioning = "class"
     scheduler().save_pretrained(root / "scheduler")
     seconds = round(time.time() - start, 1)
     measured = measure_saved(root, spec, members, held_out)
@@ -398,15 +473,16 @@ def build(spec: Spec, out: Path, shared: dict[str, object], threads: int) -> dic
         "name": spec.name,
         "description": spec.description,
         "family": spec.family,
-        "dataset": "sklearn-digits",
+        "dataset": spec.dataset,
         "image_size": spec.image_size,
-        "image_channels": 1,
-        "conditioning": conditioning,
+        "image_channels": spec.channels,
+        "conditioning": spec.conditioning,
         "members": members,
         "held_out": held_out,
         "training": {"steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, "seed": spec.seed,
                      "parameters": n_params(net), "seconds": seconds, "threads": threads,
-                     "split_seed": SEED, "torch": torch.__version__, "script": "scripts/train_zoo.py", **extra},
+                     "split_seed": SPLIT_SEEDS[spec.dataset], "torch": torch.__version__,
+                     "script": "scripts/train_zoo.py", **extra},
         "measured": measured,
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -1,7 +1,8 @@
-"""The models that ship with the project, trained here on scikit-learn's digits.
+"""The models that ship with the project, trained here on image data that ships with scikit-learn.
 
 Each lives in ``cdi/zoo/models/<name>/`` in diffusers layout, with a ``manifest.json``
-that lists which digits it was trained on (members) and which it never saw (held out).
+that lists which images it was trained on (members) and which it never saw (held out),
+by index into its data set (``manifest["dataset"]``, a key of :data:`DATASETS`).
 ``scripts/train_zoo.py`` regenerates them. This module reads JSON only (no torch).
 """
 
@@ -10,11 +11,32 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cdi.zoo import digits
+from PIL import Image
+
+from cdi.zoo import digits, photos
 
 MODELS_DIR = Path(__file__).parent / "models"
+
+
+
+class DataSet(Protocol):
+    """An image source that ships inside an installed package (a module of this package)."""
+
+    #: Exported file names are ``<PREFIX>-<index>.png``; every image has CHANNELS channels.
+    PREFIX: str
+    CHANNELS: int
+
+    def count(self) -> int: ...
+
+    def image(self, index: int, size: int) -> Image.Image: ...
+
+    def label(self, index: int) -> int: ...
+
+
+#: Manifest ``dataset`` → the module that rebuilds its images from package data.
+DATASETS: dict[str, DataSet] = {"sklearn-digits": digits, "sklearn-sample-photos": photos}
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,8 @@ class ZooModel:
     conditioning: str
     members: tuple[int, ...]
     held_out: tuple[int, ...]
+    dataset: str = "sklearn-digits"
+    image_channels: int = 1
     #: The whole manifest.json (training settings, measured AUC, ...).
     manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -36,20 +60,32 @@ class ZooModel:
         return cls(
             name=m["name"], path=path, description=m["description"], family=m["family"],
             image_size=int(m["image_size"]), conditioning=m["conditioning"],
-            members=tuple(m["members"]), held_out=tuple(m["held_out"]), manifest=m,
+            members=tuple(m["members"]), held_out=tuple(m["held_out"]),
+            dataset=m.get("dataset", "sklearn-digits"), image_channels=int(m.get("image_channels", 1)),
+            manifest=m,
         )
 
     @staticmethod
-    def file_name(index: int) -> str:
-        return f"digit-{index:04d}.png"
+    def file_name(index: int, dataset: str = "sklearn-digits") -> str:
+        """The exported file name of image ``index`` of ``dataset``, e.g. ``digit-0042.png``."""
+        return f"{_source(dataset).PREFIX}-{index:04d}.png"
+
+    def image(self, index: int) -> Image.Image:
+        """Image ``index`` of the model's data set at the model's resolution (8-bit L or RGB)."""
+        return _source(self.dataset).image(index, self.image_size)
+
+    def label(self, index: int) -> int:
+        """The class of image ``index`` (the digit; for photo tiles, the photograph)."""
+        return _source(self.dataset).label(index)
 
     def export(self, directory: str | Path, members: int = 50, held_out: int = 50) -> tuple[list[Path], list[Path]]:
-        """Write the first ``members`` member and ``held_out`` held-out digits as PNG files.
+        """Write the first ``members`` member and ``held_out`` held-out images as PNG files.
 
-        Members go to ``directory/published/`` and held-out digits to
-        ``directory/unpublished/`` (the roles they play in an audit), named
-        ``digit-<index>.png``, at the model's resolution; for class-conditional models
-        ``directory/labels.csv`` (file,label) gives every exported image's class.
+        Members go to ``directory/published/`` and held-out images to
+        ``directory/unpublished/`` (the roles they play in an audit), named by
+        :meth:`file_name` (``digit-<index>.png``, ``tile-<index>.png``), at the model's
+        resolution; for class-conditional models ``directory/labels.csv`` (file,label) gives
+        every exported image's class.
         """
         if members > len(self.members) or held_out > len(self.held_out):
             raise ValueError(
@@ -62,8 +98,8 @@ class ZooModel:
             d.mkdir(parents=True, exist_ok=True)
             paths = []
             for i in indices:
-                p = d / self.file_name(i)
-                digits.image(i, self.image_size).save(p, format="PNG")
+                p = d / self.file_name(i, self.dataset)
+                self.image(i).save(p, format="PNG")
                 paths.append(p)
             out.append(paths)
         if self.conditioning == "class":
@@ -72,8 +108,15 @@ class ZooModel:
         return out[0], out[1]
 
     def labels_for(self, indices: tuple[int, ...] | list[int]) -> dict[str, int]:
-        """File name → digit class, for the images :meth:`export` writes."""
-        return {self.file_name(i): digits.label(i) for i in indices}
+        """File name → class, for the images :meth:`export` writes."""
+        return {self.file_name(i, self.dataset): self.label(i) for i in indices}
+
+
+def _source(dataset: str) -> DataSet:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise KeyError(f"unknown zoo data set {dataset!r} (known: {', '.join(DATASETS)})") from None
 
 
 def list_models() -> list[ZooModel]:

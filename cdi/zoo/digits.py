@@ -12,6 +12,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+#: The file-name prefix of exported digits; the channels of every image.
+PREFIX = "digit"
+CHANNELS = 1
+
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
