@@ -397,7 +397,7 @@ def audit(
         "revision": adapter.identity.reference.revision,
         "digest": adapter.identity.digest,
         "weight_sha256": dict(adapter.identity.weight_sha256),
-        **adapter.describe(),
+        **adapter.describe(opts.feature_config.timesteps()),
     }
     return AuditResult(
         verdict=verdict,

@@ -9,6 +9,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from cdi.models.schedule import NoiseSchedule
+
 Conditioning = Literal["none", "class", "text"]
 #: What one image contributes as conditioning: nothing, a class id, or a caption.
 ImageCondition = int | str | None
@@ -51,8 +53,9 @@ class DiffusionAdapter(abc.ABC):
 
     family: ClassVar[str]
 
-    #: ᾱ_t for t = 0 … T−1 as float64 on the CPU, from the model's own scheduler config.
-    alphas_cumprod: torch.Tensor
+    #: (a_t, s_t) for t = 0 … T−1 and how the network's output becomes ε̂ (method §10.1),
+    #: from the model's own scheduler config.
+    schedule: NoiseSchedule
     conditioning: Conditioning
     #: Channels and side length of the images the model takes (after preprocessing).
     image_channels: int
@@ -63,7 +66,7 @@ class DiffusionAdapter(abc.ABC):
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return self.schedule.num_train_timesteps
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +88,15 @@ class DiffusionAdapter(abc.ABC):
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """The noise prediction ε̂(z_t, t) for a batch, float32, same shape as ``z_t``.
 
-        ``t`` is one timestep for the whole batch or a long tensor ``[B]``, one per sample.
+        ``t`` is one index into the grid of :attr:`schedule` for the whole batch or a long
+        tensor ``[B]``, one per sample; z_t = a_t·z0 + s_t·ε. Whatever the network predicts
+        (ε, v, x0 or a flow velocity) comes back as ε̂ (:meth:`NoiseSchedule.to_eps`).
 
         Differentiable with respect to ``z_t``; the parameters are frozen.
         """
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:
+        """Facts for the report; for flow models, the σ of each grid index in ``timesteps``."""
         return {
             "family": self.family,
             "conditioning": self.conditioning,
@@ -99,4 +105,6 @@ class DiffusionAdapter(abc.ABC):
             "num_train_timesteps": self.num_train_timesteps,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            **self.schedule.describe(tuple(timesteps)),
         }
+
