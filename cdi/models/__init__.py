@@ -30,21 +30,27 @@ def load_model(
     revision: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    allow_pickle: bool | None = None,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
     ``dtype`` defaults to float32; ``"float16"``/``"bfloat16"`` are accepted as strings.
-    Shipped test models can be named by their zoo name (see ``cdi models``).
+    Shipped test models can be named by their zoo name (see ``cdi models``). Pickled
+    weights are refused unless ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``).
     """
+    import dataclasses
+
     import torch
 
     from cdi.models.dit import DiTAdapter
     from cdi.models.latent import LatentAdapter
+    from cdi.models.loading import pickle_allowed
     from cdi.models.pixel import PixelAdapter
     from cdi.models.stable_diffusion import StableDiffusionAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    info = detect_family(source, revision)
+    info = dataclasses.replace(detect_family(source, revision), allow_pickle=pickle_allowed(allow_pickle))
     adapters: dict[str, type[PixelAdapter | LatentAdapter | DiTAdapter | StableDiffusionAdapter]] = {
         "pixel": PixelAdapter,
         "latent": LatentAdapter,

@@ -70,6 +70,8 @@ class ModelInfo:
     image_channels: int
     num_classes: int | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: Whether pickled weight files may be loaded (see :func:`cdi.models.loading.check_weight_files`).
+    allow_pickle: bool = False
 
 
 def resolve_reference(source: str, revision: str | None = None) -> ModelReference:
