@@ -119,6 +119,9 @@ SUBMIT_FORM_SCHEMA: dict[str, Any] = {
         "published": {"type": "string", "format": "binary", "description": "Zip of the published images."},
         "unpublished": {"type": "string", "format": "binary", "description": "Zip of the unpublished images."},
         "model": {"type": "string", "description": "A model id from GET /v1/models."},
+        "reference_model": {"type": "string",
+                            "description": "A model id from GET /v1/models (usually the base of the fine-tune "
+                                           "audited): every feature is calibrated against it."},
         "alpha": {"type": "number", "default": 0.01, "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
         "protocol": {"type": "string", "enum": ["crossfit", "reference"], "default": "crossfit"},
         "features": {"type": "string", "enum": ["all", "gradient-free"], "default": "all"},

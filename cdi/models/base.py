@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -32,15 +32,23 @@ class ModelIdentity:
     reference: ModelReference
     family: str
     weight_sha256: dict[str, str] = field(default_factory=dict)
+    #: A LoRA applied on top of the weights: SHA-256 of each of its files, and its scale.
+    lora_sha256: dict[str, str] = field(default_factory=dict)
+    lora_scale: float | None = None
 
     @property
     def digest(self) -> str:
-        """One SHA-256 over the sorted weight hashes: the model's identity for caches."""
+        """One SHA-256 over the sorted weight hashes (and a LoRA's, with its scale): the
+        model's identity for caches."""
         import hashlib
 
         h = hashlib.sha256(self.family.encode())
         for name in sorted(self.weight_sha256):
             h.update(f"\0{name}\0{self.weight_sha256[name]}".encode())
+        if self.lora_sha256:
+            h.update(f"\0lora\0{float(self.lora_scale or 0.0)!r}".encode())
+            for name in sorted(self.lora_sha256):
+                h.update(f"\0{name}\0{self.lora_sha256[name]}".encode())
         return h.hexdigest()
 
 
@@ -106,5 +114,9 @@ class DiffusionAdapter(abc.ABC):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             **self.schedule.describe(tuple(timesteps)),
+            **({"lora": self.lora.describe()} if self.lora is not None else {}),
         }
+
+    #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).
+    lora: Any = None
 

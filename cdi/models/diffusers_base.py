@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,6 +33,21 @@ class DiffusersAdapter(DiffusionAdapter):
         """The model's (a_t, s_t): DDPM-style ᾱ_t unless the family says otherwise."""
         self.alphas_cumprod = alphas_cumprod_of(info)
         return NoiseSchedule.ddpm(self.alphas_cumprod, prediction_type_of(info))  # type: ignore[arg-type]
+
+    #: The key prefix of the denoiser's weights in a diffusers LoRA file.
+    lora_prefix = "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network a LoRA adapts: the UNet or the transformer."""
+        net = getattr(self, "unet", None) or getattr(self, "transformer", None)
+        if net is None:
+            raise NotImplementedError(f"{type(self).__name__} has no denoiser")
+        return net
+
+    def lora_pipeline_class(self) -> Any:
+        """The diffusers pipeline whose ``lora_state_dict`` reads this family's LoRA files."""
+        return None
 
     @property
     def prediction_type(self) -> str:
