@@ -191,3 +191,22 @@ def test_reference_must_take_the_same_inputs(tiny_model_dirs):
         check_reference(load_model(str(tiny_model_dirs["latent-kl"])), load_model(str(tiny_model_dirs["latent-vq"])))
     with pytest.raises(InputError, match="conditioning"):
         check_reference(load_model(str(tiny_model_dirs["pixel"])), load_model(str(tiny_model_dirs["pixel-class"])))
+
+
+def test_shipped_lora_fine_tune_saw_only_new_digits():
+    from cdi import zoo
+
+    lora = zoo.get_lora("digits-hard-lora")
+    base = zoo.get(lora.base)
+    members, held = set(lora.members), set(lora.held_out)
+    assert len(members) == 100 and not members & held
+    # The base never saw the LoRA's members, and no shipped model saw its held-out digits.
+    assert members <= set(base.held_out) and held <= set(base.held_out)
+    digit_models = [m for m in zoo.list_models() if m.manifest.get("dataset") == "sklearn-digits"]
+    assert not (members | held) & set().union(*(set(m.members) for m in digit_models))
+    assert lora.lora_path.is_dir()
+    by_name = load_model(lora.name)
+    direct = load_model(lora.base, lora=str(lora.lora_path))
+    assert by_name.identity.digest == direct.identity.digest != load_model(lora.base).identity.digest
+    with pytest.raises(KeyError, match="digits-hard-lora"):
+        zoo.get_lora("no-such-lora")
