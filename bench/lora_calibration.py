@@ -40,22 +40,31 @@ def _sha(image: object) -> str:
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def features(cache: Path, n_held_out: int, batch_size: int = 50) -> dict[str, np.ndarray]:
-    """members/held_out features under the fine-tune and the base: four arrays ``[n, 26]``."""
+def features(cache: Path, n_held_out: int, tags: tuple[str, ...] = ("tuned", "base"),
+             batch_size: int = 50) -> dict[str, np.ndarray]:
+    """members/held_out features under the fine-tune and the base: ``[n, 26]`` arrays, each
+    model's cached in its own file (``--only`` computes one, so two processes can share)."""
     from cdi import zoo
 
     lora = zoo.get_lora(LORA)
     held = lora.held_out[:n_held_out]
-    path = cache / f"{LORA}-{n_held_out}.npz"
-    if path.is_file():
-        return dict(np.load(path))
+    out: dict[str, np.ndarray] = {}
+    for tag in tags:
+        path = cache / f"{LORA}-{n_held_out}-{tag}.npz"
+        if not path.is_file():
+            _compute(tag, lora, held, path, batch_size)
+        out.update(dict(np.load(path)))
+    return out
+
+
+def _compute(tag: str, lora: object, held: tuple[int, ...], path: Path, batch_size: int) -> None:
     from cdi.features import FeatureExtractor
     from cdi.features.extractor import ExtractionInput
     from cdi.images import to_model_array
     from cdi.models import load_model
     from cdi.zoo import digits
 
-    size = int(lora.manifest["image_size"])
+    size = int(lora.manifest["image_size"])  # type: ignore[attr-defined]
 
     def items(indices: tuple[int, ...]) -> list[ExtractionInput]:
         out = []
@@ -64,16 +73,14 @@ def features(cache: Path, n_held_out: int, batch_size: int = 50) -> dict[str, np
             out.append(ExtractionInput(_sha(img), to_model_array(img, size, 1)))
         return out
 
-    out: dict[str, np.ndarray] = {}
-    for tag, adapter in (("tuned", load_model(LORA)), ("base", load_model(lora.base))):
-        ex = FeatureExtractor(adapter, seed=0, batch_size=batch_size)
-        start = time.time()
-        out[f"{tag}_members"] = ex.extract(items(lora.members))
-        out[f"{tag}_held_out"] = ex.extract(items(held))
-        print(f"features under {tag}: {time.time() - start:.0f} s", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
-    return out
+    adapter = load_model(LORA) if tag == "tuned" else load_model(lora.base)  # type: ignore[attr-defined]
+    ex = FeatureExtractor(adapter, seed=0, batch_size=batch_size)
+    start = time.time()
+    members = ex.extract(items(lora.members))  # type: ignore[attr-defined]
+    held_out = ex.extract(items(held))
+    print(f"features under {tag}: {time.time() - start:.0f} s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{f"{tag}_members": members, f"{tag}_held_out": held_out})
 
 
 def interval(k: int, n: int) -> str:
@@ -109,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--null-size", type=int, default=20)
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--cache", type=Path, default=Path(".cdi/study-cache"))
+    ap.add_argument("--only", choices=["tuned", "base"], help="only compute and cache one model's features")
     args = ap.parse_args(argv)
+    if args.only:
+        features(args.cache, args.held_out, (args.only,))
+        return 0
     f = features(args.cache, args.held_out)
     members = {"tuned": f["tuned_members"], "base": f["base_members"]}
     held = {"tuned": f["tuned_held_out"], "base": f["base_held_out"]}
