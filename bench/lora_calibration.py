@@ -14,7 +14,7 @@ defaults) twice: on the fine-tune's features (uncalibrated) and on the fine-tune
 base's (calibrated). It prints the power at α = 0.01 per n and the false-positive rate, both
 with 95 % Clopper–Pearson intervals, and the smallest n in the grid with 90 % power.
 
-    python bench/lora_calibration.py [--sizes 5 10 15 20 30] [--positive 100] [--null 200] [--held-out 200]
+    python bench/lora_calibration.py [--sizes 10 15 20 30 40 50] [--positive 100] [--null 200] [--held-out 200]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
+from cdi.errors import InputError
 from cdi.stats import run_test
 
 LORA = "digits-hard-lora"
@@ -110,7 +111,7 @@ def rejections(pool_p: dict[str, np.ndarray], pool_u: dict[str, np.ndarray], n: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 15, 20, 30])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 15, 20, 30, 40, 50])
     ap.add_argument("--positive", type=int, default=100)
     ap.add_argument("--null", type=int, default=200)
     ap.add_argument("--null-size", type=int, default=20)
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     first: dict[str, int | None] = {"uncalibrated": None, "calibrated": None}
     for n in args.sizes:
-        hits = rejections(members, held, n, args.positive, seed=n, disjoint=False)
+        try:
+            hits = rejections(members, held, n, args.positive, seed=n, disjoint=False)
+        except InputError as exc:  # below the default procedure's smallest set
+            print(f"| {n} | ({exc}) | |")
+            continue
         print(f"| {n} | {interval(hits['uncalibrated'], args.positive)} | "
               f"{interval(hits['calibrated'], args.positive)} |", flush=True)
         for mode, k in hits.items():
