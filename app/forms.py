@@ -50,6 +50,10 @@ class AuditForm(AuditOptionsForm):
     """The whole form: one ``archive``, or ``published`` and ``unpublished``; a ``model``; options."""
 
     model: str = Field(min_length=1, max_length=200, description="A model id from GET /v1/models.")
+    reference_model: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="A model id from GET /v1/models, usually the base of the fine-tune audited: every feature "
+                    "is calibrated against it (the fine-tune's minus the reference's, with the same noise).")
     archive: bytes | None = Field(None, description="One zip holding published/ and unpublished/ folders "
                                                     "(optionally inside one top folder).")
     published: bytes | None = Field(None, description="A zip of the published images (P).")
@@ -79,8 +83,8 @@ def form_schema() -> dict[str, Any]:
     schema = AuditForm.model_json_schema()
     properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
     # The model first, then the images, then the options: the order a person fills them in.
-    order = ["model", "archive", "published", "unpublished", "alpha", "protocol", "features", "seed", "captions",
-             "labels", "callback_url"]
+    order = ["model", "reference_model", "archive", "published", "unpublished", "alpha", "protocol", "features",
+             "seed", "captions", "labels", "callback_url"]
     properties = {k: properties[k] for k in order if k in properties} | properties
     return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
             "required": ["model"]}

@@ -44,6 +44,14 @@ def zoo_models() -> list[ModelInfo]:
         out.append(ModelInfo(id=str(m.name), source=str(m.path), revision=None,
                              family=getattr(m, "family", None), conditioning=getattr(m, "conditioning", None),
                              description=str(getattr(m, "description", "")), origin="zoo"))
+    try:
+        from cdi.zoo import list_loras
+    except ImportError:
+        return out
+    for lora in list_loras():  # shipped LoRA fine-tunes: a folder naming base and LoRA
+        out.append(ModelInfo(id=lora.name, source=str(lora.path), revision=None,
+                             family=lora.manifest.get("family"), conditioning=lora.manifest.get("conditioning"),
+                             description=lora.description, origin="zoo"))
     return out
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_FIELDS = frozenset({"archive", "published", "unpublished"})
 FILE_FIELDS = ARCHIVE_FIELDS | {"captions", "labels"}
-TEXT_FIELDS = frozenset({"model", "alpha", "protocol", "features", "seed", "callback_url"})
+TEXT_FIELDS = frozenset({"model", "reference_model", "alpha", "protocol", "features", "seed", "callback_url"})
 
 
 def check_conditioning(conditioning: str | None, has_labels: bool) -> None:
@@ -60,7 +60,19 @@ class AuditService:
             raise BadInput("no images: send one zip as 'archive', or two as 'published' and 'unpublished'",
                            E.MALFORMED_UPLOAD)
         with self.session_factory() as session:
-            model = ModelRegistry(session, self.settings).resolve(model_id)
+            registry = ModelRegistry(session, self.settings)
+            model = registry.resolve(model_id)
+            reference_id = form.fields.get("reference_model", "").strip()
+            reference = registry.resolve(reference_id) if reference_id else None
+        if reference is not None and reference.conditioning != model.conditioning:
+            raise BadInput(f"reference model {reference.id!r} is {reference.conditioning}-conditioned, "
+                           f"model {model.id!r} {model.conditioning}-conditioned: a reference must take the "
+                           "same inputs", E.INVALID_OPTIONS)
+        stored_options = options.to_dict()
+        if reference is not None:
+            # The reference travels with the options: the worker loads it, and calibrates (§10.2).
+            stored_options["reference_model"] = {"id": reference.id, "source": reference.source,
+                                                 "revision": reference.revision}
         captions = labels = None
         if "captions" in form.files:
             f = form.files["captions"]
@@ -90,7 +102,7 @@ class AuditService:
         with self.session_factory() as session:
             repo = AuditRepository(session)
             audit = repo.create(tenant_id=tenant_id, model_id=model.id, model_source=model.source,
-                                model_revision=model.revision, options=options.to_dict(),
+                                model_revision=model.revision, options=stored_options,
                                 callback_url=callback_url, images=rows)
             session.commit()
             try:

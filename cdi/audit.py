@@ -165,6 +165,13 @@ class AuditResult:
     versions: dict[str, str]
     #: For a ``not_detected`` verdict: how many images would detect the effect these showed.
     plan: Plan | None = None
+    #: The reference model's identity for a reference-calibrated audit (method §10.2).
+    reference_model: dict[str, Any] | None = None
+    reference_feature_key: str | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.reference_model is not None
 
     @property
     def outcome(self) -> str:
@@ -338,6 +345,62 @@ def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
     return float(welch_greater(index[:n_p], index[n_p:]).p_value)
 
 
+#: What the report says about each mode (method §10.2).
+CALIBRATION_NOTES = {
+    "uncalibrated": "features of the audited model alone: an image's loss mixes how hard the image is for any "
+                    "model with whether this model saw it",
+    "reference-calibrated": "every feature is the audited model's minus the reference model's, computed with the "
+                            "same per-image noise: the reference (a model that did not see P, usually the base of "
+                            "a fine-tune) measures how hard each image is, so the difference isolates what the "
+                            "audited model learned; under H0 P and U stay exchangeable, so the test and its "
+                            "controls are unchanged",
+}
+
+
+def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOptions, lora: str | None,
+          lora_scale: float, allow_pickle: bool | None) -> DiffusionAdapter:
+    if not isinstance(model, str):
+        if lora is not None:
+            raise InputError("a LoRA is applied when a model is loaded: give the model's reference, not an adapter")
+        return model
+    from cdi.models import load_model
+
+    return load_model(model, revision=revision, device=opts.device, dtype=opts.dtype, allow_pickle=allow_pickle,
+                      lora=lora, lora_scale=lora_scale)
+
+
+def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> None:
+    """Raise :class:`InputError` unless ``reference`` can calibrate ``target``.
+
+    The per-image noise is identical only if both models see the same input and draw noise
+    of the same shape: same image size, channels, conditioning and z0 shape.
+    """
+    import torch
+
+    for attr in ("image_size", "image_channels", "conditioning", "num_train_timesteps"):
+        a, b = getattr(target, attr), getattr(reference, attr)
+        if a != b:
+            raise InputError(f"the reference model's {attr.replace('_', ' ')} is {b}, the audited model's {a}: "
+                             "a reference must take the same inputs")
+    probe = torch.zeros(1, target.image_channels, target.image_size, target.image_size)
+    with torch.inference_mode():
+        shapes = tuple(target.encode(probe).shape), tuple(reference.encode(probe).shape)
+    if shapes[0] != shapes[1]:
+        raise InputError(f"the reference model's latents are {shapes[1][1:]}, the audited model's {shapes[0][1:]}: "
+                         "the same per-image noise needs the same latent shape")
+
+
+def model_record(adapter: DiffusionAdapter, opts: AuditOptions) -> dict[str, Any]:
+    """What a report records of a model: reference, weight hashes (and a LoRA's), facts."""
+    return {
+        "source": adapter.identity.reference.source,
+        "revision": adapter.identity.reference.revision,
+        "digest": adapter.identity.digest,
+        "weight_sha256": dict(adapter.identity.weight_sha256),
+        **adapter.describe(opts.feature_config.timesteps()),
+    }
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -356,6 +419,11 @@ def audit(
     model: str | DiffusionAdapter,
     *,
     revision: str | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    reference_model: str | DiffusionAdapter | None = None,
+    reference_revision: str | None = None,
+    allow_pickle: bool | None = None,
     captions: Mapping[str, str] | None = None,
     labels: Mapping[str, int] | None = None,
     options: AuditOptions | None = None,
@@ -365,8 +433,13 @@ def audit(
     """Run CDI on published images P and unpublished images U against ``model``.
 
     ``model`` is a model directory, hub id or shipped model name (loaded after validation)
-    or an already loaded adapter. Raises :class:`~cdi.errors.InputError` for invalid input,
-    before any weight is loaded.
+    or an already loaded adapter; ``lora`` (a file, folder or shipped LoRA) is loaded onto
+    it at ``lora_scale``. With ``reference_model`` (any model reference, usually the base of
+    a fine-tune, or an adapter) the audit is reference-calibrated (method §10.2): features
+    are computed under both models with the same per-image noise, and the scorer, the test
+    and the controls see the differences. Pickled weights are refused unless
+    ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). Raises
+    :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
     timings: dict[str, float] = {}
@@ -384,24 +457,45 @@ def audit(
 
     # Sizes first: a too-small audit fails before any model file is even read.
     check_sizes(len(published), len(unpublished), opts.protocol, opts.protocol_options)
-    if isinstance(model, str):
-        from cdi.models.detect import detect_family
+    from cdi.models.detect import detect_family
 
-        conditioning = detect_family(model, revision).conditioning
-    else:
-        conditioning = model.conditioning
+    def conditioning_of(m: str | DiffusionAdapter, rev: str | None) -> str:
+        return detect_family(m, rev).conditioning if isinstance(m, str) else m.conditioning
+
+    conditioning = conditioning_of(model, revision)
+    if reference_model is not None:
+        ref_conditioning = conditioning_of(reference_model, reference_revision)
+        if ref_conditioning != conditioning:
+            raise InputError(f"the reference model's conditioning is {ref_conditioning}, the audited model's "
+                             f"{conditioning}: a reference must take the same inputs")
     prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, opts, report)
     lap("validating")
 
-    if isinstance(model, str):
-        from cdi.models import load_model
-
-        adapter = load_model(model, revision=revision, device=opts.device, dtype=opts.dtype)
-    else:
-        adapter = model
+    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle)
+    reference = None
+    if reference_model is not None:
+        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle)
+        check_reference(adapter, reference)
     lap("loading")
     key = feature_key(adapter.identity.digest, opts)
-    features, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, report)
+    n_images = len(prepared.files)
+    passes = 1 if reference is None else 2
+
+    def stage(offset: int) -> Callable[[str, int, int], None]:
+        return lambda name, done, _total: report(name, offset + done, passes * n_images)
+
+    features, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, stage(0))
+    ref_key = ref_record = None
+    if reference is not None:
+        # Each model's raw features are stored under its own key; only their difference is
+        # tested. The same seed and image hashes give the same per-image noise (§10.2).
+        ref_key = feature_key(reference.identity.digest, opts)
+        ref_features, ref_cached, ref_fwd, ref_bwd = _extract(
+            reference, prepared, opts, ref_key, feature_store, stage(n_images))
+        features = features - ref_features
+        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
+        ref_record = model_record(reference, opts)
+        ref_record["feature_key"] = ref_key
     lap("extracting")
 
     cols = opts.features.columns
@@ -429,13 +523,10 @@ def audit(
         AuditImage(f.name, f.sha256, s, features[i])
         for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
     ]
-    model_info = {
-        "source": adapter.identity.reference.source,
-        "revision": adapter.identity.reference.revision,
-        "digest": adapter.identity.digest,
-        "weight_sha256": dict(adapter.identity.weight_sha256),
-        **adapter.describe(),
-    }
+    model_info = model_record(adapter, opts)
+    mode = "uncalibrated" if reference is None else "reference-calibrated"
+    model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
+                                 **({"reference_model": ref_record} if ref_record is not None else {})}
     return AuditResult(
         verdict=verdict,
         test=test,
@@ -454,6 +545,8 @@ def audit(
         timings=timings,
         versions=_versions(),
         plan=plan,
+        reference_model=ref_record,
+        reference_feature_key=ref_key,
     )
 
 

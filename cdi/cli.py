@@ -79,20 +79,35 @@ def cmd_features(args: argparse.Namespace) -> int:
     check_device(args.device)
     files = [ImageFile.read(p) for p in paths]
     conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
-    adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                         allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale)
     extractor = FeatureExtractor(
         adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size
     )
     result = extractor.extract_files(files, conditions, progress=ProgressBar("features"))
     for err in result.failures:
         print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
+    reference_rows: list[Any] = []
+    if args.reference_model:
+        from cdi.audit import check_reference
+
+        reference = load_model(args.reference_model, revision=args.reference_revision, device=args.device,
+                               dtype=args.dtype, allow_pickle=args.allow_pickle or None)
+        check_reference(adapter, reference)
+        # The same seed and image hashes: the same per-image noise as the audited model's.
+        ref_extractor = FeatureExtractor(
+            reference, feature_set=args.features, seed=args.seed, batch_size=args.batch_size
+        )
+        reference_rows = ref_extractor.extract_files(files, conditions, progress=ProgressBar("reference")).rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "sha256", *FEATURE_NAMES])
-        for row in result.rows:
-            writer.writerow([row.name, row.sha256, *(f"{v:.9g}" for v in row.values)])
+        ref_names = [f"reference_{n}" for n in FEATURE_NAMES] if args.reference_model else []
+        writer.writerow(["file", "sha256", *FEATURE_NAMES, *ref_names])
+        for i, row in enumerate(result.rows):
+            ref_values = reference_rows[i].values if reference_rows else []
+            writer.writerow([row.name, row.sha256, *(f"{v:.9g}" for v in [*row.values, *ref_values])])
     n = len(result.rows)
     print(
         f"{n} image(s) → {out} ({len(result.failures)} skipped); "
@@ -204,6 +219,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     labels = read_conditions(args.labels, "label") if args.labels else None
     result = audit(
         published, unpublished, args.model, revision=args.revision,
+        lora=args.lora, lora_scale=args.lora_scale,
+        reference_model=args.reference_model, reference_revision=args.reference_revision,
+        allow_pickle=args.allow_pickle or None,
         captions=captions, labels=labels,  # type: ignore[arg-type]
         options=options, progress=AuditProgress(),
     )
@@ -355,6 +373,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory, hub id, or shipped model name")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--lora", metavar="FILE_OR_DIR",
+                   help="LoRA to load onto the model: a .safetensors file, a peft folder, or a shipped LoRA")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default 1.0)")
+    p.add_argument("--reference-model", metavar="M",
+                   help="reference model (usually the base of a fine-tune): calibrate every feature against it")
+    p.add_argument("--reference-revision", default=None, help="hub revision of the reference model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled weights (.bin, .ckpt, .pt), which run code when loaded "
+                        "(also CDI_ALLOW_PICKLE=1); only for files you trust")
     p.add_argument("--features", choices=["all", "gradient-free"], default="all")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

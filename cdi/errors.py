@@ -41,6 +41,21 @@ class MalformedModelError(ModelError):
     code = "model_malformed"
 
 
+class PickledWeightsError(ModelError):
+    """The model's weights are pickled (``.bin``, ``.ckpt``, ``.pt``): loading them runs code.
+
+    Refused unless the operator allows it (``--allow-pickle`` or ``CDI_ALLOW_PICKLE=1``).
+    """
+
+    code = "model_pickled_weights"
+
+
+class ModelIdentityError(ModelError):
+    """The model's weights cannot be hashed, so the model has no identity to record or cache."""
+
+    code = "model_identity"
+
+
 # --- images -----------------------------------------------------------------------------
 
 

@@ -293,6 +293,8 @@ class AuditRunner:
                                features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
                                batch_size=self.settings.worker_batch_size)
         adapter = self.load_model(job["model_source"], job["model_revision"], device)
+        ref = opts.get("reference_model")
+        reference = self.load_model(ref["source"], ref.get("revision"), device) if ref else None
         run.check()
 
         def progress(p: Progress) -> None:
@@ -308,6 +310,7 @@ class AuditRunner:
             BlobImages(self.blobs, job["published"]), BlobImages(self.blobs, job["unpublished"]), adapter,
             captions=job["captions"] or None, labels=job["labels"] or None, options=options,
             progress=progress, feature_store=store,
+            **({"reference_model": reference} if reference is not None else {}),  # type: ignore[arg-type]
         )
 
     # --- bookkeeping ------------------------------------------------------------------------

@@ -62,6 +62,12 @@ class FeatureConfig:
         if self.secmi_t % self.secmi_step:
             raise InputError("secmi_t must be a multiple of secmi_step")
 
+    def timesteps(self) -> tuple[int, ...]:
+        """Every grid index at which a feature evaluates the network, sorted."""
+        used = {self.dl_t, self.pia_t, self.no_t, 0, *self.gm_timesteps}
+        used.update(range(0, self.secmi_t + self.secmi_step + 1, self.secmi_step))
+        return tuple(sorted(used))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gm_timesteps"] = list(self.gm_timesteps)

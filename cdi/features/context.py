@@ -75,12 +75,20 @@ class Call:
     ``key`` names the input (same key, same input): calls with equal keys are evaluated
     once. With ``target`` set, the result also carries ∂‖ε̂(z, t) − target‖₂/∂z per sample.
     ``key=None`` marks a call nobody else can share (an optimiser's intermediate state).
+
+    ``isolated`` asks for each sample to be evaluated in a network call of its own. A
+    network's rounding depends on the shape and content of the call it runs in, so a
+    sample's result in a fused call differs in its last bits with its neighbours; that is
+    harmless for continuous features but not for a discontinuous function of the result
+    (GM's top-fraction mask, where a near-tie at the boundary flips an entry). An isolated
+    result depends on the sample's own input alone, bit for bit.
     """
 
     key: Hashable | None
     z: torch.Tensor
     t: int
     target: torch.Tensor | None = None
+    isolated: bool = False
 
     @property
     def needs_grad(self) -> bool:
@@ -91,6 +99,12 @@ class Call:
 class CallResult:
     eps: torch.Tensor
     grad: torch.Tensor | None = None
+    #: Evaluated sample by sample (see :attr:`Call.isolated`).
+    isolated: bool = False
+
+    def serves(self, call: Call) -> bool:
+        """Whether this result answers ``call`` (a gradient, isolation where it asks for them)."""
+        return (self.grad is not None or not call.needs_grad) and (self.isolated or not call.isolated)
 
 
 #: A family: yields lists of calls, receives their results in order, returns ``[B, k]``.
@@ -98,7 +112,11 @@ FamilyRun = Generator[list[Call], list[CallResult], torch.Tensor]
 
 
 class Batch:
-    """One batch's inputs: ``z0`` ``[B, *z]`` float32, the noise, and the adapter's schedule."""
+    """One batch's inputs: ``z0`` ``[B, *z]`` float32, the noise, and the adapter's schedule.
+
+    The families see the model only through (a_t, s_t) and ε̂ (method §10.1), so each is
+    written once for every parameterisation.
+    """
 
     def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, noise: NoiseDraws,
                  config: FeatureConfig) -> None:
@@ -106,18 +124,20 @@ class Batch:
         self.z0 = z0
         self.noise = noise
         self.config = config
+        self.schedule = adapter.schedule
 
     @property
     def size(self) -> int:
         return int(self.z0.shape[0])
 
-    def alpha_bar(self, t: int) -> float:
-        return float(self.adapter.alphas_cumprod[t])
+    def coefficients(self, t: int) -> tuple[float, float]:
+        """(a_t, s_t): z_t = a_t·z0 + s_t·ε."""
+        return self.schedule.coefficients(t)
 
     def q(self, t: int, eps: torch.Tensor) -> torch.Tensor:
-        """q(z0, t, ε) = √ᾱ_t·z0 + √(1−ᾱ_t)·ε."""
-        a = self.alpha_bar(t)
-        return a**0.5 * self.z0 + (1.0 - a) ** 0.5 * eps
+        """q(z0, t, ε) = a_t·z0 + s_t·ε (√ᾱ_t and √(1−ᾱ_t) for DDPM-style models)."""
+        a, s = self.coefficients(t)
+        return a * self.z0 + s * eps
 
 
 def shared_noise_key(t: int) -> tuple[str, int]:

@@ -109,13 +109,22 @@ class FeatureExtractor:
         self.config.validate_for(adapter.num_train_timesteps)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        # One image per call: an image's z0 is then the same bits in every batch, which the
+        # isolated gradient passes of GM need (see Call.isolated).
         with torch.inference_mode():
-            z0 = self.adapter.encode(pixels)
-        return z0.float().clone()
+            z0 = torch.cat([self.adapter.encode(p[None]).float() for p in pixels])
+        return z0.clone()
+
+    def _condition(self, items: Sequence[ExtractionInput]) -> torch.Tensor | None:
+        """The batch's conditioning, image by image for the same reason as :meth:`_encode`."""
+        parts = [self.adapter.condition([it.condition]) for it in items]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat([p for p in parts if p is not None])
 
     def _batch(self, items: Sequence[ExtractionInput]) -> np.ndarray:
         pixels = torch.from_numpy(np.stack([it.pixels for it in items])).to(self.adapter.device)
-        cond = self.adapter.condition([it.condition for it in items])
+        cond = self._condition(items)
         shas = [it.sha256 for it in items]
         out = np.full((len(items), len(FEATURE_NAMES)), np.nan, dtype=np.float64)
         families = [f for f in FAMILIES if f in self.feature_set.families]

@@ -19,9 +19,14 @@ def top_fraction_mask(g: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def gradient_masking(b: Batch) -> FamilyRun:
-    """GM ``[B, len(T)]`` (method §4, idx 4–13)."""
+    """GM ``[B, len(T)]`` (method §4, idx 4–13).
+
+    The mask is a discontinuous function of the gradient, so the gradient passes are
+    isolated (:attr:`Call.isolated`): computed from the image's own input alone, bit for
+    bit, the mask, and with it the feature, is the same in every batch.
+    """
     noise, z0, ts = b.noise.shared, b.z0, b.config.gm_timesteps
-    grads = yield [Call(shared_noise_key(t), b.q(t, noise), t, target=noise) for t in ts]
+    grads = yield [Call(shared_noise_key(t), b.q(t, noise), t, target=noise, isolated=True) for t in ts]
     masks = [top_fraction_mask(r.grad, b.config.gm_mask_ratio) for r in grads if r.grad is not None]
     preds = yield [
         Call(("gm", t), (1.0 - m) * z0 + m * noise, t) for t, m in zip(ts, masks, strict=True)

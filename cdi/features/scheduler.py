@@ -14,7 +14,7 @@ baseline.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -116,27 +116,39 @@ class CallScheduler:
                 if lv.results[i] is not None:
                     continue
                 cached = self._cache.get(c.key) if self.share and c.key is not None else None
-                if cached is not None and (cached.grad is not None or not c.needs_grad):
+                if cached is not None and cached.serves(c):
                     lv.results[i] = cached
                     continue
                 key = self._slot(c)
                 slot = slots.get(key)
                 if slot is None:
                     slot = slots[key] = _Slot(c, lv.deadline)
-                elif c.needs_grad and not slot.call.needs_grad:
-                    slot.call = c  # the call with a gradient also answers the one without
+                else:
+                    # One evaluation answers every request: with a gradient if one asks for
+                    # it, isolated if one asks for that.
+                    merged = slot.call
+                    if c.needs_grad and not merged.needs_grad:
+                        merged = replace(merged, target=c.target)
+                    if c.isolated and not merged.isolated:
+                        merged = replace(merged, isolated=True)
+                    slot.call = merged
                 slot.deadline = min(slot.deadline, lv.deadline)
                 slot.requesters.append((lv, i))
         for with_grad in (True, False):
-            group = [(k, s) for k, s in slots.items() if s.call.needs_grad == with_grad]
+            # Isolated calls cannot be fused, so levelling gains nothing: they run at once.
+            alone = [[(k, s.call)] for k, s in slots.items() if s.call.needs_grad == with_grad and s.call.isolated]
+            group = [(k, s) for k, s in slots.items() if s.call.needs_grad == with_grad and not s.call.isolated]
             # The work expected in later rounds: each family's later levels, as large as this.
             expected = sum(
-                lv.after * sum(int(c.z.shape[0]) for c in lv.calls if c.needs_grad == with_grad)
+                lv.after * sum(int(c.z.shape[0]) for c in lv.calls
+                               if c.needs_grad == with_grad and not c.isolated)
                 for lv in levels
             )
             chosen = self._due(group, rnd, horizon - rnd, expected)
-            for chunk in self._chunks([(k, slots[k].call) for k in chosen]):
-                outs = self._network([c for _, c in chunk], with_grad)
+            fused = [(k, slots[k].call) for k in chosen]
+            for chunk in [*self._chunks(fused), *alone]:
+                calls = [c for _, c in chunk]
+                outs = self._isolated(calls[0], with_grad) if calls[0].isolated else self._network(calls, with_grad)
                 for (key, call), res in zip(chunk, outs, strict=True):
                     if self.share and call.key is not None:
                         self._cache[call.key] = res
@@ -198,6 +210,22 @@ class CallScheduler:
             if len(chunks) <= pieces or pieces >= len(group):
                 return chunks
             pieces += 1
+
+    def _isolated(self, call: Call, with_grad: bool) -> list[CallResult]:
+        """``call`` evaluated one sample per network call; one result for the whole call."""
+        cond = self.cond
+        results = []
+        for i in range(int(call.z.shape[0])):
+            target = None if call.target is None else call.target[i : i + 1]
+            one = Call(None, call.z[i : i + 1], call.t, target)
+            saved, self.cond = self.cond, None if cond is None else cond[i : i + 1]
+            try:
+                results.append(self._network([one], with_grad)[0])
+            finally:
+                self.cond = saved
+        eps = torch.cat([r.eps for r in results])
+        grad = torch.cat([r.grad for r in results if r.grad is not None]) if with_grad else None
+        return [CallResult(eps, grad, isolated=True)]
 
     def _network(self, calls: list[Call], with_grad: bool) -> list[CallResult]:
         """One network call on the concatenation of ``calls``; per-sample timesteps."""

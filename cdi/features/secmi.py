@@ -8,11 +8,15 @@ from cdi.features.config import FeatureConfig
 from cdi.features.context import Batch, Call, FamilyRun, l2, z0_key
 
 
-def ddim_step(b: Batch, z: torch.Tensor, eps: torch.Tensor, s: int, s_next: int) -> torch.Tensor:
-    """One deterministic DDIM step from timestep s to s′ given e = ε̂(z, s) (either direction)."""
-    a, a_next = b.alpha_bar(s), b.alpha_bar(s_next)
-    x0 = (z - (1.0 - a) ** 0.5 * eps) / a**0.5
-    return a_next**0.5 * x0 + (1.0 - a_next) ** 0.5 * eps
+def ddim_step(b: Batch, z: torch.Tensor, eps: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
+    """One deterministic step from t to t′ given e = ε̂(z, t), in either direction.
+
+    x̂0 = (z − s_t·e)/a_t, z′ = a_t′·x̂0 + s_t′·e: the DDIM step for DDPM-style models, the
+    Euler step of the probability-flow ODE for rectified flow (method §10.1).
+    """
+    (a, s), (a_next, s_next) = b.coefficients(t), b.coefficients(t_next)
+    x0 = (z - s * eps) / a
+    return a_next * x0 + s_next * eps
 
 
 def secmi_depth(config: FeatureConfig) -> int:

@@ -30,26 +30,49 @@ def load_model(
     revision: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    allow_pickle: bool | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
     ``dtype`` defaults to float32; ``"float16"``/``"bfloat16"`` are accepted as strings.
-    Shipped test models can be named by their zoo name (see ``cdi models``).
+    Shipped test models can be named by their zoo name (see ``cdi models``). Pickled
+    weights are refused unless ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``).
+    ``lora`` (a file, a folder or a shipped LoRA's name) is loaded onto the denoiser at
+    ``lora_scale``; the identity then names the base's weights and the LoRA's.
     """
+    import dataclasses
+
     import torch
 
+    from cdi.errors import InputError
     from cdi.models.dit import DiTAdapter
     from cdi.models.latent import LatentAdapter
+    from cdi.models.loading import pickle_allowed
     from cdi.models.pixel import PixelAdapter
     from cdi.models.stable_diffusion import StableDiffusionAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    info = detect_family(source, revision)
+    info = dataclasses.replace(detect_family(source, revision), allow_pickle=pickle_allowed(allow_pickle))
     adapters: dict[str, type[PixelAdapter | LatentAdapter | DiTAdapter | StableDiffusionAdapter]] = {
         "pixel": PixelAdapter,
         "latent": LatentAdapter,
         "dit": DiTAdapter,
         "stable-diffusion": StableDiffusionAdapter,
     }
-    return adapters[info.family](info, device=device, dtype=resolved_dtype)
+    if lora is not None and info.lora is not None:
+        raise InputError(f"{source} is a LoRA model already; --lora adds a LoRA to a base model")
+    if info.lora is not None:
+        lora, lora_scale = info.lora, info.lora_scale
+    adapter = adapters[info.family](info, device=device, dtype=resolved_dtype)
+    if lora is not None:
+        from cdi.models.lora import apply_lora
+
+        applied = apply_lora(adapter, lora, lora_scale, allow_pickle=info.allow_pickle)
+        adapter.lora = applied
+        adapter.identity = dataclasses.replace(
+            adapter.identity, lora_sha256=dict(applied.sha256), lora_scale=applied.scale)
+    return adapter
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from cdi.models.schedule import NoiseSchedule
 
 Conditioning = Literal["none", "class", "text"]
 #: What one image contributes as conditioning: nothing, a class id, or a caption.
@@ -30,15 +32,23 @@ class ModelIdentity:
     reference: ModelReference
     family: str
     weight_sha256: dict[str, str] = field(default_factory=dict)
+    #: A LoRA applied on top of the weights: SHA-256 of each of its files, and its scale.
+    lora_sha256: dict[str, str] = field(default_factory=dict)
+    lora_scale: float | None = None
 
     @property
     def digest(self) -> str:
-        """One SHA-256 over the sorted weight hashes: the model's identity for caches."""
+        """One SHA-256 over the sorted weight hashes (and a LoRA's, with its scale): the
+        model's identity for caches."""
         import hashlib
 
         h = hashlib.sha256(self.family.encode())
         for name in sorted(self.weight_sha256):
             h.update(f"\0{name}\0{self.weight_sha256[name]}".encode())
+        if self.lora_sha256:
+            h.update(f"\0lora\0{float(self.lora_scale or 0.0)!r}".encode())
+            for name in sorted(self.lora_sha256):
+                h.update(f"\0{name}\0{self.lora_sha256[name]}".encode())
         return h.hexdigest()
 
 
@@ -51,8 +61,9 @@ class DiffusionAdapter(abc.ABC):
 
     family: ClassVar[str]
 
-    #: ᾱ_t for t = 0 … T−1 as float64 on the CPU, from the model's own scheduler config.
-    alphas_cumprod: torch.Tensor
+    #: (a_t, s_t) for t = 0 … T−1 and how the network's output becomes ε̂ (method §10.1),
+    #: from the model's own scheduler config.
+    schedule: NoiseSchedule
     conditioning: Conditioning
     #: Channels and side length of the images the model takes (after preprocessing).
     image_channels: int
@@ -63,7 +74,7 @@ class DiffusionAdapter(abc.ABC):
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return self.schedule.num_train_timesteps
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +96,15 @@ class DiffusionAdapter(abc.ABC):
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """The noise prediction ε̂(z_t, t) for a batch, float32, same shape as ``z_t``.
 
-        ``t`` is one timestep for the whole batch or a long tensor ``[B]``, one per sample.
+        ``t`` is one index into the grid of :attr:`schedule` for the whole batch or a long
+        tensor ``[B]``, one per sample; z_t = a_t·z0 + s_t·ε. Whatever the network predicts
+        (ε, v, x0 or a flow velocity) comes back as ε̂ (:meth:`NoiseSchedule.to_eps`).
 
         Differentiable with respect to ``z_t``; the parameters are frozen.
         """
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:
+        """Facts for the report; for flow models, the σ of each grid index in ``timesteps``."""
         return {
             "family": self.family,
             "conditioning": self.conditioning,
@@ -99,4 +113,10 @@ class DiffusionAdapter(abc.ABC):
             "num_train_timesteps": self.num_train_timesteps,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            **self.schedule.describe(tuple(timesteps)),
+            **({"lora": self.lora.describe()} if self.lora is not None else {}),
         }
+
+    #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).
+    lora: Any = None
+

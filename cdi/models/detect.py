@@ -8,6 +8,7 @@ functions, so hub models take the same code path as the local ones tested here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]
     },
 }
 
+#: A folder holding this file is a LoRA model: {"base": model reference, "lora": path
+#: relative to the folder, "scale": number (optional)}. It names a fine-tune by one reference,
+#: as a registry entry or ``--model`` can.
+LORA_MODEL_FILE = "lora_model.json"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -70,6 +76,11 @@ class ModelInfo:
     image_channels: int
     num_classes: int | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: Whether pickled weight files may be loaded (see :func:`cdi.models.loading.check_weight_files`).
+    allow_pickle: bool = False
+    #: A LoRA to load onto the denoiser, from a LoRA model folder (:data:`LORA_MODEL_FILE`).
+    lora: str | None = None
+    lora_scale: float = 1.0
 
 
 def resolve_reference(source: str, revision: str | None = None) -> ModelReference:
@@ -96,10 +107,14 @@ def _zoo_path(name: str) -> Path | None:
     """The directory of a shipped test model named ``name``, if there is one."""
     try:
         from cdi import zoo
-
-        return Path(zoo.get(name).path)
-    except (ImportError, KeyError, AttributeError):
+    except ImportError:
         return None
+    for get in ("get", "get_lora"):
+        try:
+            return Path(getattr(zoo, get)(name).path)
+        except (KeyError, AttributeError):
+            continue
+    return None
 
 
 def read_json(ref: ModelReference, relpath: str) -> dict[str, Any]:
@@ -148,6 +163,8 @@ def _int(config: dict[str, Any], key: str, where: str) -> int:
 def detect_family(source: str, revision: str | None = None) -> ModelInfo:
     """Detect a model's family and check that the files its family needs are present."""
     ref = resolve_reference(source, revision)
+    if ref.is_local and (Path(ref.source) / LORA_MODEL_FILE).is_file():
+        return _lora_model(ref)
     index = read_json(ref, "model_index.json")
     pipeline = index.get("_class_name")
     if not isinstance(pipeline, str):
@@ -235,3 +252,24 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         num_classes=num_classes,
         configs=configs,
     )
+
+
+def _lora_model(ref: ModelReference) -> ModelInfo:
+    """A LoRA model folder: its base's info, with the LoRA to load onto it."""
+    spec = read_json(ref, LORA_MODEL_FILE)
+    base, lora, scale = spec.get("base"), spec.get("lora"), spec.get("scale", 1.0)
+    where = f"{ref.source}/{LORA_MODEL_FILE}"
+    if not isinstance(base, str) or not base:
+        raise MalformedModelError(f"{where}: 'base' must name the base model")
+    if not isinstance(lora, str) or not lora or Path(lora).is_absolute() or ".." in Path(lora).parts:
+        raise MalformedModelError(f"{where}: 'lora' must be a path inside the folder")
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise MalformedModelError(f"{where}: 'scale' must be a number")
+    lora_path = Path(ref.source) / lora
+    if not lora_path.exists():
+        raise MalformedModelError(f"{ref.source}: missing {lora}")
+    base_path = Path(ref.source) / base
+    info = detect_family(str(base_path) if base_path.is_dir() else base)
+    if info.lora is not None:
+        raise MalformedModelError(f"{where}: the base is itself a LoRA model")
+    return dataclasses.replace(info, lora=str(lora_path), lora_scale=float(scale))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -10,6 +11,7 @@ from cdi.errors import InputError
 from cdi.models.base import DiffusionAdapter, ImageCondition
 from cdi.models.detect import ModelInfo
 from cdi.models.loading import alphas_cumprod_of, identity_of, prediction_type_of
+from cdi.models.schedule import NoiseSchedule
 
 
 class DiffusersAdapter(DiffusionAdapter):
@@ -20,13 +22,36 @@ class DiffusersAdapter(DiffusionAdapter):
         self.info = info
         self.device = torch.device(device)
         self.dtype = dtype
-        self.alphas_cumprod = alphas_cumprod_of(info)
-        self.prediction_type = prediction_type_of(info)
+        self.schedule = self._schedule(info)
         self.conditioning = info.conditioning
         self.image_channels = info.image_channels
         self.image_size = info.image_size
         self.identity = identity_of(info)
         self._num_classes = info.num_classes
+
+    def _schedule(self, info: ModelInfo) -> NoiseSchedule:
+        """The model's (a_t, s_t): DDPM-style ᾱ_t unless the family says otherwise."""
+        self.alphas_cumprod = alphas_cumprod_of(info)
+        return NoiseSchedule.ddpm(self.alphas_cumprod, prediction_type_of(info))  # type: ignore[arg-type]
+
+    #: The key prefix of the denoiser's weights in a diffusers LoRA file.
+    lora_prefix = "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network a LoRA adapts: the UNet or the transformer."""
+        net = getattr(self, "unet", None) or getattr(self, "transformer", None)
+        if net is None:
+            raise NotImplementedError(f"{type(self).__name__} has no denoiser")
+        return net
+
+    def lora_pipeline_class(self) -> Any:
+        """The diffusers pipeline whose ``lora_state_dict`` reads this family's LoRA files."""
+        return None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction
 
     def _timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
         if isinstance(t, torch.Tensor):
@@ -35,16 +60,7 @@ class DiffusersAdapter(DiffusionAdapter):
 
     def _to_eps(self, out: torch.Tensor, z_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Convert the network's output to a noise prediction, in float32."""
-        out = out.float()
-        if self.prediction_type == "epsilon":
-            return out
-        steps = self._timesteps(t, z_t.shape[0]).cpu()
-        a = self.alphas_cumprod[steps].to(z_t.device, torch.float32).view(-1, *([1] * (z_t.dim() - 1)))
-        z_t = z_t.float()
-        if self.prediction_type == "v_prediction":
-            # v = √ᾱ·ε − √(1−ᾱ)·x0 and z = √ᾱ·x0 + √(1−ᾱ)·ε give ε = √ᾱ·v + √(1−ᾱ)·z.
-            return a**0.5 * out + (1.0 - a) ** 0.5 * z_t
-        return (z_t - a**0.5 * out) / (1.0 - a) ** 0.5
+        return self.schedule.to_eps(out, z_t, self._timesteps(t, z_t.shape[0]))
 
     def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
         if self.conditioning == "none":

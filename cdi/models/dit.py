@@ -11,6 +11,7 @@ from cdi.models.loading import load_component
 
 class DiTAdapter(DiffusersAdapter):
     family = "dit"
+    lora_prefix = "transformer"
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

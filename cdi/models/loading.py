@@ -6,16 +6,59 @@ Local directories and hub ids go through the same calls; only where the files li
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdi.errors import MalformedModelError, ModelError
+from cdi.errors import MalformedModelError, ModelError, ModelIdentityError, PickledWeightsError
 from cdi.models.base import ModelIdentity
 from cdi.models.detect import ModelInfo
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+#: Weight files whose loading unpickles (runs code from the file).
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+#: The environment variable that allows pickled weights, as ``--allow-pickle`` does.
+ALLOW_PICKLE_ENV = "CDI_ALLOW_PICKLE"
+#: Components that hold no weights.
+_NO_WEIGHTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+
+
+def pickle_allowed(explicit: bool | None = None) -> bool:
+    """``explicit`` if given, else whether ``CDI_ALLOW_PICKLE=1`` is set."""
+    if explicit is not None:
+        return bool(explicit)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def refuse_pickle(paths: list[str], where: str) -> PickledWeightsError:
+    names = ", ".join(paths[:5]) + (" …" if len(paths) > 5 else "")
+    return PickledWeightsError(
+        f"{where}: the weights are pickled ({names}); loading a pickle runs code from the file. "
+        f"Convert them to .safetensors, or allow pickled weights with --allow-pickle "
+        f"(environment: {ALLOW_PICKLE_ENV}=1) if you trust the file"
+    )
+
+
+def check_weight_files(info: ModelInfo) -> None:
+    """Refuse a local model whose weights exist only as pickles, unless they are allowed.
+
+    A folder with ``.safetensors`` weights loads those (diffusers and transformers prefer
+    them); hub models are held to the same rule by loading with ``use_safetensors=True``.
+    """
+    if info.allow_pickle or not info.reference.is_local:
+        return
+    root = Path(info.reference.source)
+    pickled: list[str] = []
+    for role, folder in info.components.items():
+        if role in _NO_WEIGHTS or not (root / folder).is_dir():
+            continue
+        files = [p for p in (root / folder).rglob("*") if p.is_file()]
+        if not any(p.suffix == ".safetensors" for p in files):
+            pickled += [p.relative_to(root).as_posix() for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise refuse_pickle(sorted(pickled), info.reference.source)
 
 
 def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None) -> Any:
@@ -30,8 +73,12 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
         raise MalformedModelError(f"{info.reference.source}: unknown component class {cls_name}")
     ref = info.reference
     kwargs: dict[str, Any] = {"subfolder": folder, "revision": ref.revision}
-    if dtype is not None and role not in ("tokenizer", "scheduler"):
-        kwargs["torch_dtype"] = dtype
+    if role not in _NO_WEIGHTS:
+        check_weight_files(info)
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        if not info.allow_pickle:
+            kwargs["use_safetensors"] = True
     try:
         if role == "scheduler":
             return cls.from_pretrained(ref.source, **kwargs)
@@ -78,23 +125,40 @@ def _model_files_root(info: ModelInfo) -> Path | None:
         return None
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file; a file that cannot be read is a :class:`ModelIdentityError`."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ModelIdentityError(f"cannot hash {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
 def weight_hashes(info: ModelInfo) -> dict[str, str]:
-    """SHA-256 of every weight file of the model's components, keyed by relative path."""
+    """SHA-256 of every weight file of the model's components, keyed by relative path.
+
+    Raises :class:`ModelIdentityError` when the files cannot be found or read, and
+    :class:`MalformedModelError` when a component that holds weights has none: a model is
+    never given an empty identity (two different models would share a feature-cache key).
+    """
     root = _model_files_root(info)
     if root is None:
-        return {}
+        raise ModelIdentityError(
+            f"cannot hash the weights of {info.reference.source}@{info.reference.revision or 'main'}: "
+            "its files are not available locally"
+        )
     out: dict[str, str] = {}
-    for folder in sorted(set(info.components.values())):
+    for role, folder in sorted(info.components.items()):
         base = root / folder
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-                h = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-                out[path.relative_to(root).as_posix()] = h.hexdigest()
+        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
+            if base.is_dir() else []
+        if not files and role not in _NO_WEIGHTS:
+            raise MalformedModelError(f"{info.reference.source}: cannot load {folder} (it has no weight file)")
+        for path in files:
+            out[path.relative_to(root).as_posix()] = file_sha256(path)
     return out
 
 

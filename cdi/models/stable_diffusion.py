@@ -25,6 +25,11 @@ class StableDiffusionAdapter(DiffusersAdapter):
         self.tokenizer = load_component(info, "tokenizer")
         self.scaling_factor = float(self.autoencoder.config.get("scaling_factor", 1.0))
 
+    def lora_pipeline_class(self) -> object:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()

@@ -132,3 +132,44 @@ def get(name: str) -> ZooModel:
         known = ", ".join(m.name for m in list_models()) or "none"
         raise KeyError(f"no shipped model named {name!r} (shipped: {known})")
     return ZooModel.load(path)
+
+
+LORAS_DIR = Path(__file__).parent / "loras"
+
+
+@dataclass(frozen=True)
+class ZooLora:
+    """A shipped LoRA fine-tune of a shipped model (``cdi/zoo/loras/<name>/``)."""
+
+    name: str
+    path: Path
+    description: str
+    base: str
+    members: tuple[int, ...]
+    held_out: tuple[int, ...]
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path / str(self.manifest.get("lora", "lora"))
+
+    @classmethod
+    def load(cls, path: Path) -> ZooLora:
+        m = json.loads((path / "manifest.json").read_text())
+        return cls(name=m["name"], path=path, description=m["description"], base=m["base"],
+                   members=tuple(m["members"]), held_out=tuple(m["held_out"]), manifest=m)
+
+
+def list_loras() -> list[ZooLora]:
+    if not LORAS_DIR.is_dir():
+        return []
+    return [ZooLora.load(p) for p in sorted(LORAS_DIR.iterdir()) if (p / "manifest.json").is_file()]
+
+
+def get_lora(name: str) -> ZooLora:
+    """The shipped LoRA called ``name``; ``KeyError`` naming the known ones otherwise."""
+    path = LORAS_DIR / name
+    if "/" in name or not (path / "manifest.json").is_file():
+        known = ", ".join(m.name for m in list_loras()) or "none"
+        raise KeyError(f"no shipped LoRA named {name!r} (shipped: {known})")
+    return ZooLora.load(path)

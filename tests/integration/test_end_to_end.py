@@ -241,3 +241,44 @@ def test_embedded_mode(tmp_path: Path, dataset: dict[str, Any], reference: Any, 
     finally:
         proc.stop()
     assert proc.popen.returncode is not None
+
+
+# --- a LoRA fine-tune, calibrated against its base -------------------------------------------
+
+
+def test_reference_calibrated_audit_matches_the_library(pg_env: dict[str, str],
+                                                        start_api: Callable[[dict[str, str]], str],
+                                                        start_worker: Callable[..., Proc], migrated: str,
+                                                        tmp_path: Path) -> None:
+    """`cdi audit --model BASE --lora L --reference-model BASE` and the API (model = the
+    shipped LoRA model, reference_model = its base) give the same verdict and p-value."""
+    from cdi import zoo
+    from cdi.audit import AuditOptions, audit
+    from cdi.images import ImageFile
+    from cdi.zoo import digits
+
+    lora = zoo.get_lora("digits-hard-lora")
+    size = int(lora.manifest["image_size"])
+    archive = tmp_path / "lora.zip"
+    files: dict[str, list[ImageFile]] = {"published": [], "unpublished": []}
+    with zipfile.ZipFile(archive, "w") as zf:
+        sets = (("published", lora.members[:N_PUBLISHED]), ("unpublished", lora.held_out[:N_UNPUBLISHED]))
+        for role, indices in sets:
+            for i in indices:
+                path = tmp_path / f"digit-{i:04d}.png"
+                digits.image(i, size).save(path, format="PNG")
+                zf.write(path, f"{role}/{path.name}")
+                files[role].append(ImageFile.read(path))
+    library = audit(files["published"], files["unpublished"], lora.base, lora=str(lora.lora_path),
+                    reference_model=lora.base, options=AuditOptions(seed=SEED))
+    assert library.calibrated
+    tenant = make_tenant(migrated, "lora")
+    base = start_api(pg_env)
+    worker = start_worker(pg_env)
+    with CdiClient(base, tenant.key) as client:
+        accepted = client.submit(model=lora.name, reference_model=lora.base, archive=archive, seed=SEED)
+        status = client.wait(accepted["id"], poll=0.5, timeout=WAIT)
+        assert status["state"] == "done", (status, worker.output()[-4000:])
+        report = client.report(accepted["id"])
+    assert_same_verdict(report, library)
+    assert report["manifest"]["model"]["details"]["calibration"]["mode"] == "reference-calibrated"

@@ -212,3 +212,48 @@ def test_shipped_model_names_resolve_to_their_directory():
 
     ref = resolve_reference("digits-memorised")
     assert ref.is_local and ref.source == str(zoo.get("digits-memorised").path.resolve())
+
+
+def _pickle_unet(src: Path, dst: Path) -> Path:
+    from safetensors.torch import load_file
+
+    d = _copy(src, dst)
+    for f in (d / "unet").glob("*.safetensors"):
+        torch.save(load_file(f), f.with_suffix(".bin"))
+        f.unlink()
+    return d
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_model_dirs, tmp_path, monkeypatch):
+    from cdi.errors import PickledWeightsError
+
+    monkeypatch.delenv("CDI_ALLOW_PICKLE", raising=False)
+    d = _pickle_unet(tiny_model_dirs["pixel"], tmp_path / "m")
+    named = r"unet/diffusion_pytorch_model\.bin.*--allow-pickle.*CDI_ALLOW_PICKLE=1"
+    with pytest.raises(PickledWeightsError, match=named):
+        load_model(str(d))
+    allowed = load_model(str(d), allow_pickle=True)
+    assert set(allowed.identity.weight_sha256) == {"unet/diffusion_pytorch_model.bin"}
+    monkeypatch.setenv("CDI_ALLOW_PICKLE", "1")
+    from_env = load_model(str(d))
+    assert from_env.identity.digest == allowed.identity.digest
+    # The same weights as safetensors give the same predictions.
+    safe = load_model(str(tiny_model_dirs["pixel"]))
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(safe.eps(z, 10, None), allowed.eps(z, 10, None))
+
+
+def test_unhashable_weights_are_an_error_never_an_empty_identity(tiny_model_dirs, monkeypatch):
+    import dataclasses
+
+    from cdi.errors import ModelIdentityError
+    from cdi.models.base import ModelReference
+    from cdi.models.loading import weight_hashes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = detect_family(str(tiny_model_dirs["pixel"]))
+    assert weight_hashes(info)
+    uncached = dataclasses.replace(info, reference=ModelReference("cdi-audit/not-downloaded", None, is_local=False))
+    with pytest.raises(ModelIdentityError, match="cannot hash the weights of cdi-audit/not-downloaded"):
+        weight_hashes(uncached)
