@@ -13,9 +13,11 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import errors
-from app.api.routes import audits, health, models
+from app.api.routes import audits, callbacks, health, models
 from app.queue import AuditQueue, CeleryQueue
+from app.quotas import RateLimiter, UploadSlots
 from app.settings import Settings
+from app.spool import clean_spool
 from app.storage.blobs import BlobStore
 from app.storage.db import session_factory
 
@@ -30,6 +32,7 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.upload_tmp_dir.mkdir(parents=True, exist_ok=True)
+        clean_spool(settings)  # what uploads cut short by a dead API process left behind
         yield
 
     app = FastAPI(
@@ -42,8 +45,11 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.state.session_factory = session_factory(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs)
     app.state.queue = queue
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(audits.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(callbacks.router, prefix="/v1")
     return app

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from app import errors as E
 from app.errors import BadInput, TooLarge
 from app.settings import Settings
+from app.spool import spool_prefix
 
 ROLES = ("published", "unpublished")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
@@ -102,6 +103,26 @@ def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str |
         if parts.scheme not in ("http", "https") or not parts.hostname or len(callback) > 2000:
             raise BadInput(f"callback_url must be an http(s) URL, got {callback!r}", E.INVALID_OPTIONS)
     return AuditRequestOptions(alpha=alpha, protocol=protocol, features=features, seed=seed), callback
+
+
+def check_text_fields(fields: Mapping[str, str]) -> None:
+    """Refuse control characters that no field can hold (a NUL cannot even be stored)."""
+    for name, value in fields.items():
+        if "\x00" in value:
+            raise BadInput(f"form field {name!r} contains a NUL byte", E.INVALID_CHARACTERS)
+
+
+def parse_retention(fields: Mapping[str, str], settings: Settings) -> bool:
+    """``retain_images``: keep the uploaded images after the audit ends (default: the deployment's)."""
+    raw = fields.get("retain_images")
+    if raw is None or not raw.strip():
+        return settings.retain_images
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise BadInput(f"retain_images must be true or false, got {raw!r}", E.INVALID_OPTIONS)
 
 
 # --- archives -----------------------------------------------------------------------------
@@ -334,7 +355,7 @@ def extract_members(
     for m in members:
         h = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="img-")
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=spool_prefix("img"))
         staged.images.append(StagedImage(m.role, m.name, Path(tmp), "", 0))
         try:
             with os.fdopen(fd, "wb") as out, zipfiles[m.archive].open(m.info) as src:
@@ -377,6 +398,8 @@ def parse_conditions(data: bytes, filename: str, kind: str, images: Iterable[Sta
         mapping = _parse(data, kind, f"the {kind}s file")  # type: ignore[arg-type]
     except InputError as exc:
         raise BadInput(str(exc), code) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # whatever hostile bytes make the parser raise
+        raise BadInput(f"the {kind}s file cannot be read ({type(exc).__name__})", code) from None
     images = list(images)
     roles: dict[str, set[str]] = {}
     for im in images:

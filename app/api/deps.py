@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import errors as E
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.queue import AuditQueue
+from app.quotas import RateLimiter
 from app.services import AuditService
 from app.settings import Settings
 from app.storage.blobs import BlobStore
@@ -77,16 +78,25 @@ class Caller:
 
 
 def current_caller(
+    request: Request,
     factory: SessionFactoryDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
+    """The key's tenant; each call also counts against the tenant's request rate."""
     if credentials is None or not credentials.credentials:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", E.MISSING_API_KEY)
     with factory() as session:
-        tenant = ApiKeyRepository(session).authenticate(credentials.credentials)
+        keys = ApiKeyRepository(session)
+        tenant = keys.authenticate(credentials.credentials)
         if tenant is None:
             raise Unauthorized("the API key is not valid (unknown, revoked or malformed)", E.INVALID_API_KEY)
-        return Caller(tenant.id, tenant.name, tenant.is_admin)
+        caller = Caller(tenant.id, tenant.name, tenant.is_admin)
+        if keys.touch(credentials.credentials):
+            session.commit()
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        limiter.take(caller.tenant_id)
+    return caller
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]
