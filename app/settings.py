@@ -73,7 +73,7 @@ class Settings(BaseSettings):
 
     # --- quotas per tenant (0: no limit) -------------------------------------------------
     #: Audits of one tenant queued or running at once.
-    max_concurrent_audits: int = Field(default=4, ge=0)
+    max_concurrent_audits: int = Field(default=10, ge=0)
     #: Audits one tenant may submit per UTC day.
     max_audits_per_day: int = Field(default=200, ge=0)
     #: Images one tenant may upload per UTC day.
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     #: Bytes of images one tenant may have stored at once (retained and in-flight uploads).
     max_stored_bytes: int = Field(default=100 * 1024**3, ge=0)
     #: Uploads of one tenant being received at once (per API process).
-    max_concurrent_uploads: int = Field(default=2, ge=0)
+    max_concurrent_uploads: int = Field(default=4, ge=0)
     #: Requests per minute and tenant (per API process; a token bucket of this size).
     rate_limit_per_minute: int = Field(default=600, ge=0)
 

@@ -267,6 +267,9 @@ def list_members(
         if suffix not in IMAGE_SUFFIXES:
             raise BadInput(f"{label}: member {info.filename!r} is not an image (accepted: "
                            f"{', '.join(sorted(IMAGE_SUFFIXES))})", E.NOT_AN_IMAGE)
+        if info.file_size > settings.max_image_bytes:
+            raise TooLarge(f"{label}: member {info.filename!r} is {info.file_size} bytes, above the limit of "
+                           f"{settings.max_image_bytes} bytes per image", E.IMAGE_TOO_LARGE)
         if info.file_size > RATIO_EXEMPT_BYTES:
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > settings.max_compression_ratio:
@@ -365,6 +368,9 @@ def extract_members(
                     if size > m.info.file_size or total > settings.max_uncompressed_bytes:
                         raise TooLarge(f"{m.name} expands beyond its declared size or the limit "
                                        "(zip bomb?)", E.ZIP_BOMB)
+                    if size > settings.max_image_bytes:
+                        raise TooLarge(f"{m.name} is larger than the limit of {settings.max_image_bytes} bytes "
+                                       "per image", E.IMAGE_TOO_LARGE)
                     h.update(chunk)
                     out.write(chunk)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:

@@ -161,6 +161,11 @@ def service_env(pg: str, redis_url: str, blob_dir: Path, **extra: str) -> dict[s
         # Callbacks go to a receiver on 127.0.0.1 in the tests.
         "CDI_CALLBACK_ALLOW": "127.0.0.1",
         "CDI_RECONCILE_INTERVAL": "2",
+        # Quotas are tested on their own (test_hardening.py); the other tests submit freely.
+        "CDI_MAX_CONCURRENT_AUDITS": "0",
+        "CDI_MAX_AUDITS_PER_DAY": "0",
+        "CDI_RATE_LIMIT_PER_MINUTE": "0",
+        "CDI_MAX_CONCURRENT_UPLOADS": "0",
     }
     env.update(extra)
     return env
