@@ -321,3 +321,9 @@ def test_api_keys_record_their_last_use(service: Service, migrated: str) -> None
     with session_scope(migrated) as s:
         assert s.get(ApiKey, key_id).last_used_at is not None  # type: ignore[union-attr]
 
+
+
+def test_registering_a_hub_model_over_http_does_not_fetch_it(service: Service) -> None:
+    r = service.client.put("/v1/models/hub-model", headers=service.headers(service.admin),  # type: ignore[attr-defined]
+                           json={"id": "hub-model", "source": "some-org/some-model", "revision": "main"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "hub_model_via_cli"
