@@ -22,9 +22,9 @@ EXAMPLES = int(os.environ.get("CDI_FUZZ_EXAMPLES", "25"))
 def fuzz(app: Any, headers: dict[str, str], examples: int, seed: int | None = 0) -> dict[str, Any]:
     """Run ``examples`` generated cases per operation; returns counts and the failures found."""
     import schemathesis
-    from schemathesis import GenerationMode
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
+    from schemathesis import GenerationMode
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
