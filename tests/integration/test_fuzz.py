@@ -28,6 +28,10 @@ def fuzz(app: Any, headers: dict[str, str], examples: int, seed: int | None = 0)
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+
+    def label(case: Any) -> str:
+        return f"{case.operation.method.upper()} {case.operation.path}"
+
     stats: dict[str, Any] = {"cases": 0, "server_errors": 0, "failures": [], "statuses": {}}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -46,10 +50,12 @@ def fuzz(app: Any, headers: dict[str, str], examples: int, seed: int | None = 0)
                 # The API key is fixed (an admin's, so that every operation is reachable). A
                 # schema-valid request may still be refused (a random "archive" is not a zip).
                 response = case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
-            except (Exception, BaseExceptionGroup) as exc:  # schemathesis reports a group of failures
-                stats["failures"].append(f"{operation.method.upper()} {operation.path}: {exc}"[:2000])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # schemathesis reports a group of failures (not an Exception)
+                stats["failures"].append(f"{label(case)}: {exc}"[:2000])
                 return
-            key = f"{operation.method.upper()} {operation.path} {response.status_code}"
+            key = f"{label(case)} {response.status_code}"
             stats["statuses"][key] = stats["statuses"].get(key, 0) + 1
             if response.status_code >= 500:
                 stats["server_errors"] += 1
