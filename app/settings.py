@@ -140,6 +140,9 @@ class Settings(BaseSettings):
                 raise ValueError("CDI_DATABASE_URL must name a server database (Postgres) in production")
             if self.broker_url.startswith("sqla+"):
                 raise ValueError("CDI_BROKER_URL must name a broker server (Redis) in production")
+            _require_password("CDI_DATABASE_URL", self.database_url)
+            if self.broker_url.startswith(("redis://", "rediss://")):
+                _require_password("CDI_BROKER_URL", self.broker_url)
         return self
 
     @property
@@ -155,6 +158,20 @@ class Settings(BaseSettings):
     def upload_tmp_dir(self) -> Path:
         """Where uploads are spooled while they are validated: beside the blobs, same filesystem."""
         return self.blobs / "tmp"
+
+
+#: Passwords that are not: refused in production.
+WEAK_PASSWORDS = frozenset({"", "cdi", "postgres", "password", "changeme", "secret", "redis", "admin"})
+
+
+def _require_password(name: str, url: str) -> None:
+    """In production a server URL carries a password, and not a well-known one (Redis: AUTH)."""
+    from urllib.parse import urlsplit
+
+    password = urlsplit(url).password
+    if password is None or password in WEAK_PASSWORDS:
+        raise ValueError(f"{name} must carry a password in production (and not a default one such as 'cdi'): "
+                         "e.g. postgresql+psycopg://cdi:<password>@host/cdi, redis://:<password>@host:6379/0")
 
 
 @lru_cache(maxsize=1)
