@@ -53,7 +53,8 @@ def test_docker_compose_config(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         config = json.loads(out.stdout)
         services = config["services"]
-        expected = {"postgres", "redis", "migrate", "api", "beat", "worker-gpu"} | ({"worker-cpu"} if profiles else set())
+        expected = {"postgres", "redis", "migrate", "api", "beat", "worker-gpu"}
+        expected |= {"worker-cpu"} if profiles else set()
         assert set(services) == expected, set(services)
     # The GPU worker reserves a device; everything long-running has a health check.
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
