@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -117,14 +118,16 @@ def test_redis_loses_its_data_with_three_audits_queued(
 def own_postgres(tmp_path: Path) -> Iterator[dict[str, Any]]:
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     assert initdb and pg_ctl, "initdb and pg_ctl are needed (Postgres' server binaries)"
-    data, sock = tmp_path / "pgdata", tmp_path / "pgsock"
-    sock.mkdir()
-    port = free_port()
+    # Postgres refuses to run as root: as root, its folder belongs to the postgres user, outside
+    # pytest's private temporary folder.
     user = [] if os.geteuid() != 0 else ["-u", "postgres"]
+    root = Path(tempfile.mkdtemp(prefix="cdi-faults-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
     if user:
-        for p in (data.parent, sock):
+        for p in (root, sock):
             shutil.chown(p, "postgres")
-        shutil.chown(tmp_path, "postgres")
+    port = free_port()
 
     def run(*argv: str) -> None:
         cmd = ["runuser", *user, "--", *argv] if user else list(argv)
@@ -132,7 +135,7 @@ def own_postgres(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
     run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    ctl = {"start": lambda: run(pg_ctl, "-D", str(data), "-o", opts, "-l", str(tmp_path / "pg.log"), "-w", "start"),
+    ctl = {"start": lambda: run(pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "pg.log"), "-w", "start"),
            "stop": lambda: run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")}
     ctl["start"]()
     import psycopg
@@ -151,6 +154,7 @@ def own_postgres(tmp_path: Path) -> Iterator[dict[str, Any]]:
         from app.storage.db import engine_for
 
         engine_for.cache_clear()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgres_stops_for_15_s_during_extraction(
