@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
 from app.api import errors
+from app.api.deps import no_unknown_query
 from app.api.routes import audits, callbacks, health, models
 from app.queue import AuditQueue, CeleryQueue
 from app.quotas import RateLimiter, UploadSlots
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
         version=__version__,
         summary="Was a diffusion model trained on your images? Submit them, get a verdict with a p-value.",
         lifespan=lifespan,
+        dependencies=[Depends(no_unknown_query)],
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import errors as E
-from app.errors import Forbidden, NotFound, Unauthorized
+from app.errors import BadInput, Forbidden, NotFound, Unauthorized
 from app.queue import AuditQueue
 from app.quotas import RateLimiter
 from app.services import AuditService
@@ -22,6 +22,28 @@ from app.storage.models import Audit
 from app.storage.repositories import ApiKeyRepository, AuditRepository
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cdi_…`")
+
+
+def no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the operation does not define: a misspelt ``?limt=`` would
+    otherwise be ignored in silence (the same rule as unknown form fields)."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    todo = [dependant]
+    while todo:  # the operation's own parameters and its dependencies'
+        d = todo.pop()
+        known |= {p.alias for p in d.query_params}
+        todo.extend(d.dependencies)
+    unknown = sorted(k for k in request.query_params if k not in known)
+    if unknown:
+        raise BadInput(f"unknown query parameter {unknown[0]!r}"
+                       + (f"; this operation takes {', '.join(sorted(known))}" if known else ""),
+                       E.UNKNOWN_PARAMETER)
 
 
 def get_settings(request: Request) -> Settings:

@@ -327,3 +327,11 @@ def test_registering_a_hub_model_over_http_does_not_fetch_it(service: Service) -
     r = service.client.put("/v1/models/hub-model", headers=service.headers(service.admin),  # type: ignore[attr-defined]
                            json={"id": "hub-model", "source": "some-org/some-model", "revision": "main"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "hub_model_via_cli"
+
+
+def test_unknown_query_parameters_are_refused(service: Service) -> None:
+    r = service.client.get("/v1/audits?limt=5", headers=service.headers(service.alice))  # type: ignore[attr-defined]
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_parameter"
+    assert "limt" in r.json()["error"]["message"]
+    r = service.client.get("/v1/audits?limit=5&state=done", headers=service.headers(service.alice))  # type: ignore[attr-defined]
+    assert r.status_code == 200

@@ -35,7 +35,10 @@ def register_model(model_id: str, body: RegisterModel, caller: AdminCaller, sess
 
     if body.id != model_id:
         raise BadInput("the body's id differs from the URL's", "invalid_model_id")
-    if not Path(body.source).is_dir():
+    source = Path(body.source)
+    if not source.is_dir():
+        if source.is_absolute() or body.source.startswith((".", "~")) or source.exists():
+            raise BadInput(f"{body.source!r} is not a model directory on this host", "model_not_found")
         # Detecting a hub model's family downloads its configuration: never inside a request
         # (it could take minutes, or hang on the network). The CLI does it on the operator's host.
         raise BadInput(f"{body.source!r} is not a model directory on this host; register hub models with "
