@@ -16,7 +16,7 @@ from .conftest import Service
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = int(os.environ.get("CDI_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("CDI_FUZZ_EXAMPLES", "20"))
 
 
 def fuzz(app: Any, headers: dict[str, str], examples: int, seed: int | None = 0) -> dict[str, Any]:
