@@ -161,6 +161,8 @@ class AuditService:
         repo = AuditRepository(session)
         cancelled = repo.cancel(audit)
         removed, shas = repo.erase(audit)
+        if cancelled and audit.callback_url:
+            repo.set_callback_state(audit.id, "pending")  # the reconciler resends it if the send below fails
         session.commit()
         removed["blobs"] = len(self.ledger.collect(shas))
         if cancelled and audit.callback_url:
