@@ -162,3 +162,54 @@ def test_an_expired_claim_refuses_to_commit(lifetime: dict[str, Any]) -> None:
     assert info.value.code == "upload_expired"
     with session_scope(lifetime["url"]) as s:
         assert s.scalar(select(func.count()).select_from(BlobClaim)) == 0
+
+
+HTTP_ITERATIONS = int(os.environ.get("CDI_RACE_HTTP_ITERATIONS", "10"))
+
+
+def test_delete_races_upload_through_the_api(service: Any, migrated: str) -> None:
+    """The same race through HTTP: bob submits and deletes the images alice keeps submitting."""
+    import random
+
+    from app.storage.models import AuditImage
+    from app.storage.repositories import ModelRepository
+
+    from .conftest import synthetic_archive
+
+    with session_scope(migrated) as s:
+        ModelRepository(s).upsert("race-model", source="/nonexistent/race-model", revision=None, family="pixel",
+                                  conditioning="none", description="race tests only")
+    archive = synthetic_archive(offset=random.randrange(10**6, 10**9))
+    client, blobs = service.client, service.settings.blobs
+    files = {"archive": ("a.zip", archive, "application/zip")}
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def bob() -> None:
+        while not stop.is_set():
+            r = client.post("/v1/audits", headers=service.headers(service.bob), files=files,
+                            data={"model": "race-model"})
+            if r.status_code != 202:
+                errors.append(r.text)
+                return
+            client.delete(f"/v1/audits/{r.json()['id']}", headers=service.headers(service.bob))
+
+    t = threading.Thread(target=bob, daemon=True)
+    t.start()
+    missing = []
+    try:
+        for _ in range(HTTP_ITERATIONS):
+            r = client.post("/v1/audits", headers=service.headers(service.alice), files=files,
+                            data={"model": "race-model"})
+            assert r.status_code == 202, r.text
+            with session_scope(migrated) as s:
+                audit_id = uuid.UUID(r.json()["id"])
+                shas = list(s.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit_id)))
+            missing += [sha for sha in shas if not blobs.joinpath(sha[:2], sha[2:4], sha).is_file()]
+            client.delete(f"/v1/audits/{r.json()['id']}", headers=service.headers(service.alice))
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert not errors, errors[:1]
+    assert not missing, f"{len(missing)} blobs of committed audits were deleted by the other tenant"
+    service.purge()
