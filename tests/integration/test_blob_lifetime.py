@@ -28,7 +28,7 @@ from .conftest import make_tenant, png
 pytestmark = pytest.mark.integration
 
 #: Uploads of the racing tenant per run (the other tenant uploads and deletes meanwhile, as many
-#: times as it can). scripts/race-blobs runs more.
+#: times as it can). CDI_RACE_ITERATIONS=5000 runs a longer race.
 RACE_ITERATIONS = int(os.environ.get("CDI_RACE_ITERATIONS", "200"))
 
 
