@@ -27,8 +27,11 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 def no_unknown_query(request: Request) -> None:
     """Refuse query parameters the operation does not define: a misspelt ``?limt=`` would
     otherwise be ignored in silence (the same rule as unknown form fields)."""
-    if not request.query_params:
+    raw = request.url.query
+    if not raw:
         return
+    if any(pair and not pair.split("=", 1)[0] for pair in raw.split("&")):
+        raise BadInput("a query parameter has no name", E.UNKNOWN_PARAMETER)
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:

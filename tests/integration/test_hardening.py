@@ -335,3 +335,8 @@ def test_unknown_query_parameters_are_refused(service: Service) -> None:
     assert "limt" in r.json()["error"]["message"]
     r = service.client.get("/v1/audits?limit=5&state=done", headers=service.headers(service.alice))  # type: ignore[attr-defined]
     assert r.status_code == 200
+
+
+def test_nameless_query_parameters_are_refused(service: Service) -> None:
+    r = service.client.get("/v1/audits?cursor=&=null", headers=service.headers(service.alice))  # type: ignore[attr-defined]
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_parameter"
