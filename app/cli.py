@@ -137,9 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             env=env,
         )
     print(f"Serving the CDI audit service on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
-    try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
-    finally:
+
+    def stop_worker() -> None:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -147,6 +146,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # uvicorn handles SIGINT and SIGTERM itself, then raises the signal again once it has
+        # stopped: it lands here, after the API, and the worker goes with it. SIGHUP, which
+        # uvicorn leaves alone, asks uvicorn to stop the same way.
+        if signum == signal.SIGHUP:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        stop_worker()
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    finally:
+        stop_worker()
     return 0
 
 
@@ -166,6 +182,11 @@ def cmd_admin(args: argparse.Namespace) -> int:
         migrate.downgrade(settings.database_url, args.revision)
         print(f"database at revision {migrate.current(settings.database_url)}", file=sys.stderr)
         return 0
+    from app.admin import ensure_database
+
+    problem = ensure_database(settings)
+    if problem is not None:
+        return _err(problem)
     try:
         with session_scope(settings.database_url) as session:
             tenants = TenantRepository(session)
@@ -203,12 +224,25 @@ def cmd_admin(args: argparse.Namespace) -> int:
     raise AssertionError(args.admin_command)
 
 
-def cmd_requeue(args: argparse.Namespace) -> int:
-    from worker.tasks import requeue_orphans
+def _with_database(fn: Any) -> Any:
+    """An admin command that needs the migrated database (app.admin)."""
 
-    for audit_id in requeue_orphans(_settings()):
-        print(audit_id)
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from app.admin import ensure_database
+
+        settings = _settings()
+        problem = ensure_database(settings)
+        if problem is not None:
+            return _err(problem)
+        return int(fn(args, settings) or 0)
+
+    return run
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from app.admin import cmd_reconcile
+
+    return _with_database(cmd_reconcile)(args)  # type: ignore[no-any-return]
 
 
 # --- client commands ------------------------------------------------------------------------
@@ -404,8 +438,11 @@ def register_admin(sub: Any) -> None:
     q.add_argument("--revision", default=None)
     q.add_argument("--description", default="")
     admin.add_parser("list-models", help="list the models the service can audit")
-    q = admin.add_parser("requeue-orphans", help="queue again the audits whose worker died")
+    q = admin.add_parser("requeue-orphans", help="queue again the audits whose worker died (= reconcile)")
     q.set_defaults(func=cmd_requeue)
+    from app.admin import register as register_more
+
+    register_more(admin, _with_database)
     p.set_defaults(func=cmd_admin)
 
 

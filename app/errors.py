@@ -86,3 +86,24 @@ MALFORMED_CAPTIONS = "malformed_captions"
 MALFORMED_LABELS = "malformed_labels"
 INVALID_OPTIONS = "invalid_options"
 MALFORMED_UPLOAD = "malformed_upload"
+INVALID_CHARACTERS = "invalid_characters"
+UNKNOWN_PARAMETER = "unknown_parameter"
+INVALID_CURSOR = "invalid_cursor"
+INVALID_STATE = "invalid_state"
+INVALID_CALLBACK_URL = "invalid_callback_url"
+IMAGE_TOO_LARGE = "image_too_large"
+QUOTA_EXCEEDED = "quota_exceeded"
+RATE_LIMITED = "rate_limited"
+DATABASE_UNAVAILABLE = "database_unavailable"
+
+
+class TooMany(ServiceError):
+    """A quota or rate limit was reached (HTTP 429); ``retry_after`` says when to try again, seconds."""
+
+    default_code = QUOTA_EXCEEDED
+
+    def __init__(self, message: str, code: str | None = None, retry_after: int = 60,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+        self.headers = headers or {}

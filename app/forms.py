@@ -62,6 +62,8 @@ class AuditForm(AuditOptionsForm):
                                                      '"caption": ...}, keyed by image file name.')
     labels: bytes | None = Field(None, description='CSV (header file,label) or JSON Lines {"file": ..., '
                                                    '"label": ...}; class-conditional models need one per image.')
+    retain_images: bool = Field(False, description="Keep the images after the audit ends (default: they are "
+                                                   "deleted then; the report keeps their SHA-256s).")
 
 
 def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +86,8 @@ def form_schema() -> dict[str, Any]:
     properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
     # The model first, then the images, then the options: the order a person fills them in.
     order = ["model", "reference_model", "archive", "published", "unpublished", "alpha", "protocol", "features",
-             "seed", "captions", "labels", "callback_url"]
+             "seed", "captions", "labels", "callback_url", "retain_images"]
     properties = {k: properties[k] for k in order if k in properties} | properties
     return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
-            "required": ["model"]}
+            "required": ["model"],
+            "anyOf": [{"required": ["archive"]}, {"required": ["published", "unpublished"]}]}

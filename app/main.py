@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
 from app.api import errors
-from app.api.routes import audits, explain, health, models, plans, web
+from app.api.deps import no_unknown_query
+from app.api.routes import audits, callbacks, explain, health, models, plans, web
 from app.queue import AuditQueue, CeleryQueue
+from app.quotas import RateLimiter, UploadSlots
 from app.settings import Settings
+from app.spool import clean_spool
 from app.storage.blobs import BlobStore
 from app.storage.db import session_factory
 
@@ -30,6 +33,7 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.upload_tmp_dir.mkdir(parents=True, exist_ok=True)
+        clean_spool(settings)  # what uploads cut short by a dead API process left behind
         yield
 
     app = FastAPI(
@@ -40,16 +44,20 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
         # Served by app.api.routes.web from installed files: the defaults load them from a CDN.
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(no_unknown_query)],
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs)
     app.state.queue = queue
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(audits.router, prefix="/v1")
     app.include_router(explain.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
     app.include_router(plans.router, prefix="/v1")
+    app.include_router(callbacks.router, prefix="/v1")
     web.install(app)
     return app

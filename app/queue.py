@@ -12,6 +12,7 @@ from typing import Protocol
 
 RUN_AUDIT = "worker.tasks.run_audit"
 DELIVER_CALLBACK = "worker.tasks.deliver_callback"
+RECONCILE = "worker.tasks.reconcile"
 
 
 class AuditQueue(Protocol):
@@ -42,3 +43,22 @@ class CeleryQueue:
     def ping(self) -> None:
         with self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+    def pending_ids(self) -> set[str] | None:
+        """Task ids waiting in the audit queue or held unacknowledged by a worker (Redis only;
+        ``None`` where the broker cannot be inspected). The reconciler compares them with the
+        queued audits to find the tasks a broker lost."""
+        import json
+
+        url = str(self.celery.conf.broker_url or "")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        ids: set[str] = set()
+        with self.celery.connection_for_read() as conn:
+            client = conn.default_channel.client
+            for raw in client.lrange(self.audit_queue, 0, -1):
+                ids.add(str(json.loads(raw).get("headers", {}).get("id")))
+            for raw in client.hvals("unacked"):
+                message = json.loads(raw)[0]
+                ids.add(str(message.get("headers", {}).get("id")))
+        return ids

@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.storage.models import Audit
 
 State = Literal["queued", "validating", "extracting", "scoring", "reporting", "done", "failed", "cancelled"]
+STATES: tuple[str, ...] = State.__args__  # type: ignore[attr-defined]
 
 
 class ErrorInfo(BaseModel):
@@ -55,6 +56,8 @@ class AuditStatus(BaseModel):
     p_value: float | None = Field(default=None, description="Set when done.")
     error: ErrorInfo | None = None
     images_deleted: bool = False
+    retain_images: bool = Field(default=False, description="The images are kept after the audit ends.")
+    deleted_at: datetime | None = Field(default=None, description="Set when its owner deleted it.")
     urls: AuditLinks
 
     @classmethod
@@ -69,9 +72,23 @@ class AuditStatus(BaseModel):
             verdict=audit.verdict, p_value=audit.p_value,
             error=ErrorInfo(code=audit.error_code, message=audit.error_message or "")
             if audit.error_code else None,
-            images_deleted=audit.images_deleted,
+            images_deleted=audit.images_deleted, retain_images=bool(audit.retain_images),
+            deleted_at=audit.deleted_at,
             urls=AuditLinks(self=url, report=f"{url}/report", report_pdf=f"{url}/report.pdf"),
         )
+
+
+class Removed(BaseModel):
+    images: int = Field(description="Image records removed (their files, unless another audit uses them).")
+    blobs: int = Field(description="Stored files deleted (images no other audit uses, the PDF).")
+    report: int = Field(description="1 if a JSON report was deleted.")
+    pdf: int = Field(description="1 if a PDF report was deleted.")
+    runs: int = Field(description="Run records deleted.")
+    features: int = Field(description="Cached per-image feature vectors deleted (none that another audit uses).")
+
+
+class AuditDeleted(AuditStatus):
+    removed: Removed
 
 
 class AuditAccepted(BaseModel):
@@ -103,6 +120,13 @@ class RegisterModel(BaseModel):
     source: str = Field(min_length=1, description="A diffusers directory on the workers, or a hub id.")
     revision: str | None = None
     description: str = ""
+
+    @field_validator("id", "source", "revision", "description")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
 
 
 class Health(BaseModel):

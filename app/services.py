@@ -9,25 +9,31 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app import errors as E
 from app.api.multipart import ParsedForm
+from app.callbacks import AllowList, check_url
 from app.errors import BadInput, Unavailable
 from app.queue import AuditQueue
+from app.quotas import Quotas
 from app.registry import ModelRegistry
 from app.settings import Settings
 from app.storage.blobs import BlobStore
+from app.storage.ledger import BlobLedger, ClaimLost, release
 from app.storage.models import Audit
-from app.storage.repositories import AuditRepository
-from app.uploads import parse_options, stage_upload
+from app.storage.repositories import AuditRepository, TenantRepository
+from app.uploads import StagedUpload, check_text_fields, parse_options, parse_retention, stage_upload
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_FIELDS = frozenset({"archive", "published", "unpublished"})
 FILE_FIELDS = ARCHIVE_FIELDS | {"captions", "labels"}
-TEXT_FIELDS = frozenset({"model", "reference_model", "alpha", "protocol", "features", "seed", "callback_url"})
+TEXT_FIELDS = frozenset({"model", "reference_model", "alpha", "protocol", "features", "seed", "callback_url",
+                         "retain_images"})
 
 
 def check_conditioning(conditioning: str | None, has_labels: bool) -> None:
@@ -47,10 +53,17 @@ class AuditService:
         self.settings = settings
         self.blobs = blobs
         self.queue = queue
+        self.ledger = BlobLedger(session_factory, blobs, timedelta(seconds=settings.blob_claim_seconds))
+        self.quotas = Quotas(session_factory, settings)
 
     def submit(self, tenant_id: uuid.UUID, form: ParsedForm) -> Audit:
         """Validate an upload completely, store it, queue the audit. Nothing is stored on error."""
+        check_text_fields(form.fields)
         options, callback_url = parse_options(form.fields)
+        if callback_url is not None:
+            check_url(callback_url, AllowList.parse(self.settings.callback_allow))
+        retain = parse_retention(form.fields, self.settings)
+        self.quotas.check_submit(tenant_id)
         model_id = form.fields.get("model", "").strip()
         if not model_id:
             raise BadInput("the form field 'model' is required (a model id from GET /v1/models)",
@@ -85,53 +98,90 @@ class AuditService:
                               labels=labels)
         try:
             check_conditioning(model.conditioning, staged.labels is not None)
-        except BaseException:
+            self.quotas.check_upload(tenant_id, len(staged.images), staged.total_bytes)
+            rows = [
+                (im.role, im.name, im.sha256, im.size,
+                 (staged.captions or {}).get(im.name), (staged.labels or {}).get(im.name))
+                for im in staged.images
+            ]
+            audit = self._store(tenant_id, staged, rows, model_id=model.id, model_source=model.source,
+                                model_revision=model.revision, options=stored_options,
+                                callback_url=callback_url, retain_images=retain)
+        finally:
             staged.cleanup()
-            raise
+        self._send(audit)
+        log.info("audit queued", extra={"audit_id": str(audit.id), "tenant_id": str(tenant_id),
+                                        "model": model.id, "images": len(rows)})
+        return audit
+
+    def _store(self, tenant_id: uuid.UUID, staged: StagedUpload,
+               rows: list[tuple[str, str, str, int, str | None, int | None]], **audit: Any) -> Audit:
+        """Store the staged images and commit the audit that references them (app.storage.ledger).
+
+        The blobs are claimed (committed) before they are written, and the claim is released in
+        the transaction that writes the audit's image rows: a concurrent DELETE of another audit
+        using the same images never deletes them. On error, nothing stays behind.
+        """
+        sizes = {im.sha256: im.size for im in staged.images}
+        claim_id = self.ledger.claim(sizes)
         try:
             for im in staged.images:
                 self.blobs.put_file(im.path, im.sha256)
-        except BaseException:
-            staged.cleanup()
-            raise
-        rows = [
-            (im.role, im.name, im.sha256, im.size,
-             (staged.captions or {}).get(im.name), (staged.labels or {}).get(im.name))
-            for im in staged.images
-        ]
-        with self.session_factory() as session:
-            repo = AuditRepository(session)
-            audit = repo.create(tenant_id=tenant_id, model_id=model.id, model_source=model.source,
-                                model_revision=model.revision, options=stored_options,
-                                callback_url=callback_url, images=rows)
-            session.commit()
-            try:
-                self.queue.enqueue(audit.id)
-            except Exception as exc:
-                log.exception("could not queue audit %s", audit.id)
-                orphaned = repo.delete_images(audit)
-                session.delete(audit)
+            with self.session_factory() as session:
+                if audit.get("callback_url"):
+                    TenantRepository(session).webhook_secret(tenant_id)  # what the callbacks are signed with
+                created = AuditRepository(session).create(tenant_id=tenant_id, images=rows, **audit)
+                release(session, claim_id, len(sizes))
                 session.commit()
-                for sha in orphaned:
-                    self.blobs.delete(sha)
-                raise Unavailable(f"the work queue cannot be reached ({type(exc).__name__}); nothing was "
-                                  "stored, try again later", "queue_unavailable") from None
-            log.info("audit queued", extra={"audit_id": str(audit.id), "tenant_id": str(tenant_id),
-                                            "model": model.id, "images": len(rows)})
-            return audit
+                return created
+        except ClaimLost:
+            self.ledger.abandon(claim_id, sizes)
+            raise Unavailable("storing the upload took longer than the blobs' claim lasts "
+                              "(CDI_BLOB_CLAIM_SECONDS); nothing was stored, try again", "upload_expired") from None
+        except BaseException:
+            self.ledger.abandon(claim_id, sizes)
+            raise
 
-    def delete(self, session: Session, audit: Audit) -> Audit:
-        """Cancel the audit if it has not ended, and delete its uploaded images."""
+    def _send(self, audit: Audit) -> None:
+        """Hand the committed audit to the broker, then mark it sent.
+
+        An API that dies between the commit and the send leaves ``enqueued_at`` unset: the
+        reconciler sends it then (the audit row is the outbox).
+        """
+        try:
+            self.queue.enqueue(audit.id)
+        except Exception as exc:
+            log.exception("could not queue audit %s", audit.id)
+            with self.session_factory() as session:
+                repo = AuditRepository(session)
+                row = repo.get(audit.id)
+                shas = repo.remove(row) if row is not None else []
+                session.commit()
+            self.ledger.collect(shas)
+            raise Unavailable(f"the work queue cannot be reached ({type(exc).__name__}); nothing was "
+                              "stored, try again later", "queue_unavailable") from None
+        with self.session_factory() as session:
+            AuditRepository(session).mark_enqueued(audit.id)
+            session.commit()
+
+    def delete(self, session: Session, audit: Audit) -> tuple[Audit, dict[str, int]]:
+        """Cancel the audit if it has not ended, and delete everything it stored.
+
+        Removes its images (the blobs no other audit uses), report, PDF, runs, and the cached
+        features of its images that no other audit needs. The audit's row stays, marked
+        deleted, so that its id keeps answering. Returns the audit and what was removed.
+        """
         repo = AuditRepository(session)
         cancelled = repo.cancel(audit)
-        orphaned = repo.delete_images(audit)
+        removed, shas = repo.erase(audit)
+        if cancelled and audit.callback_url:
+            repo.set_callback_state(audit.id, "pending")  # the reconciler resends it if the send below fails
         session.commit()
-        for sha in orphaned:
-            self.blobs.delete(sha)
+        removed["blobs"] = len(self.ledger.collect(shas))
         if cancelled and audit.callback_url:
             try:
                 self.queue.enqueue_callback(audit.id)
-            except Exception:  # the cancellation stands; the callback is best effort here
+            except Exception:  # the cancellation stands; the reconciler sends the callback
                 log.exception("could not queue the callback of cancelled audit %s", audit.id)
         session.refresh(audit)
-        return audit
+        return audit, removed

@@ -68,6 +68,45 @@ class Settings(BaseSettings):
     #: Largest captions or labels file, bytes (the library refuses more than 8 MiB anyway).
     max_captions_bytes: int = Field(default=8 * 1024**2, ge=1024)
 
+    #: Largest single image, bytes (a PNG padded with junk after its last chunk counts whole).
+    max_image_bytes: int = Field(default=64 * 1024**2, ge=1024)
+
+    # --- quotas per tenant (0: no limit) -------------------------------------------------
+    #: Audits of one tenant queued or running at once.
+    max_concurrent_audits: int = Field(default=10, ge=0)
+    #: Audits one tenant may submit per UTC day.
+    max_audits_per_day: int = Field(default=200, ge=0)
+    #: Images one tenant may upload per UTC day.
+    max_images_per_day: int = Field(default=200_000, ge=0)
+    #: Bytes of images one tenant may have stored at once (retained and in-flight uploads).
+    max_stored_bytes: int = Field(default=100 * 1024**3, ge=0)
+    #: Uploads of one tenant being received at once (per API process).
+    max_concurrent_uploads: int = Field(default=4, ge=0)
+    #: Requests per minute and tenant (per API process; a token bucket of this size).
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+
+    # --- lifetimes -----------------------------------------------------------------------
+    #: Keep uploaded images after their audit ends (an audit can ask with retain_images=true).
+    retain_images: bool = False
+    #: Seconds an upload's claim on its blobs lasts before it must have committed its audit.
+    blob_claim_seconds: int = Field(default=3600, ge=10)
+    #: Seconds between two runs of the reconciler (requeues lost audits, collects blobs, spool).
+    reconcile_interval: float = Field(default=60.0, gt=0)
+    #: Seconds an audit may stay queued before the reconciler sends it again, when the broker
+    #: cannot tell whether its task is still waiting (with Redis it looks in the queue).
+    requeue_after: int = Field(default=900, ge=1)
+    #: Seconds a spool file of an upload may live before it is taken for a dead upload's.
+    spool_max_age: int = Field(default=6 * 3600, ge=60)
+    #: Seconds between worker heartbeats; /readyz wants one younger than three of these.
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    #: /readyz also requires a live worker (turn off for an API-only deployment's probe).
+    ready_requires_worker: bool = True
+
+    # --- callbacks -----------------------------------------------------------------------
+    #: Networks or hosts callbacks may reach although they are private, loopback, link-local...
+    #: (comma-separated: ``10.0.0.0/8,hooks.internal``). Default: only public addresses.
+    callback_allow: str = ""
+
     # --- API -----------------------------------------------------------------------------
     default_page_size: int = Field(default=50, ge=1, le=500)
     #: Callback deliveries: attempts and the first retry delay (doubles each time), seconds.
@@ -101,6 +140,9 @@ class Settings(BaseSettings):
                 raise ValueError("CDI_DATABASE_URL must name a server database (Postgres) in production")
             if self.broker_url.startswith("sqla+"):
                 raise ValueError("CDI_BROKER_URL must name a broker server (Redis) in production")
+            _require_password("CDI_DATABASE_URL", self.database_url)
+            if self.broker_url.startswith(("redis://", "rediss://")):
+                _require_password("CDI_BROKER_URL", self.broker_url)
         return self
 
     @property
@@ -116,6 +158,20 @@ class Settings(BaseSettings):
     def upload_tmp_dir(self) -> Path:
         """Where uploads are spooled while they are validated: beside the blobs, same filesystem."""
         return self.blobs / "tmp"
+
+
+#: Passwords that are not: refused in production.
+WEAK_PASSWORDS = frozenset({"", "cdi", "postgres", "password", "changeme", "secret", "redis", "admin"})
+
+
+def _require_password(name: str, url: str) -> None:
+    """In production a server URL carries a password, and not a well-known one (Redis: AUTH)."""
+    from urllib.parse import urlsplit
+
+    password = urlsplit(url).password
+    if password is None or password in WEAK_PASSWORDS:
+        raise ValueError(f"{name} must carry a password in production (and not a default one such as 'cdi'): "
+                         "e.g. postgresql+psycopg://cdi:<password>@host/cdi, redis://:<password>@host:6379/0")
 
 
 @lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ from app import errors as E
 from app.errors import BadInput, TooLarge
 from app.forms import AuditOptionsForm
 from app.settings import Settings
+from app.spool import spool_prefix
 
 ROLES = ("published", "unpublished")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
@@ -97,6 +98,26 @@ def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str |
         raise _option_error(exc) from None
     options = AuditRequestOptions(alpha=form.alpha, protocol=form.protocol, features=form.features, seed=form.seed)
     return options, form.callback_url
+
+
+def check_text_fields(fields: Mapping[str, str]) -> None:
+    """Refuse control characters that no field can hold (a NUL cannot even be stored)."""
+    for name, value in fields.items():
+        if "\x00" in value:
+            raise BadInput(f"form field {name!r} contains a NUL byte", E.INVALID_CHARACTERS)
+
+
+def parse_retention(fields: Mapping[str, str], settings: Settings) -> bool:
+    """``retain_images``: keep the uploaded images after the audit ends (default: the deployment's)."""
+    raw = fields.get("retain_images")
+    if raw is None or not raw.strip():
+        return settings.retain_images
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise BadInput(f"retain_images must be true or false, got {raw!r}", E.INVALID_OPTIONS)
 
 
 # --- archives -----------------------------------------------------------------------------
@@ -241,6 +262,9 @@ def list_members(
         if suffix not in IMAGE_SUFFIXES:
             raise BadInput(f"{label}: member {info.filename!r} is not an image (accepted: "
                            f"{', '.join(sorted(IMAGE_SUFFIXES))})", E.NOT_AN_IMAGE)
+        if info.file_size > settings.max_image_bytes:
+            raise TooLarge(f"{label}: member {info.filename!r} is {info.file_size} bytes, above the limit of "
+                           f"{settings.max_image_bytes} bytes per image", E.IMAGE_TOO_LARGE)
         if info.file_size > RATIO_EXEMPT_BYTES:
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > settings.max_compression_ratio:
@@ -329,7 +353,7 @@ def extract_members(
     for m in members:
         h = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="img-")
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=spool_prefix("img"))
         staged.images.append(StagedImage(m.role, m.name, Path(tmp), "", 0))
         try:
             with os.fdopen(fd, "wb") as out, zipfiles[m.archive].open(m.info) as src:
@@ -339,6 +363,9 @@ def extract_members(
                     if size > m.info.file_size or total > settings.max_uncompressed_bytes:
                         raise TooLarge(f"{m.name} expands beyond its declared size or the limit "
                                        "(zip bomb?)", E.ZIP_BOMB)
+                    if size > settings.max_image_bytes:
+                        raise TooLarge(f"{m.name} is larger than the limit of {settings.max_image_bytes} bytes "
+                                       "per image", E.IMAGE_TOO_LARGE)
                     h.update(chunk)
                     out.write(chunk)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
@@ -372,6 +399,8 @@ def parse_conditions(data: bytes, filename: str, kind: str, images: Iterable[Sta
         mapping = _parse(data, kind, f"the {kind}s file")  # type: ignore[arg-type]
     except InputError as exc:
         raise BadInput(str(exc), code) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # whatever hostile bytes make the parser raise
+        raise BadInput(f"the {kind}s file cannot be read ({type(exc).__name__})", code) from None
     images = list(images)
     roles: dict[str, set[str]] = {}
     for im in images:

@@ -254,7 +254,9 @@ def _validate(
     if errors:
         listed = "; ".join(str(e) for e in errors[:5])
         more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+        failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+        failure.image_errors = errors  # type: ignore[attr-defined]  # each with its own stable code
+        raise failure
     n_p = len(published)
     dups = find_duplicates(prints[:n_p], prints[n_p:], options.duplicate_threshold)
     excl = duplicates_to_exclude(dups)

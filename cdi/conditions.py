@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -106,7 +107,7 @@ def _check_value(value: object, kind: Kind, where: str) -> str | int:
         raise InputError(f"{where}: a label must be an integer")
     if isinstance(value, int):
         label = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
         label = int(value.strip())
     else:
         raise InputError(f"{where}: a label must be an integer, got {value!r}")

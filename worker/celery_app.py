@@ -52,8 +52,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             "worker.tasks.run_audit": {"queue": settings.audit_queue},
             "worker.tasks.deliver_callback": {"queue": settings.callback_queue},
+            "worker.tasks.reconcile": {"queue": settings.callback_queue},
         },
         "worker_send_task_events": False,
+        # The reconciler (app.reconcile), for `celery beat` in server mode; the embedded
+        # worker runs it in a loop of its own instead.
+        "beat_schedule": {
+            "cdi-reconcile": {"task": "worker.tasks.reconcile", "schedule": settings.reconcile_interval,
+                              "options": {"queue": settings.callback_queue, "expires": settings.reconcile_interval}},
+        },
         "enable_utc": True,
     }
 

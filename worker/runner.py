@@ -19,6 +19,7 @@ those are recorded as a failed audit. It raises only for transient infrastructur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session
 from app.pdf import render_report_pdf
 from app.settings import Settings
 from app.storage.blobs import BlobNotFound, BlobStore
+from app.storage.ledger import BlobLedger, release
 from app.storage.models import AuditState
 from app.storage.repositories import AuditRepository, FeatureRepository
 from cdi.report import seal_document, signing_key_from_env
@@ -162,6 +164,7 @@ class AuditRunner:
         self.load_model = load_model
         self.audit_fn = audit_fn
         self.name = name or worker_name()
+        self.ledger = BlobLedger(session_factory, blobs, timedelta(seconds=settings.blob_claim_seconds))
 
     @property
     def lease(self) -> timedelta:
@@ -232,7 +235,12 @@ class AuditRunner:
                 assert audit is not None
                 meta = {"id": str(audit.id), "model": audit.model_id, "options": audit.options,
                         "n_published": audit.n_published, "n_unpublished": audit.n_unpublished}
-            pdf_sha = self.blobs.put_bytes(render_report_pdf(meta, report))
+            pdf = render_report_pdf(meta, report)
+            pdf_sha = hashlib.sha256(pdf).hexdigest()
+            # The PDF is claimed before it is stored and referenced in the transaction that
+            # releases the claim (app.storage.ledger): a concurrent collection cannot lose it.
+            claim_id = self.ledger.claim({pdf_sha: len(pdf)})
+            self.blobs.put_bytes(pdf)
             forward, backward = _passes(result)
             run.finishing = True
             with self.session_factory() as session:
@@ -240,11 +248,14 @@ class AuditRunner:
                 finished = repo.finish(audit_id, owner, state=AuditState.DONE, report=report,
                                        verdict=str(report.get("verdict")), p_value=_float(report.get("p_value")),
                                        pdf_sha256=pdf_sha)
+                release(session, claim_id, 1)
                 repo.update_run(audit_id, attempt, outcome="done" if finished else "superseded",
                                 finished_at=_now(), forward_passes=forward, backward_passes=backward)
                 session.commit()
             if not finished:
+                self.ledger.collect([pdf_sha])
                 return self._stopped_outcome(audit_id)
+            self.retire_images(audit_id)
             return "done"
         except AuditStopped as stop:
             self._record_run(audit_id, attempt, stop.reason)
@@ -354,7 +365,21 @@ class AuditRunner:
             failed = repo.finish(audit_id, owner, state=AuditState.FAILED, error_code=code, error_message=message)
             repo.update_run(audit_id, attempt, outcome="failed" if failed else "superseded", finished_at=_now())
             session.commit()
+        if failed:
+            self.retire_images(audit_id)
         return "failed" if failed else self._stopped_outcome(audit_id)
+
+    def retire_images(self, audit_id: uuid.UUID) -> list[str]:
+        """Retention: an audit that ended without ``retain_images`` gives its images up."""
+        with self.session_factory() as session:
+            repo = AuditRepository(session)
+            audit = repo.get(audit_id)
+            if audit is None or not AuditState(audit.state).is_terminal or audit.retain_images \
+                    or audit.images_deleted:
+                return []
+            shas = repo.end_images(audit_id)
+            session.commit()
+        return self.ledger.collect(shas)
 
     def _record_run(self, audit_id: uuid.UUID, attempt: int, outcome: str) -> None:
         with self.session_factory() as session:
@@ -406,6 +431,12 @@ def _classify(exc: Exception) -> tuple[str, str]:
     from cdi.errors import CdiError
 
     if isinstance(exc, CdiError):
+        # The library gathers the images it cannot decode into one error; their own codes
+        # (image_corrupt, image_truncated, ...) are the documented ones.
+        image_errors = getattr(exc, "image_errors", None)
+        if image_errors:
+            codes = {e.code for e in image_errors}
+            return (codes.pop() if len(codes) == 1 else "image_corrupt"), str(exc)
         return exc.code, str(exc)
     if type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory", ("the model ran out of accelerator memory; the operator can lower "

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 import uuid
-from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -20,11 +21,13 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
+from app.queue import RECONCILE, CeleryQueue
+from app.reconcile import ReconcileReport, beat, forget, reconcile
 from app.settings import Settings
 from app.storage.blobs import BlobStore
 from app.storage.db import engine_for, session_factory
 from app.storage.models import utcnow
-from app.storage.repositories import AuditRepository
+from app.storage.repositories import AuditRepository, TenantRepository
 from worker.celery_app import celery
 from worker.models import get_model
 from worker.runner import AuditRunner
@@ -73,33 +76,36 @@ def queue_callback(audit_id: uuid.UUID) -> None:
 
 @celery.task(name="worker.tasks.deliver_callback", bind=True, acks_late=True, max_retries=None)
 def deliver_callback(self: Task, audit_id: str) -> str:
-    import httpx
-
+    """POST the audit's final status, signed (Standard Webhooks), to its checked callback address."""
+    from app.callbacks import AllowList, deliver
     from app.schemas import AuditStatus
 
     s = settings()
+    ident = uuid.UUID(audit_id)
     with session_factory(s.database_url)() as session:
         repo = AuditRepository(session)
-        audit = repo.get(uuid.UUID(audit_id))
+        audit = repo.get(ident)
         if audit is None or not audit.callback_url or audit.callback_state == "delivered":
             return "nothing to do"
         body = AuditStatus.of(audit).model_dump(mode="json")
         url = audit.callback_url
+        secret = TenantRepository(session).webhook_secret(audit.tenant_id)
+        msg_id = f"msg_{audit_id}_{audit.state}"
+        session.commit()
     try:
-        response = httpx.post(url, json=body, timeout=s.callback_timeout,
-                              headers={"User-Agent": "cdi-audit-callback/1", "X-CDI-Audit": audit_id})
-        ok = response.status_code < 300
-        reason = f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        ok, reason = False, type(exc).__name__
+        ok, reason, retry = deliver(url, body, secret=secret, msg_id=msg_id,
+                                    allow=AllowList.parse(s.callback_allow), timeout=s.callback_timeout)
+    except Exception as exc:  # never leave the callback pending because of a bug or a hostile URL
+        log.exception("callback of audit %s could not be sent", audit_id)
+        ok, reason, retry = False, type(exc).__name__, False
     with session_factory(s.database_url)() as session:
         repo = AuditRepository(session)
         if ok:
-            repo.set_callback_state(uuid.UUID(audit_id), "delivered")
+            repo.set_callback_state(ident, "delivered")
             session.commit()
             return "delivered"
-        if self.request.retries + 1 >= s.callback_attempts:
-            repo.set_callback_state(uuid.UUID(audit_id), "failed")
+        if not retry or self.request.retries + 1 >= s.callback_attempts:
+            repo.set_callback_state(ident, "failed")
             session.commit()
             log.warning("callback of audit %s failed for good (%s)", audit_id, reason)
             return "failed"
@@ -107,49 +113,67 @@ def deliver_callback(self: Task, audit_id: str) -> str:
     raise self.retry(countdown=s.callback_backoff * 2**self.request.retries)
 
 
-# --- recovery of audits whose worker died -------------------------------------------------
+# --- recovery: the reconciler, and this worker's heartbeat ---------------------------------
+
+
+def _queue(s: Settings) -> CeleryQueue:
+    return CeleryQueue(celery, s.audit_queue, s.callback_queue)
 
 
 def requeue_orphans(s: Settings | None = None) -> list[uuid.UUID]:
-    """Queue again the running audits whose lease ran out (their worker died).
+    """One reconciler pass; returns the audits it sent again (``cdi admin requeue-orphans``)."""
+    report = reconcile_once(s)
+    return report.requeued + report.sent
 
-    Redis redelivers a dead worker's message by itself (visibility timeout); other brokers
-    (the embedded mode's SQLite one) do not, and this sweep covers them. A duplicate message
-    does no harm: the task is idempotent.
-    """
+
+def reconcile_once(s: Settings | None = None) -> ReconcileReport:
     s = s or settings()
-    requeued = []
-    with session_factory(s.database_url)() as session:
-        repo = AuditRepository(session)
-        for audit in repo.orphaned(grace=timedelta(seconds=s.lease_seconds)):
-            if repo.requeue(audit.id):
-                requeued.append(audit.id)
-        session.commit()
-    for audit_id in requeued:
-        celery.send_task("worker.tasks.run_audit", args=[str(audit_id)], queue=s.audit_queue)
-        log.warning("audit %s lost its worker; queued again", audit_id)
-    return requeued
+    return reconcile(session_factory(s.database_url), s, BlobStore(s.blobs), _queue(s))
 
 
-_sweeper_stop = threading.Event()
+@celery.task(name=RECONCILE, ignore_result=True)
+def reconcile_task() -> dict[str, int]:
+    """The reconciler as a periodic task (Celery beat, server mode)."""
+    return reconcile_once().as_dict()
+
+
+_loop_stop = threading.Event()
+
+
+def _embedded(s: Settings) -> bool:
+    """The embedded mode (no beat process): the worker runs the reconciler itself."""
+    return not s.broker_url.startswith(("redis://", "rediss://"))
 
 
 @worker_ready.connect
-def _start_sweeper(**_: Any) -> None:
+def _start_loop(sender: Any = None, **_: Any) -> None:
     s = settings()
+    name = getattr(sender, "hostname", None) or f"worker@{uuid.uuid4().hex[:8]}"
+    factory = session_factory(s.database_url)
+    run_reconciler = _embedded(s)
 
     def loop() -> None:
-        while not _sweeper_stop.is_set():
+        last = 0.0
+        while not _loop_stop.is_set():
             try:
-                requeue_orphans(s)
+                beat(factory, name)
             except Exception:
-                log.exception("the orphan sweep failed; it will run again")
-            _sweeper_stop.wait(max(2.0, s.lease_seconds / 2))
+                log.warning("could not record this worker's heartbeat", exc_info=True)
+            if run_reconciler and time.monotonic() - last >= min(s.reconcile_interval, max(2.0, s.lease_seconds / 2)):
+                last = time.monotonic()
+                try:
+                    reconcile_once(s)
+                except Exception:
+                    log.exception("the reconciler failed; it will run again")
+            _loop_stop.wait(min(s.worker_heartbeat_seconds, 5.0))
+        with contextlib.suppress(Exception):
+            forget(factory, name)
 
-    threading.Thread(target=loop, name="cdi-orphan-sweep", daemon=True).start()
-    log.info("worker ready", extra={"queues": [s.audit_queue, s.callback_queue], "started": utcnow().isoformat()})
+    threading.Thread(target=loop, name="cdi-worker-loop", daemon=True).start()
+    log.info("worker ready", extra={"queues": [s.audit_queue, s.callback_queue], "started": utcnow().isoformat(),
+                                    "reconciler": "in this worker" if run_reconciler else "celery beat"})
 
 
 @worker_shutdown.connect
-def _stop_sweeper(**_: Any) -> None:
-    _sweeper_stop.set()
+def _stop_loop(**_: Any) -> None:
+    _loop_stop.set()

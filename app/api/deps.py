@@ -12,8 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import errors as E
-from app.errors import Forbidden, NotFound, Unauthorized
+from app.errors import BadInput, Forbidden, NotFound, Unauthorized
 from app.queue import AuditQueue
+from app.quotas import RateLimiter
 from app.services import AuditService
 from app.settings import Settings
 from app.storage.blobs import BlobStore
@@ -21,6 +22,31 @@ from app.storage.models import Audit
 from app.storage.repositories import ApiKeyRepository, AuditRepository
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer cdi_…`")
+
+
+def no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the operation does not define: a misspelt ``?limt=`` would
+    otherwise be ignored in silence (the same rule as unknown form fields)."""
+    raw = request.url.query
+    if not raw:
+        return
+    if any(pair and not pair.split("=", 1)[0] for pair in raw.split("&")):
+        raise BadInput("a query parameter has no name", E.UNKNOWN_PARAMETER)
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    todo = [dependant]
+    while todo:  # the operation's own parameters and its dependencies'
+        d = todo.pop()
+        known |= {p.alias for p in d.query_params}
+        todo.extend(d.dependencies)
+    unknown = sorted(k for k in request.query_params if k not in known)
+    if unknown:
+        raise BadInput(f"unknown query parameter {unknown[0]!r}"
+                       + (f"; this operation takes {', '.join(sorted(known))}" if known else ""),
+                       E.UNKNOWN_PARAMETER)
 
 
 def get_settings(request: Request) -> Settings:
@@ -77,16 +103,25 @@ class Caller:
 
 
 def current_caller(
+    request: Request,
     factory: SessionFactoryDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
+    """The key's tenant; each call also counts against the tenant's request rate."""
     if credentials is None or not credentials.credentials:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", E.MISSING_API_KEY)
     with factory() as session:
-        tenant = ApiKeyRepository(session).authenticate(credentials.credentials)
+        keys = ApiKeyRepository(session)
+        tenant = keys.authenticate(credentials.credentials)
         if tenant is None:
             raise Unauthorized("the API key is not valid (unknown, revoked or malformed)", E.INVALID_API_KEY)
-        return Caller(tenant.id, tenant.name, tenant.is_admin)
+        caller = Caller(tenant.id, tenant.name, tenant.is_admin)
+        if keys.touch(credentials.credentials):
+            session.commit()
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        limiter.take(caller.tenant_id)
+    return caller
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]

@@ -19,6 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import MALFORMED_UPLOAD, UPLOAD_TOO_LARGE, BadInput, TooLarge
+from app.spool import spool_prefix
 
 #: Largest plain (non-file) form field, bytes.
 MAX_FIELD_BYTES = 64 * 1024
@@ -118,7 +119,7 @@ async def read_form(
             return
         if is_file and name in file_fields:
             current.filename = opts[b"filename"].decode("utf-8", "replace")
-            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=spool_prefix("upload"))
             current.file = os.fdopen(fd, "wb")
             current.upload = UploadedFile(name, current.filename, Path(tmp))
             form.files[name] = current.upload

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,7 +53,7 @@ class BlobStore:
         """Store the concatenated ``chunks``; returns (sha256, size)."""
         h = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="put-")
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"put-{socket.gethostname()}-{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:

@@ -89,6 +89,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The key that signs this tenant's callbacks (Standard Webhooks: ``whsec_`` + base64).
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -125,7 +127,10 @@ class RegisteredModel(Base):
 
 class Audit(Base):
     __tablename__ = "audits"
-    __table_args__ = (Index("ix_audits_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_audits_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_audits_report_pdf_sha256", "report_pdf_sha256"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -161,6 +166,12 @@ class Audit(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     images_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Keep the uploaded images after the audit ends (default: deleted when it ends).
+    retain_images: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: When the task was handed to the broker; NULL while it waits to be sent (the outbox).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: When its owner deleted it (images, report, PDF and runs are gone; this row remains).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -221,6 +232,37 @@ class AuditRun(Base):
     audit: Mapped[Audit] = relationship(back_populates="runs")
 
 
+class Blob(Base):
+    """A stored blob. Blobs are deleted through these rows only (see :mod:`app.storage.ledger`)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BlobClaim(Base):
+    """A writer's claim on a blob it is about to store and reference: the blob is not deleted
+    while the claim lives. Removed in the transaction that writes the references."""
+
+    __tablename__ = "blob_claims"
+    __table_args__ = (Index("ix_blob_claims_sha256", "sha256"),)
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class WorkerHeartbeat(Base):
+    """A worker process that said it is alive at ``seen_at`` (``/readyz`` reads these)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column()
+
+
 class FeatureRow(Base):
     """A cached per-image feature vector.
 
@@ -230,6 +272,7 @@ class FeatureRow(Base):
     """
 
     __tablename__ = "features"
+    __table_args__ = (Index("ix_features_sha256", "sha256"),)
 
     #: SHA-256 of the key given by the library (its length and format are the library's).
     cache_key: Mapped[str] = mapped_column(String(64), primary_key=True)

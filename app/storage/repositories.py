@@ -8,15 +8,16 @@ per worker step), so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, null, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import security
@@ -54,6 +55,18 @@ class TenantRepository:
     def count(self) -> int:
         return int(self.session.scalar(select(func.count()).select_from(Tenant)) or 0)
 
+    def webhook_secret(self, tenant_id: uuid.UUID, *, rotate: bool = False) -> str:
+        """The tenant's callback signing secret, created on first use (or replaced with ``rotate``)."""
+        from app.callbacks import new_secret
+
+        tenant = self.session.get(Tenant, tenant_id, with_for_update=True)
+        if tenant is None:
+            raise LookupError(tenant_id)
+        if tenant.webhook_secret is None or rotate:
+            tenant.webhook_secret = new_secret()
+            self.session.flush()
+        return tenant.webhook_secret
+
 
 class ApiKeyRepository:
     def __init__(self, session: Session) -> None:
@@ -75,6 +88,18 @@ class ApiKeyRepository:
         if row is None or row.revoked_at is not None or not security.secret_matches(secret, row.secret_sha256):
             return None
         return row.tenant
+
+    def touch(self, plaintext: str, every: timedelta = timedelta(minutes=1)) -> bool:
+        """Record that the key was used (at most once per ``every``, to spare the database)."""
+        parsed = security.parse_key(plaintext)
+        if parsed is None:
+            return False
+        now = utcnow()
+        result = self.session.execute(
+            update(ApiKey).where(ApiKey.key_id == parsed[0],
+                                 or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - every))
+            .values(last_used_at=now).execution_options(synchronize_session=False))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def revoke(self, key_id: str) -> bool:
         result = self.session.execute(
@@ -121,9 +146,17 @@ def _encode_cursor(created_at: datetime, audit_id: uuid.UUID) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The cursor's (created_at in UTC, id); ValueError for anything this API did not give."""
     padded = cursor + "=" * (-len(cursor) % 4)
-    ts, _, ident = base64.urlsafe_b64decode(padded.encode()).decode().partition("|")
-    return datetime.fromisoformat(ts), uuid.UUID(ident)
+    try:
+        raw = base64.urlsafe_b64decode(padded.encode("ascii"))
+        ts, _, ident = raw.decode("utf-8").partition("|")
+        created = datetime.fromisoformat(ts)
+        if created.tzinfo is None or not 2000 <= created.year <= 9000:
+            raise ValueError("timestamp out of range")
+        return created.astimezone(timezone.utc), uuid.UUID(ident)
+    except (UnicodeError, OverflowError, TypeError, binascii.Error) as exc:
+        raise ValueError(str(exc)) from None
 
 
 class InvalidCursor(ValueError):
@@ -138,7 +171,8 @@ class AuditRepository:
 
     def create(self, *, tenant_id: uuid.UUID, model_id: str, model_source: str, model_revision: str | None,
                options: Mapping[str, Any], callback_url: str | None,
-               images: Sequence[tuple[str, str, str, int, str | None, int | None]]) -> Audit:
+               images: Sequence[tuple[str, str, str, int, str | None, int | None]],
+               retain_images: bool = False) -> Audit:
         """A queued audit; ``images`` are (role, name, sha256, size, caption, label) in order."""
         audit = Audit(
             tenant_id=tenant_id, model_id=model_id, model_source=model_source, model_revision=model_revision,
@@ -148,7 +182,7 @@ class AuditRepository:
             upload_bytes=sum(im[3] for im in images),
             has_captions=any(im[4] is not None for im in images),
             has_labels=any(im[5] is not None for im in images),
-            state=AuditState.QUEUED.value,
+            state=AuditState.QUEUED.value, retain_images=retain_images,
         )
         self.session.add(audit)
         self.session.flush()
@@ -293,24 +327,70 @@ class AuditRepository:
         self.session.execute(update(Audit).where(Audit.id == audit_id).values(callback_state=state)
                              .execution_options(synchronize_session=False))
 
-    def delete_images(self, audit: Audit) -> list[str]:
-        """Remove the audit's image rows; the SHA-256s no other audit references any more."""
+    def mark_enqueued(self, audit_id: uuid.UUID) -> None:
+        self.session.execute(update(Audit).where(Audit.id == audit_id).values(enqueued_at=utcnow())
+                             .execution_options(synchronize_session=False))
+
+    def end_images(self, audit_id: uuid.UUID) -> list[str]:
+        """Retention at the end of an audit: its images are no longer kept (the rows, which say
+        what was audited, stay). Returns the SHA-256s to collect."""
+        self.session.execute(update(Audit).where(Audit.id == audit_id).values(images_deleted=True)
+                             .execution_options(synchronize_session=False))
+        return sorted(set(self.session.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit_id))))
+
+    def remove(self, audit: Audit) -> list[str]:
+        """Delete the audit's row and everything under it; returns the SHA-256s to collect."""
         shas = set(self.session.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit.id)))
-        self.session.execute(delete(AuditImage).where(AuditImage.audit_id == audit.id))
-        audit.images_deleted = True
+        if audit.report_pdf_sha256:
+            shas.add(audit.report_pdf_sha256)
+        self.session.delete(audit)
         self.session.flush()
-        if not shas:
-            return []
-        still_used = set(self.session.scalars(
-            select(AuditImage.sha256).where(AuditImage.sha256.in_(shas)).distinct()))
-        # A report PDF is a blob too; never delete one that is some audit's report.
-        still_used |= set(self.session.scalars(
-            select(Audit.report_pdf_sha256).where(Audit.report_pdf_sha256.in_(shas))))
-        return sorted(shas - still_used)
+        return sorted(shas)
+
+    def erase(self, audit: Audit) -> tuple[dict[str, int], list[str]]:
+        """Delete what the audit stored, keeping its row as a deleted tombstone.
+
+        Removes its image rows, report, PDF reference and runs, and the cached features of its
+        images that no other audit references. Returns the counts of what was removed and the
+        SHA-256s of the blobs to collect.
+        """
+        shas = set(self.session.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit.id)))
+        n_images = int(self.session.scalar(
+            select(func.count()).select_from(AuditImage).where(AuditImage.audit_id == audit.id)) or 0)
+        self.session.execute(delete(AuditImage).where(AuditImage.audit_id == audit.id)
+                             .execution_options(synchronize_session=False))
+        n_runs = self.session.execute(delete(AuditRun).where(AuditRun.audit_id == audit.id)
+                                      .execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+        n_features = 0
+        ordered = sorted(shas)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            still = select(AuditImage.sha256).where(AuditImage.sha256 == FeatureRow.sha256)
+            n_features += int(self.session.execute(
+                delete(FeatureRow).where(FeatureRow.sha256.in_(chunk), ~still.exists())
+                .execution_options(synchronize_session=False)).rowcount or 0)  # type: ignore[attr-defined]
+        had_report = audit.report is not None
+        pdf = audit.report_pdf_sha256
+        if pdf:
+            shas.add(pdf)
+        now = utcnow()
+        self.session.execute(
+            update(Audit).where(Audit.id == audit.id)
+            .values(report=null(), report_pdf_sha256=None, images_deleted=True, deleted_at=now, updated_at=now)
+            .execution_options(synchronize_session=False))
+        self.session.flush()
+        removed = {"images": n_images, "report": int(had_report), "pdf": int(pdf is not None),
+                   "runs": int(n_runs or 0), "features": n_features}
+        return removed, sorted(shas)
 
     # --- runs ---------------------------------------------------------------------------
 
     def start_run(self, audit_id: uuid.UUID, attempt: int, worker: str) -> AuditRun:
+        # Earlier attempts that never recorded an outcome died with their worker.
+        self.session.execute(
+            update(AuditRun).where(AuditRun.audit_id == audit_id, AuditRun.attempt < attempt,
+                                   AuditRun.outcome.is_(None))
+            .values(outcome="crashed", finished_at=utcnow()).execution_options(synchronize_session=False))
         run = self.session.get(AuditRun, (audit_id, attempt))
         if run is None:
             run = AuditRun(audit_id=audit_id, attempt=attempt, worker=worker)

@@ -156,6 +156,16 @@ def service_env(pg: str, redis_url: str, blob_dir: Path, **extra: str) -> dict[s
         "CDI_BROKER_VISIBILITY_TIMEOUT": "8",
         "CDI_WORKER_DEVICE": "cpu",
         "CDI_CALLBACK_BACKOFF": "0.5",
+        # Readiness waits for a worker's heartbeat; the tests start the API before the workers.
+        "CDI_READY_REQUIRES_WORKER": "false",
+        # Callbacks go to a receiver on 127.0.0.1 in the tests.
+        "CDI_CALLBACK_ALLOW": "127.0.0.1",
+        "CDI_RECONCILE_INTERVAL": "2",
+        # Quotas are tested on their own (test_hardening.py); the other tests submit freely.
+        "CDI_MAX_CONCURRENT_AUDITS": "0",
+        "CDI_MAX_AUDITS_PER_DAY": "0",
+        "CDI_RATE_LIMIT_PER_MINUTE": "0",
+        "CDI_MAX_CONCURRENT_UPLOADS": "0",
     }
     env.update(extra)
     return env

@@ -325,6 +325,33 @@ def test_health_and_readiness(service: Service) -> None:
     assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
 
 
+def test_readiness_needs_a_live_worker(service: Service, migrated: str) -> None:
+    """A deployment whose workers all died is not ready: audits would queue forever."""
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.reconcile import beat, forget
+    from app.storage.db import session_factory
+    from app.storage.models import WorkerHeartbeat, utcnow
+
+    settings = service.settings.model_copy(update={"ready_requires_worker": True})  # type: ignore[attr-defined]
+    factory = session_factory(migrated)
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["workers"].startswith("unavailable"), r.text
+        beat(factory, "readyz-test-worker")
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["checks"]["workers"] == "ok (1 alive)", r.text
+        with factory() as s:  # the worker stops beating (SIGKILL): stale after 3 intervals
+            s.get(WorkerHeartbeat, "readyz-test-worker").seen_at = utcnow() - timedelta(  # type: ignore[union-attr]
+                seconds=3 * settings.worker_heartbeat_seconds + 1)
+            s.commit()
+        assert client.get("/readyz").status_code == 503
+        forget(factory, "readyz-test-worker")
+
+
 def test_readiness_fails_when_the_broker_is_down(migrated: str, tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 

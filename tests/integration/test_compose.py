@@ -41,13 +41,20 @@ def compose_command(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
 
 def test_docker_compose_config(tmp_path: Path) -> None:
     cmd, env = compose_command(tmp_path)
+    # Without passwords the file refuses to be used: no default credentials.
+    bare = {k: v for k, v in env.items() if k not in ("POSTGRES_PASSWORD", "REDIS_PASSWORD")}
+    out = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=ROOT, capture_output=True,
+                         text=True, env=bare)
+    assert out.returncode != 0 and "PASSWORD" in out.stderr, out.stderr
+    env = {**env, "POSTGRES_PASSWORD": "pg-secret", "REDIS_PASSWORD": "redis-secret"}
     for profiles in ([], ["--profile", "cpu"]):
         out = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), *profiles, "config", "--format", "json"],
                              cwd=ROOT, capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         config = json.loads(out.stdout)
         services = config["services"]
-        expected = {"postgres", "redis", "migrate", "api", "worker-gpu"} | ({"worker-cpu"} if profiles else set())
+        expected = {"postgres", "redis", "migrate", "api", "beat", "worker-gpu"}
+        expected |= {"worker-cpu"} if profiles else set()
         assert set(services) == expected, set(services)
     # The GPU worker reserves a device; everything long-running has a health check.
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
@@ -59,4 +66,9 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     assert services["migrate"]["restart"] in ("no", "")
     # The API image carries no torch: it is built from the Dockerfile's api target.
     assert services["api"]["build"]["target"] == "api"
+    # Redis asks for its password, and every service's URLs carry it.
+    assert "--requirepass" in services["redis"]["command"]
+    assert services["api"]["environment"]["CDI_BROKER_URL"] == "redis://:redis-secret@redis:6379/0"
+    assert ":pg-secret@" in services["worker-gpu"]["environment"]["CDI_DATABASE_URL"]
+    assert "beat" in services["beat"]["command"]
     assert services["worker-gpu"]["build"]["target"] == "worker-gpu"

@@ -15,7 +15,8 @@ from .conftest import PG_ADMIN, _pg_connect
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"tenants", "api_keys", "models", "audits", "audit_images", "audit_runs", "features"}
+TABLES = {"tenants", "api_keys", "models", "audits", "audit_images", "audit_runs", "features", "blobs",
+          "blob_claims", "worker_heartbeats"}
 
 
 @pytest.fixture

@@ -301,3 +301,86 @@ def test_feature_repository_round_trip(migrated: str) -> None:
     for sha, vec in rows.items():
         np.testing.assert_array_equal(loaded[sha], vec)
         assert loaded[sha].dtype == np.float64
+
+
+# --- retention, crashed attempts, image error codes ------------------------------------------
+
+
+def ledger_audit(world: dict[str, Any], retain: bool, n: int = 8) -> tuple[uuid.UUID, list[str]]:
+    """An audit stored the way the API stores one: blobs claimed, written, then referenced."""
+    import hashlib
+
+    from app.storage.ledger import BlobLedger, release
+
+    ledger = BlobLedger(session_factory(world["url"]), world["blobs"])
+    offset = uuid.uuid4().int % 10**6
+    data = [png(10**7 + offset * 16 + i) for i in range(n)]
+    shas = [hashlib.sha256(d).hexdigest() for d in data]
+    claim_id = ledger.claim({s: len(d) for s, d in zip(shas, data, strict=True)})
+    for d in data:
+        world["blobs"].put_bytes(d)
+    rows = [("published" if i < n // 2 else "unpublished", f"x{i}.png", s, len(d), None, None)
+            for i, (s, d) in enumerate(zip(shas, data, strict=True))]
+    with session_scope(world["url"]) as s:
+        audit = AuditRepository(s).create(
+            tenant_id=world["tenant"].id, model_id="m", model_source="/models/m", model_revision=None,
+            options={"alpha": 0.01, "protocol": "crossfit", "features": "all", "seed": 1},
+            callback_url=None, images=rows, retain_images=retain)
+        release(s, claim_id, len(shas))
+        return audit.id, shas
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_images_are_deleted_when_the_audit_ends_unless_retained(world: dict[str, Any], retain: bool) -> None:
+    audit_id, shas = ledger_audit(world, retain)
+    assert all(world["blobs"].exists(s) for s in shas)
+    assert runner(world, ScriptedAudit()).run(audit_id) == "done"
+    audit, _ = audit_row(world, audit_id)
+    assert audit.images_deleted is (not retain)
+    assert all(world["blobs"].exists(s) is retain for s in shas)
+    assert world["blobs"].exists(audit.report_pdf_sha256)  # the report is kept until deleted
+    with session_scope(world["url"]) as s:  # what was audited stays on record
+        assert len(AuditRepository(s).images(audit_id)) == 8
+
+
+def test_images_of_a_failed_audit_are_deleted_too(world: dict[str, Any]) -> None:
+    audit_id, shas = ledger_audit(world, retain=False)
+    assert runner(world, ScriptedAudit(raise_exc=ZeroDivisionError("x"))).run(audit_id) == "failed"
+    assert not any(world["blobs"].exists(s) for s in shas)
+
+
+def test_an_attempt_whose_worker_died_is_recorded_as_crashed(world: dict[str, Any]) -> None:
+    from sqlalchemy import update
+
+    from app.storage.models import Audit, utcnow
+
+    audit_id = new_audit(world)
+    with session_scope(world["url"]) as s:
+        repo = AuditRepository(s)
+        assert repo.claim(audit_id, "dead-worker", timedelta(seconds=60))
+        repo.start_run(audit_id, 1, "dead-worker")
+        s.execute(update(Audit).where(Audit.id == audit_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert runner(world, ScriptedAudit()).run(audit_id) == "done"
+    _, runs = audit_row(world, audit_id)
+    assert [(r.attempt, r.outcome) for r in runs] == [(1, "crashed"), (2, "done")]
+    assert runs[0].finished_at is not None
+
+
+@pytest.mark.parametrize("damage,code", [
+    (lambda b: b[: len(b) // 2], "image_truncated"),
+    (lambda b: b[:16] + b"\xff" * 64 + b[80:], "image_corrupt"),
+])
+def test_undecodable_images_fail_with_the_documented_code(damage: Any, code: str) -> None:
+    """The library gathers undecodable images into one error; the worker reports their code."""
+    from cdi.audit import AuditOptions, _validate
+    from cdi.errors import CdiError
+    from cdi.images import ImageFile
+    from worker.runner import _classify
+
+    pub = [ImageFile(name=f"p{i}.png", data=png(70_000 + i, size=32)) for i in range(10)]
+    unpub = [ImageFile(name=f"u{i}.png", data=png(80_000 + i, size=32)) for i in range(20)]
+    pub[3] = ImageFile(name="p3.png", data=damage(pub[3].data))
+    with pytest.raises(CdiError) as info:
+        _validate(pub, unpub, "none", None, None, AuditOptions(), lambda *a: None)
+    got, message = _classify(info.value)
+    assert got == code and "p3.png" in message

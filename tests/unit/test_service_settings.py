@@ -22,15 +22,15 @@ def test_embedded_defaults_live_under_the_data_dir(tmp_path: Path, monkeypatch: 
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("CDI_DATABASE_URL", "postgresql+psycopg://u@db/cdi")
-    monkeypatch.setenv("CDI_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("CDI_DATABASE_URL", "postgresql+psycopg://u:s3cret-pg@db/cdi")
+    monkeypatch.setenv("CDI_BROKER_URL", "redis://:s3cret-redis@redis:6379/0")
     monkeypatch.setenv("CDI_BLOB_DIR", str(tmp_path / "b"))
     monkeypatch.setenv("CDI_MAX_IMAGES", "500")
     monkeypatch.setenv("CDI_MAX_UPLOAD_BYTES", "1048576")
     monkeypatch.setenv("CDI_ENVIRONMENT", "production")
     s = Settings()
-    assert (s.database_url, s.broker_url, s.blobs) == ("postgresql+psycopg://u@db/cdi", "redis://redis:6379/0",
-                                                       tmp_path / "b")
+    assert (s.database_url, s.broker_url, s.blobs) == ("postgresql+psycopg://u:s3cret-pg@db/cdi",
+                                                       "redis://:s3cret-redis@redis:6379/0", tmp_path / "b")
     assert s.max_images == 500 and s.max_upload_bytes == 1048576
 
 
@@ -39,7 +39,18 @@ def test_production_refuses_the_embedded_defaults(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValidationError, match="CDI_DATABASE_URL"):
         Settings(environment="production")
     with pytest.raises(ValidationError, match="CDI_BROKER_URL"):
-        Settings(environment="production", database_url="postgresql+psycopg://u@db/cdi")
+        Settings(environment="production", database_url="postgresql+psycopg://u:s3cret@db/cdi")
+
+
+@pytest.mark.parametrize("db,broker,bad", [
+    ("postgresql+psycopg://cdi@db/cdi", "redis://:s3cret@redis:6379/0", "CDI_DATABASE_URL"),
+    ("postgresql+psycopg://cdi:cdi@db/cdi", "redis://:s3cret@redis:6379/0", "CDI_DATABASE_URL"),
+    ("postgresql+psycopg://cdi:s3cret@db/cdi", "redis://redis:6379/0", "CDI_BROKER_URL"),
+])
+def test_production_requires_passwords(db: str, broker: str, bad: str) -> None:
+    with pytest.raises(ValidationError, match=bad):
+        Settings(environment="production", database_url=db, broker_url=broker)
+    Settings(environment="development", database_url=db, broker_url=broker)
 
 
 @pytest.mark.parametrize("field,value", [("max_images", 1), ("max_compression_ratio", 0.5), ("lease_seconds", 0),

@@ -13,7 +13,14 @@ from app.api.deps import AuditServiceDep, BlobsDep, CallerAudit, CurrentCaller, 
 from app.api.multipart import read_form
 from app.errors import BadInput, Conflict
 from app.forms import form_schema
-from app.schemas import AuditAccepted, AuditPage, AuditStatus, ErrorResponse
+from app.schemas import (
+    STATES,
+    AuditAccepted,
+    AuditDeleted,
+    AuditPage,
+    AuditStatus,
+    ErrorResponse,
+)
 from app.services import FILE_FIELDS, TEXT_FIELDS
 from app.storage.blobs import BlobNotFound
 from app.storage.repositories import AuditRepository, InvalidCursor
@@ -33,13 +40,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Submit an audit",
     responses={**_ERRORS, 413: {"model": ErrorResponse, "description": "A configured limit was exceeded."},
                422: {"model": ErrorResponse, "description": "Bad input; `error.code` names the problem."},
-               503: {"model": ErrorResponse, "description": "The work queue is unreachable."}},
+               429: {"model": ErrorResponse, "description": "A quota or rate limit was reached; see Retry-After."},
+               503: {"model": ErrorResponse, "description": "The work queue or the database is unreachable."}},
     openapi_extra={"requestBody": {"required": True,
                                    "content": {"multipart/form-data": {"schema": form_schema()}}}},
 )
 async def submit_audit(request: Request, caller: CurrentCaller, settings: SettingsDep,
                        service: AuditServiceDep) -> JSONResponse:
     """Upload the images (streamed to disk), validate everything, and queue the audit."""
+    await run_in_threadpool(service.quotas.check_submit, caller.tenant_id)
+    with request.app.state.upload_slots.hold(caller.tenant_id):
+        return await _submit(request, caller, settings, service)
+
+
+async def _submit(request: Request, caller: CurrentCaller, settings: SettingsDep,
+                  service: AuditServiceDep) -> JSONResponse:
     form = await read_form(
         request.headers.get("content-type"), request.stream(), tmp_dir=settings.upload_tmp_dir,
         file_fields=FILE_FIELDS, text_fields=TEXT_FIELDS, max_body_bytes=settings.max_upload_bytes,
@@ -62,14 +77,17 @@ def list_audits(
     caller: CurrentCaller, session: SessionDep, settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-    state: Annotated[str | None, Query(max_length=20)] = None,
+    state: Annotated[str | None, Query(max_length=20, description="Only audits in this state.",
+                                       json_schema_extra={"enum": list(STATES)})] = None,
 ) -> AuditPage:
     """Newest first; follow ``next_cursor`` for the next page."""
+    if state is not None and state not in STATES:
+        raise BadInput(f"state must be one of {', '.join(STATES)}", E.INVALID_STATE)
     try:
         page = AuditRepository(session).list_for_tenant(
             caller.tenant_id, limit=limit or settings.default_page_size, cursor=cursor, state=state)
     except InvalidCursor:
-        raise BadInput("the cursor is not one this API gave", "invalid_cursor") from None
+        raise BadInput("the cursor is not one this API gave", E.INVALID_CURSOR) from None
     return AuditPage(items=[AuditStatus.of(a) for a in page.items], next_cursor=page.next_cursor)
 
 
@@ -79,6 +97,8 @@ def get_audit(audit: CallerAudit) -> AuditStatus:
 
 
 def require_done(audit: Any) -> None:
+    if audit.deleted_at is not None:
+        raise Conflict("the audit was deleted, and its report with it", "audit_deleted")
     if audit.state == "done" and audit.report is not None:
         return
     if audit.state == "failed":
@@ -120,7 +140,11 @@ def get_report_pdf(audit: CallerAudit, blobs: BlobsDep) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="cdi-audit-{audit.id}.pdf"'})
 
 
-@router.delete("/{audit_id}", response_model=AuditStatus, responses=_ERRORS, summary="Cancel and delete images")
-def delete_audit(audit: CallerAudit, session: SessionDep, service: AuditServiceDep) -> AuditStatus:
-    """Cancel a queued or running audit and delete its uploaded images (a finished one keeps its report)."""
-    return AuditStatus.of(service.delete(session, audit))
+@router.delete("/{audit_id}", response_model=AuditDeleted, responses=_ERRORS,
+               summary="Cancel, and delete everything the audit stored")
+def delete_audit(audit: CallerAudit, session: SessionDep, service: AuditServiceDep) -> AuditDeleted:
+    """Cancel a queued or running audit, and delete its images, report, PDF, run records and the
+    cached features of its images that no other audit uses. ``removed`` counts what went; the
+    audit's id keeps answering, with ``deleted_at`` set."""
+    audit, removed = service.delete(session, audit)
+    return AuditDeleted(**AuditStatus.of(audit).model_dump(), removed=removed)  # type: ignore[arg-type]

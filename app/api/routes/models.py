@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 
 from app.api.deps import AdminCaller, CurrentCaller, SessionDep, SettingsDep
@@ -23,7 +25,8 @@ def list_models(caller: CurrentCaller, session: SessionDep, settings: SettingsDe
 
 
 @router.put("/{model_id}", response_model=ModelOut, summary="Register a model (admin)",
-            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+            responses={400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+                       401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
                        422: {"model": ErrorResponse}})
 def register_model(model_id: str, body: RegisterModel, caller: AdminCaller, session: SessionDep,
                    settings: SettingsDep) -> ModelOut:
@@ -32,6 +35,14 @@ def register_model(model_id: str, body: RegisterModel, caller: AdminCaller, sess
 
     if body.id != model_id:
         raise BadInput("the body's id differs from the URL's", "invalid_model_id")
+    source = Path(body.source)
+    if not source.is_dir():
+        if source.is_absolute() or body.source.startswith((".", "~")) or source.exists():
+            raise BadInput(f"{body.source!r} is not a model directory on this host", "model_not_found")
+        # Detecting a hub model's family downloads its configuration: never inside a request
+        # (it could take minutes, or hang on the network). The CLI does it on the operator's host.
+        raise BadInput(f"{body.source!r} is not a model directory on this host; register hub models with "
+                       "`cdi admin register-model ID HUB_ID --revision REV`", "hub_model_via_cli")
     info = ModelRegistry(session, settings).register(model_id, body.source, body.revision, body.description)
     session.commit()
     return _out(info)
