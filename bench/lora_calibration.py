@@ -9,9 +9,9 @@ per-image noise (seed 0), and cached in ``--cache``. Then audits are resampled f
 - null audits: P and U = two disjoint random sets of held-out digits (every detection is a
   false positive).
 
-Each audit runs the project's default test procedure (``cdi.stats.run_test`` with its
-defaults) twice: on the fine-tune's features (uncalibrated) and on the fine-tune's minus the
-base's (calibrated). It prints the power at α = 0.01 per n and the false-positive rate, both
+Each audit runs the project's default test procedure (``cdi.stats.run_test`` with the
+options an audit gives it, ``AuditOptions().protocol_options``) twice: on the fine-tune's
+features (uncalibrated) and on the fine-tune's minus the base's (calibrated). It prints the power at α = 0.01 per n and the false-positive rate, both
 with 95 % Clopper–Pearson intervals, and the smallest n in the grid with 90 % power.
 
     python bench/lora_calibration.py [--sizes 10 15 20 30 40 50] [--positive 100] [--null 200] [--held-out 200]
@@ -28,11 +28,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
+from cdi.audit import AuditOptions
 from cdi.errors import InputError
-from cdi.stats import run_test
+from cdi.stats import DEFAULT_EXCEEDANCES, DEFAULT_PROTOCOL, run_test
 
 LORA = "digits-hard-lora"
 ALPHA = 0.01
+#: The audit's test options; the directional p-value's decision at α needs only ⌈h/α⌉ draws.
+OPTIONS = AuditOptions(max_permutations=int(DEFAULT_EXCEEDANCES / ALPHA)).protocol_options
 
 
 def _sha(image: object) -> str:
@@ -104,7 +107,8 @@ def rejections(pool_p: dict[str, np.ndarray], pool_u: dict[str, np.ndarray], n: 
         for mode in hits:
             def x(pool: dict[str, np.ndarray], i: np.ndarray, mode: str = mode) -> np.ndarray:
                 return pool["tuned"][i] - pool["base"][i] if mode == "calibrated" else pool["tuned"][i]
-            res = run_test(x(pool_p, ip), x(pool_u, iu), random_state=seed * 100_003 + r)
+            res = run_test(x(pool_p, ip), x(pool_u, iu), DEFAULT_PROTOCOL, OPTIONS, alpha=ALPHA,
+                           random_state=seed * 100_003 + r)
             hits[mode] += int(res.p_value < ALPHA and res.statistic > 0)
     return hits
 
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     members = {"tuned": f["tuned_members"], "base": f["base_members"]}
     held = {"tuned": f["tuned_held_out"], "base": f["base_held_out"]}
     print(f"{LORA}: {len(members['tuned'])} members, {len(held['tuned'])} held-out; "
-          f"default procedure of cdi.stats.run_test; α = {ALPHA}")
+          f"default protocol {DEFAULT_PROTOCOL.value}; α = {ALPHA}")
     print(f"| n per set | uncalibrated power | calibrated power |  ({args.positive} positive audits per n)")
     print("|---|---|---|")
     first: dict[str, int | None] = {"uncalibrated": None, "calibrated": None}
