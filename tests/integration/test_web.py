@@ -140,7 +140,7 @@ def test_upload_progress_verdict_download_delete(page: Any, site: dict[str, Any]
     assert page.locator("#model").input_value() == "digits-memorised"
     # The options come from the API's description of the form: its defaults.
     assert page.locator("#alpha").input_value() == "0.01"
-    assert page.locator("#protocol").input_value() == "crossfit"
+    assert page.locator("#protocol").input_value() == "directional"
 
     page.set_input_files("#published-folder", str(images["demo_p"]))
     page.set_input_files("#unpublished-folder", str(images["demo_u"]))

@@ -112,7 +112,7 @@ def test_swapped_sets_are_never_used(model, store):
     # The scorer learns whatever separates the sets; the direction check refuses "used".
     published = [png(i, model.image_size) for i in model.held_out[:N]]
     unpublished = [png(i, model.image_size) for i in model.members[:N]]
-    for protocol in ("reference", "crossfit"):
+    for protocol in ("directional", "reference", "crossfit"):
         result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3, protocol=protocol),
                        feature_store=store)
         assert result.outcome == "inconclusive", result.verdict.reason

@@ -298,7 +298,7 @@ def test_labels_must_be_integers_and_cover_every_image(tmp_path: Path, settings:
 
 def test_options_defaults_and_values() -> None:
     opts, cb = parse_options({})
-    assert opts.to_dict() == {"alpha": 0.01, "protocol": "crossfit", "features": "all", "seed": 0} and cb is None
+    assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "all", "seed": 0} and cb is None
     opts, cb = parse_options({"alpha": "0.05", "protocol": "reference", "features": "gradient-free",
                               "seed": "7", "callback_url": "https://example.org/hook"})
     assert (opts.alpha, opts.protocol, opts.features, opts.seed) == (0.05, "reference", "gradient-free", 7)

@@ -80,7 +80,8 @@ def test_the_submit_form_is_described_from_its_typed_model(client: Any) -> None:
     props = schema["properties"]
     assert props["alpha"]["default"] == 0.01
     assert (props["alpha"]["exclusiveMinimum"], props["alpha"]["exclusiveMaximum"]) == (0, 0.5)
-    assert props["protocol"]["enum"] == ["crossfit", "reference"] and props["protocol"]["default"] == "crossfit"
+    assert props["protocol"]["enum"] == ["directional", "crossfit", "reference"]
+    assert props["protocol"]["default"] == "directional"
     assert props["features"]["enum"] == ["all", "gradient-free"]
     for name in ("archive", "published", "unpublished", "captions", "labels"):
         assert props[name] == {**props[name], "type": "string", "format": "binary"}
