@@ -56,8 +56,12 @@ class PlanResponse(BaseModel):
 
 @router.post(
     "", response_model=PlanResponse, summary="Plan an audit's size",
-    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
-               422: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+               401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+               404: {"model": ErrorResponse, "description": "No such audit for this tenant."},
+               409: {"model": ErrorResponse, "description": "The audit has no report yet."},
+               422: {"model": ErrorResponse, "description": "Bad input; `error.code` names the problem."},
+               429: {"model": ErrorResponse, "description": "Rate limited; see `Retry-After`."}},
 )
 async def create_plan(body: PlanRequest, caller: CurrentCaller, session: SessionDep) -> PlanResponse:
     """Images per set for the requested power at α, with its uncertainty (``cdi plan``)."""
