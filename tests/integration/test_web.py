@@ -194,7 +194,7 @@ def test_upload_progress_verdict_download_delete(page: Any, site: dict[str, Any]
     page.once("dialog", lambda dialog: dialog.accept())
     row.get_by_role("button").click()
     page.wait_for_function(f"[...document.querySelectorAll('#audits-body tr')].some(r => "
-                           f"r.innerHTML.includes('{audit_id}') && r.innerText.includes('images deleted'))")
+                           f"r.innerHTML.includes('{audit_id}') && r.innerText.includes('(deleted)'))")
     shot(page, "6-deleted")
 
 

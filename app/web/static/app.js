@@ -484,7 +484,7 @@
     $("audit-meta").textContent = `${audit.n_published} published and ${audit.n_unpublished} unpublished images; `
       + `started ${new Date(audit.created_at).toLocaleString()}; id ${audit.id}`;
     renderStages(audit);
-    $("delete-audit").disabled = audit.images_deleted && FINAL.includes(audit.state);
+    $("delete-audit").disabled = Boolean(audit.deleted_at);
     if (audit.state === "failed") {
       showError($("audit-error"), new ApiError(0, audit.error.code,
         `The audit failed: ${audit.error.message} (${audit.error.code})`));
@@ -591,14 +591,14 @@
       open.setAttribute("aria-label", `Open the audit of ${a.model} started ${new Date(a.created_at).toLocaleString()}`);
       const del = el("button", { type: "button", class: "danger" }, "Delete");
       del.setAttribute("aria-label", `Delete the audit of ${a.model} started ${new Date(a.created_at).toLocaleString()}`);
-      if (a.images_deleted && FINAL.includes(a.state)) { del.disabled = true; del.title = "Its images are deleted already"; }
+      if (a.deleted_at) { del.disabled = true; del.title = "Deleted already"; }
       del.addEventListener("click", async () => { if (await deleteAudit(a.id)) listAudits(true); });
       body.append(el("tr", {},
         el("td", {}, new Date(a.created_at).toLocaleString()),
         el("td", {}, a.model),
         el("td", {}, `${a.n_published} / ${a.n_unpublished}`),
         el("td", { class: a.state === "failed" ? "state-failed" : "" },
-          a.state + (a.images_deleted ? " (images deleted)" : "")),
+          a.state + (a.deleted_at ? " (deleted)" : a.images_deleted ? " (images deleted)" : "")),
         el("td", { class: a.verdict ? `verdict-${a.verdict}` : "" }, a.verdict ? a.verdict.replace("_", " ") : "—"),
         el("td", {}, a.p_value === null || a.p_value === undefined ? "—" : String(Number(Number(a.p_value).toPrecision(3)))),
         el("td", {}, el("span", { class: "actions" }, open, del))));
