@@ -11,8 +11,9 @@ per-image noise (seed 0), and cached in ``--cache``. Then audits are resampled f
 
 Each audit runs the project's default test procedure (``cdi.stats.run_test`` with the
 options an audit gives it, ``AuditOptions().protocol_options``) twice: on the fine-tune's
-features (uncalibrated) and on the fine-tune's minus the base's (calibrated). It prints the power at α = 0.01 per n and the false-positive rate, both
-with 95 % Clopper–Pearson intervals, and the smallest n in the grid with 90 % power.
+features (uncalibrated) and on the fine-tune's minus the base's (calibrated). It prints the
+power at α = 0.01 per n and the false-positive rate, both with 95 % Clopper–Pearson
+intervals, and the smallest n in the grid with 90 % power.
 
     python bench/lora_calibration.py [--sizes 10 15 20 30 40 50] [--positive 100] [--null 200] [--held-out 200]
 """
