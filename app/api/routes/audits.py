@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app import errors as E
 from app.api.deps import AuditServiceDep, BlobsDep, CallerAudit, CurrentCaller, SessionDep, SettingsDep
@@ -133,10 +133,11 @@ def get_report_pdf(audit: CallerAudit, blobs: BlobsDep) -> Response:
     if audit.report_pdf_sha256 is None:
         raise Conflict("the report has no PDF", "report_not_ready")
     try:
-        data = blobs.read(audit.report_pdf_sha256)
+        chunks = blobs.iter_chunks(audit.report_pdf_sha256)
     except BlobNotFound:
         raise Conflict("the report's PDF is missing from storage", "report_missing") from None
-    return Response(data, media_type="application/pdf",
+    # Streamed from the store (a local file or an S3 object), never read whole into memory.
+    return StreamingResponse(chunks, media_type="application/pdf",
                     headers={"Content-Disposition": f'attachment; filename="cdi-audit-{audit.id}.pdf"'})
 
 
