@@ -193,8 +193,8 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 class S3BlobStore(BlobStore):
     """Blobs as objects ``<prefix>/<sha[:2]>/<sha[2:4]>/<sha>`` in an S3-compatible bucket.
 
-    Files are uploaded with boto3's managed transfer (multipart above 16 MiB, read from the
-    spooled file in parts: an archive is never held in memory); reads stream the object's body.
+    Files are uploaded with boto3's managed transfer (multipart above 16 MiB in parts of 8 MiB,
+    read from the spooled file part by part: a large file is never held in memory); reads stream the object's body.
     Transient errors (throttling, 5xx, dropped connections) are retried by botocore's
     ``standard`` retry mode.
     """
@@ -208,7 +208,9 @@ class S3BlobStore(BlobStore):
         self.endpoint = endpoint
         from boto3.s3.transfer import TransferConfig
 
-        self._transfer = TransferConfig(multipart_threshold=16 * _CHUNK, multipart_chunksize=16 * _CHUNK,
+        # At most max_concurrency parts of multipart_chunksize in flight: memory stays bounded
+        # whatever the size of the file.
+        self._transfer = TransferConfig(multipart_threshold=16 * _CHUNK, multipart_chunksize=8 * _CHUNK,
                                         max_concurrency=4)
 
     @classmethod

@@ -110,16 +110,16 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
-
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``moto_server`` in its own process (its memory and its GIL are not the tests')."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    proc = spawn([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)], {}, log)
     try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, timeout=60)
         yield S3Server(f"http://127.0.0.1:{port}")
     finally:
-        server.stop()
+        proc.kill(signal.SIGTERM)
 
 
 @pytest.fixture
