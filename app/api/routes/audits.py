@@ -99,7 +99,7 @@ def get_audit(audit: CallerAudit) -> AuditStatus:
 def require_done(audit: Any) -> None:
     if audit.deleted_at is not None:
         raise Conflict("the audit was deleted, and its report with it", "audit_deleted")
-    if audit.state == "done" and audit.report is not None:
+    if audit.state == "done":  # the report itself is not loaded here (a deferred column)
         return
     if audit.state == "failed":
         raise Conflict(f"the audit failed ({audit.error_code}): it has no report", "audit_failed")
@@ -115,7 +115,9 @@ def require_done(audit: Any) -> None:
 def get_report(audit: CallerAudit) -> JSONResponse:
     """The library's report (``verdict`` and ``p_value`` at the top level) plus a ``service`` block."""
     require_done(audit)
-    report = dict(audit.report or {})
+    if audit.report is None:
+        raise Conflict("the audit is done but its report is not stored", "report_not_ready")
+    report = dict(audit.report)
     report["service"] = {"audit_id": str(audit.id), "model": audit.model_id, "options": audit.options,
                          "created_at": audit.created_at.isoformat(),
                          "finished_at": audit.finished_at.isoformat() if audit.finished_at else None}
