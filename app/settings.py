@@ -150,7 +150,11 @@ class Settings(BaseSettings):
         if self.blob_url:
             from app.storage.blobs import parse_s3_url
 
-            parse_s3_url(self.blob_url)  # a ValueError names what is wrong with it
+            try:
+                parse_s3_url(self.blob_url)
+            except ValueError as exc:
+                raise ValueError(f"CDI_BLOB_URL must be s3://bucket/prefix (or empty: the folder "
+                                 f"CDI_BLOB_DIR): {exc}") from None
         if self.environment == "production":
             # The embedded defaults are for one machine; a production deployment that
             # silently fell back to them would lose its data on the next container restart.
@@ -161,6 +165,11 @@ class Settings(BaseSettings):
             _require_password("CDI_DATABASE_URL", self.database_url)
             if self.broker_url.startswith(("redis://", "rediss://")):
                 _require_password("CDI_BROKER_URL", self.broker_url)
+            secret = self.aws_secret_access_key.get_secret_value()
+            # Empty: boto3's own credentials (an instance role); a well-known one is refused.
+            if self.blob_url and secret and secret in WEAK_PASSWORDS | {"minioadmin", "testing"}:
+                raise ValueError("AWS_SECRET_ACCESS_KEY is a default one (such as MinIO's 'minioadmin'): "
+                                 "set the object store's real secret in production")
         return self
 
     @property
