@@ -153,8 +153,13 @@ def runner(world: dict[str, Any], audit_fn: Any, name: str = "test-worker") -> A
 
 
 def audit_row(world: dict[str, Any], audit_id: uuid.UUID) -> Any:
+    from sqlalchemy.orm import undefer
+
+    from app.storage.models import Audit
+
     with session_scope(world["url"]) as s:
-        audit = AuditRepository(s).get(audit_id)
+        # The whole row, report included (deferred otherwise), to read after the session.
+        audit = s.get(Audit, audit_id, options=[undefer(Audit.report)])
         runs = AuditRepository(s).runs(audit_id)
         s.expunge_all()
         return audit, runs
