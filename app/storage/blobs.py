@@ -52,6 +52,8 @@ class BlobStore(abc.ABC):
     spooled there while they are hashed)."""
 
     spool_dir: Path
+    #: Each read is a network round trip (readers of many blobs read ahead: worker/runner.py).
+    remote: bool = False
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -198,6 +200,8 @@ class S3BlobStore(BlobStore):
     Transient errors (throttling, 5xx, dropped connections) are retried by botocore's
     ``standard`` retry mode.
     """
+
+    remote = True
 
     def __init__(self, bucket: str, prefix: str, client: Any, spool_dir: str | os.PathLike[str],
                  endpoint: str | None = None) -> None:

@@ -178,3 +178,21 @@ def test_the_worker_refuses_to_start_without_its_bucket(tmp_path: Path, s3_serve
     finally:
         proc.kill()
     assert "the bucket 'cdi-no-such-bucket' does not exist" in proc.output()
+
+
+def test_the_worker_reads_images_ahead_in_order(tmp_path: Path, s3_server: S3Server) -> None:
+    """BlobImages keeps reads in flight from an object store; the library still sees its order,
+    and a missing image fails at its place."""
+    from worker.runner import BlobImages
+
+    store = open_blob_store(_settings(tmp_path, **s3_server.env(s3_server.new_bucket())))
+    assert store.remote
+    payloads = [bytes([i]) * (50 + i) for i in range(40)]
+    rows = [(f"i{i:02d}.png", store.put_bytes(data)) for i, data in enumerate(payloads)]
+    images = list(BlobImages(store, rows))
+    assert [f.name for f in images] == [name for name, _ in rows] and [f.data for f in images] == payloads
+    gone = ("gone.png", hashlib.sha256(b"never stored").hexdigest())
+    it = iter(BlobImages(store, [*rows[:25], gone, *rows[25:]]))
+    assert [next(it).data for _ in range(25)] == payloads[:25]
+    with pytest.raises(BlobNotFound):
+        next(it)
