@@ -257,7 +257,7 @@ class S3BlobStore(BlobStore):
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise BlobStoreUnavailable(
                     f"access to the bucket {self.bucket!r} was refused ({self.describe()}, {code}); check "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and their s3:ListBucket permission") from None
             raise BlobStoreUnavailable(f"the object store answered {code} for {self.describe()}") from None
         except BotoCoreError as exc:
             raise BlobStoreUnavailable(f"cannot reach the object store ({self.describe()}): {exc}") from None
