@@ -42,7 +42,7 @@ from cdi.controls import (
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
-from cdi.images import ImageFile, open_image, to_model_array
+from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.planning import Plan, plan_audit
 from cdi.stats import (
     DEFAULT_ALPHA,
@@ -303,8 +303,9 @@ def _extract(
             features[i] = known[sha]
             continue
         if sha not in todo_rows:
-            pixels = to_model_array(open_image(f.data, f.name), adapter.image_size, adapter.image_channels)
-            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i]))
+            img = open_image(f.data, f.name)
+            pixels = to_model_array(img, adapter.image_size, adapter.image_channels)
+            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i], displayed_size(img)))
             todo_rows[sha] = []
         todo_rows[sha].append(i)
     cached = len(shas) - sum(len(v) for v in todo_rows.values())

@@ -185,3 +185,157 @@ def build_stable_diffusion(root: Path, seed: int = 0, prediction_type: str = "ep
         "scheduler": ("diffusers", "PNDMScheduler"),
     })
     return root
+
+
+def _write_t5_tokenizer(folder: Path) -> None:
+    """A character-level T5 (Unigram) tokenizer: printable ASCII and the word-start mark."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(c), -2.0) for c in range(33, 127)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                    extra_ids=0, model_max_length=16).save_pretrained(folder)
+
+
+def _clip_text(root: Path, folder: str, tokenizer: str, hidden: int, projection: int | None = None) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab_size = len(CLIPTokenizer.from_pretrained(root / tokenizer))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, projection_dim=projection or hidden,
+    )
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    model.save_pretrained(root / folder)
+
+
+def _t5_text(root: Path, folder: str, tokenizer: str, d_model: int) -> None:
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab_size = len(T5TokenizerFast.from_pretrained(root / tokenizer))
+    T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )).save_pretrained(root / folder)
+
+
+def _flow_vae():
+    vae = _small_kl(3)
+    vae.register_to_config(shift_factor=0.1)
+    return vae
+
+
+def build_sdxl(root: Path, seed: int = 0) -> Path:
+    """Two CLIP encoders (16 + 16 wide states, an 8-wide projected pooled vector) and a UNet
+    with SDXL's size conditioning (``addition_embed_type="text_time"``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_clip_tokenizer(root / "tokenizer")
+    _write_clip_tokenizer(root / "tokenizer_2")
+    _clip_text(root, "text_encoder", "tokenizer", 16)
+    _clip_text(root, "text_encoder_2", "tokenizer_2", 16, projection=8)
+    _small_kl(3).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,
+    ).save_pretrained(root / "unet")
+    _scheduler(root)
+    _save_index(root, "StableDiffusionXLPipeline", {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+    })
+    return root
+
+
+def build_sd3(root: Path, seed: int = 0, shift: float = 3.0) -> Path:
+    """Two projected CLIP encoders (8-wide pooled each), a 32-wide T5 and an MMDiT."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_clip_tokenizer(root / "tokenizer")
+    _write_clip_tokenizer(root / "tokenizer_2")
+    _write_t5_tokenizer(root / "tokenizer_3")
+    _clip_text(root, "text_encoder", "tokenizer", 16, projection=8)
+    _clip_text(root, "text_encoder_2", "tokenizer_2", 16, projection=8)
+    _t5_text(root, "text_encoder_3", "tokenizer_3", 32)
+    _flow_vae().save_pretrained(root / "vae")
+    SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=16,
+    ).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(root / "scheduler")
+    _save_index(root, "StableDiffusion3Pipeline", {
+        "transformer": ("diffusers", "SD3Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_3": ("transformers", "T5EncoderModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "tokenizer_3": ("transformers", "T5TokenizerFast"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    })
+    return root
+
+
+def build_flux(root: Path, seed: int = 0, guidance: bool = True, sample_size: int | None = 8) -> Path:
+    """A CLIP encoder (its pooled output), a 32-wide T5 and a Flux transformer on 2×2-packed
+    latents; the scheduler shifts σ with the image's sequence length, as FLUX.1-dev's does.
+
+    Flux configs name no resolution; ``sample_size`` (latents) is written into the
+    transformer's config so that the tiny model audits 16-pixel images.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_clip_tokenizer(root / "tokenizer")
+    _write_t5_tokenizer(root / "tokenizer_2")
+    _clip_text(root, "text_encoder", "tokenizer", 16)
+    _t5_text(root, "text_encoder_2", "tokenizer_2", 32)
+    _flow_vae().save_pretrained(root / "vae")
+    FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    ).save_pretrained(root / "transformer")
+    if sample_size is not None:
+        path = root / "transformer" / "config.json"
+        config = json.loads(path.read_text())
+        config["sample_size"] = sample_size
+        path.write_text(json.dumps(config, indent=2))
+    FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ).save_pretrained(root / "scheduler")
+    _save_index(root, "FluxPipeline", {
+        "transformer": ("diffusers", "FluxTransformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "T5EncoderModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "T5TokenizerFast"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    })
+    return root

@@ -48,19 +48,26 @@ def load_model(
     import torch
 
     from cdi.errors import InputError
+    from cdi.models.diffusers_base import DiffusersAdapter
     from cdi.models.dit import DiTAdapter
+    from cdi.models.flux import FluxAdapter
     from cdi.models.latent import LatentAdapter
     from cdi.models.loading import pickle_allowed
     from cdi.models.pixel import PixelAdapter
+    from cdi.models.sd3 import SD3Adapter
     from cdi.models.stable_diffusion import StableDiffusionAdapter
+    from cdi.models.stable_diffusion_xl import StableDiffusionXLAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     info = dataclasses.replace(detect_family(source, revision), allow_pickle=pickle_allowed(allow_pickle))
-    adapters: dict[str, type[PixelAdapter | LatentAdapter | DiTAdapter | StableDiffusionAdapter]] = {
+    adapters: dict[str, type[DiffusersAdapter]] = {
         "pixel": PixelAdapter,
         "latent": LatentAdapter,
         "dit": DiTAdapter,
         "stable-diffusion": StableDiffusionAdapter,
+        "stable-diffusion-xl": StableDiffusionXLAdapter,
+        "sd3": SD3Adapter,
+        "flux": FluxAdapter,
     }
     if lora is not None and info.lora is not None:
         raise InputError(f"{source} is a LoRA model already; --lora adds a LoRA to a base model")

@@ -83,12 +83,18 @@ class DiffusionAdapter(abc.ABC):
         Deterministic: the posterior mean (KL) or the pre-quantisation output (VQ).
         """
 
-    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
+    def condition(self, conditions: Sequence[ImageCondition],
+                  original_sizes: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor | None:
         """Turn one condition per image into the batch conditioning passed to :meth:`eps`.
 
         Returns ``None`` for unconditional models, class ids ``[B]`` (long) for
-        class-conditional ones, and text-encoder states ``[B, L, D]`` for text models.
-        The first dimension is always the batch, so a batch's conditioning can be indexed.
+        class-conditional ones, and text-encoder states ``[B, L, D]`` for text models
+        (models that take several text inputs, such as SDXL's pooled embedding, get them
+        flattened side by side, ``[B, N]``). The first dimension is always the batch, so a
+        batch's conditioning can be indexed and concatenated.
+
+        ``original_sizes`` (height, width) of each image before preprocessing: SDXL is
+        conditioned on it; ``None`` (or an entry ``None``) means the model's own resolution.
         """
         return None
 

@@ -26,7 +26,17 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "DiTPipeline": "dit",
     "StableDiffusionPipeline": "stable-diffusion",
     "StableDiffusionImg2ImgPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
 }
+
+_CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+_T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
+_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 #: For each family: role → (accepted component folder names, accepted classes).
 FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
@@ -48,10 +58,47 @@ FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]
         "unet": (("unet",), ("UNet2DConditionModel",)),
         "autoencoder": (("vae",), ("AutoencoderKL",)),
         "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
-        "tokenizer": (("tokenizer",), ("CLIPTokenizer", "CLIPTokenizerFast")),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
         "scheduler": (("scheduler",), ()),
     },
+    "stable-diffusion-xl": {
+        "unet": (("unet",), ("UNet2DConditionModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
+        "text_encoder_2": (("text_encoder_2",), ("CLIPTextModelWithProjection",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _CLIP_TOKENIZERS),
+        "scheduler": (("scheduler",), ()),
+    },
+    "sd3": {
+        "transformer": (("transformer",), ("SD3Transformer2DModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModelWithProjection",)),
+        "text_encoder_2": (("text_encoder_2",), ("CLIPTextModelWithProjection",)),
+        "text_encoder_3": (("text_encoder_3",), ("T5EncoderModel",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _CLIP_TOKENIZERS),
+        "tokenizer_3": (("tokenizer_3",), _T5_TOKENIZERS),
+        "scheduler": (("scheduler",), _FLOW_SCHEDULERS),
+    },
+    "flux": {
+        "transformer": (("transformer",), ("FluxTransformer2DModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
+        "text_encoder_2": (("text_encoder_2",), ("T5EncoderModel",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _T5_TOKENIZERS),
+        "scheduler": (("scheduler",), _FLOW_SCHEDULERS),
+    },
 }
+
+#: Components a family's pipeline runs without when model_index.json lists them as
+#: ``[null, null]`` (SD3 without its T5 encoder uses zeros in its place, as its pipeline does).
+OPTIONAL_COMPONENTS: dict[str, tuple[str, ...]] = {"sd3": ("text_encoder_3", "tokenizer_3")}
+
+#: Latent side length of Flux images when the transformer's config names none: FluxPipeline's
+#: default (128 latents, i.e. 1024 px with Flux's 8× autoencoder).
+FLUX_DEFAULT_LATENT_SIZE = 128
 
 #: A folder holding this file is a LoRA model: {"base": model reference, "lora": path
 #: relative to the folder, "scale": number (optional)}. It names a fine-tune by one reference,
@@ -145,7 +192,7 @@ def read_json(ref: ModelReference, relpath: str) -> dict[str, Any]:
 
 def _component_config(ref: ModelReference, folder: str, role: str) -> dict[str, Any]:
     name = "scheduler_config.json" if role == "scheduler" else "config.json"
-    if role == "tokenizer":
+    if role.startswith("tokenizer"):
         # Tokenizers keep their settings in tokenizer_config.json; its class is in model_index.
         name = "tokenizer_config.json"
     return read_json(ref, f"{folder}/{name}")
@@ -181,6 +228,9 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
     configs: dict[str, dict[str, Any]] = {}
     for role, (folders, accepted) in FAMILY_COMPONENTS[family].items():
         folder = next((f for f in folders if isinstance(index.get(f), list)), None)
+        if folder is not None and index[folder] in ([None, None], [None]) \
+                and role in OPTIONAL_COMPONENTS.get(family, ()):
+            continue
         if folder is None:
             raise MalformedModelError(
                 f"{ref.source}: model_index.json lists no {' or '.join(folders)} component "
@@ -190,7 +240,7 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         declared = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else None
         config = _component_config(ref, folder, role)
         cls = config.get("_class_name") or declared
-        if role == "tokenizer":
+        if role.startswith("tokenizer"):
             cls = declared or config.get("tokenizer_class")
         if not isinstance(cls, str):
             raise MalformedModelError(f"{ref.source}: cannot tell the class of component {folder}")
@@ -232,9 +282,13 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         num_classes = _int(tr, "num_embeds_ada_norm", f"{ref.source}/transformer/config.json")
         conditioning = "class"
     else:
-        unet = configs["unet"]
+        denoiser = "unet" if "unet" in configs else "transformer"
         ae = configs["autoencoder"]
-        size = _int(unet, "sample_size", f"{ref.source}/unet/config.json")
+        where = f"{ref.source}/{denoiser}/config.json"
+        if family == "flux" and "sample_size" not in configs[denoiser]:
+            size = FLUX_DEFAULT_LATENT_SIZE
+        else:
+            size = _int(configs[denoiser], "sample_size", where)
         size *= 2 ** (len(ae.get("block_out_channels") or [0]) - 1)
         channels = _int(ae, "in_channels", f"{ref.source}/vae/config.json")
         conditioning = "text"
