@@ -15,7 +15,8 @@ from cdi.models.flow import FlowAdapter
 from cdi.models.loading import load_component
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
-#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``).
+#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``); a tokenizer whose own
+#: ``model_max_length`` is shorter (none of the published models' is) caps it.
 T5_TOKENS = 512
 #: FluxPipeline's default ``guidance_scale``, given to models with a guidance embedding.
 GUIDANCE = 3.5
@@ -56,7 +57,8 @@ class FluxAdapter(FlowAdapter):
         self.tokenizer_2 = load_component(info, "tokenizer_2")
         config = self.transformer.config
         self.guidance = GUIDANCE if config.get("guidance_embeds") else None
-        self._packing = PackedCondition([(T5_TOKENS, int(config.joint_attention_dim)),
+        self.t5_tokens = min(T5_TOKENS, int(self.tokenizer_2.model_max_length))
+        self._packing = PackedCondition([(self.t5_tokens, int(config.joint_attention_dim)),
                                          (int(config.pooled_projection_dim),)])
 
     def lora_pipeline_class(self) -> object:
@@ -69,7 +71,7 @@ class FluxAdapter(FlowAdapter):
         """Per image, packed: the T5 states ``[512, D]`` and the CLIP pooled output ``[P]``."""
         captions = captions_of(conditions)
         _, pooled = clip_states(self.tokenizer, self.text_encoder, captions, self.device, penultimate=False)
-        states = t5_states(self.tokenizer_2, self.text_encoder_2, captions, T5_TOKENS, self.device)
+        states = t5_states(self.tokenizer_2, self.text_encoder_2, captions, self.t5_tokens, self.device)
         return self._packing.pack(states, pooled)
 
     def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:

@@ -14,7 +14,8 @@ from cdi.models.flow import FlowAdapter
 from cdi.models.loading import load_component
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
-#: T5 tokens StableDiffusion3Pipeline encodes by default (``max_sequence_length``).
+#: T5 tokens StableDiffusion3Pipeline encodes by default (``max_sequence_length``); a tokenizer
+#: whose own ``model_max_length`` is shorter (none of the published models' is) caps it.
 T5_TOKENS = 256
 
 
@@ -34,10 +35,12 @@ class SD3Adapter(FlowAdapter):
         self.text_encoder_3 = load_component(info, "text_encoder_3", dtype).to(self.device) \
             if "text_encoder_3" in info.components else None
         self.tokenizer_3 = load_component(info, "tokenizer_3") if "tokenizer_3" in info.components else None
+        self.t5_tokens = T5_TOKENS if self.tokenizer_3 is None else min(
+            T5_TOKENS, int(self.tokenizer_3.model_max_length))
         config = self.transformer.config
         self.joint_dim = int(config.joint_attention_dim)
         clip_tokens = int(self.tokenizer.model_max_length)
-        self._packing = PackedCondition([(clip_tokens + T5_TOKENS, self.joint_dim),
+        self._packing = PackedCondition([(clip_tokens + self.t5_tokens, self.joint_dim),
                                          (int(config.pooled_projection_dim),)])
 
     def lora_pipeline_class(self) -> object:
@@ -59,9 +62,9 @@ class SD3Adapter(FlowAdapter):
         clip = torch.cat([first, second], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
         if self.text_encoder_3 is None:
-            t5 = torch.zeros(len(captions), T5_TOKENS, self.joint_dim, device=self.device, dtype=clip.dtype)
+            t5 = torch.zeros(len(captions), self.t5_tokens, self.joint_dim, device=self.device, dtype=clip.dtype)
         else:
-            t5 = t5_states(self.tokenizer_3, self.text_encoder_3, captions, T5_TOKENS, self.device)
+            t5 = t5_states(self.tokenizer_3, self.text_encoder_3, captions, self.t5_tokens, self.device)
         return self._packing.pack(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([pooled_1, pooled_2], -1))
 
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
