@@ -601,6 +601,23 @@ def _refs(members: Sequence[Any]) -> list[ImageRef]:
     return [ImageRef(set=m.set_name, index=m.index, name=m.name) for m in members]
 
 
+def model_record_of(model: Mapping[str, Any]) -> ModelRecord:
+    """The manifest's model record from what the audit recorded (``cdi.audit.model_record``)."""
+    model = dict(model)
+    known = {"source", "revision", "digest", "weight_sha256", "family", "conditioning", "image_channels",
+             "image_size", "num_train_timesteps", "device", "dtype", "noise_schedule", "prediction_type", "sigmas"}
+    return ModelRecord(
+        source=str(model["source"]), revision=model.get("revision"), digest=model["digest"],
+        weight_sha256=dict(model["weight_sha256"]), family=str(model["family"]),
+        conditioning=str(model["conditioning"]), image_channels=int(model["image_channels"]),
+        image_size=int(model["image_size"]), num_train_timesteps=int(model["num_train_timesteps"]),
+        device=str(model["device"]), dtype=str(model["dtype"]),
+        noise_schedule=model.get("noise_schedule"), prediction_type=model.get("prediction_type"),
+        flow_sigmas=None if model.get("sigmas") is None else {str(k): float(v) for k, v in model["sigmas"].items()},
+        details={k: _json_ready(v) for k, v in model.items() if k not in known},
+    )
+
+
 def build_report(result: AuditResult, *, created_at: datetime | None = None) -> Report:
     """The report of an audit (without its integrity block: see :func:`cdi.report.seal`).
 
@@ -637,19 +654,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     dups = result.duplicates
     excl = result.exclusion
 
-    model = dict(result.model)
-    known = {"source", "revision", "digest", "weight_sha256", "family", "conditioning", "image_channels",
-             "image_size", "num_train_timesteps", "device", "dtype", "noise_schedule", "prediction_type", "sigmas"}
-    model_record = ModelRecord(
-        source=str(model["source"]), revision=model.get("revision"), digest=model["digest"],
-        weight_sha256=dict(model["weight_sha256"]), family=str(model["family"]),
-        conditioning=str(model["conditioning"]), image_channels=int(model["image_channels"]),
-        image_size=int(model["image_size"]), num_train_timesteps=int(model["num_train_timesteps"]),
-        device=str(model["device"]), dtype=str(model["dtype"]),
-        noise_schedule=model.get("noise_schedule"), prediction_type=model.get("prediction_type"),
-        flow_sigmas=None if model.get("sigmas") is None else {str(k): float(v) for k, v in model["sigmas"].items()},
-        details={k: _json_ready(v) for k, v in model.items() if k not in known},
-    )
+    model_record = model_record_of(result.model)
     plan = result.plan
     planning = None if plan is None else Planning(
         n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),

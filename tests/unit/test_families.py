@@ -1,0 +1,310 @@
+"""SDXL, SD3 and Flux: the adapters condition, call and parameterise each network exactly as
+its diffusers pipeline does, on tiny random-weight models saved as full diffusers folders.
+
+(Real forward passes, batch invariance, determinism and finite features of every family are
+in test_adapters.py; this file checks the family-specific parts against the pipelines.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdi.errors import MalformedModelError, UnsupportedModelError
+from cdi.features import FeatureExtractor
+from cdi.features.config import FeatureConfig
+from cdi.features.extractor import ExtractionInput
+from cdi.features.layout import FeatureSet
+from cdi.models import detect_family, load_model
+
+CAPTIONS = ["a cat", "", "the sea at night"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    path.write_text(json.dumps(data))
+
+
+# --- SDXL ------------------------------------------------------------------------------
+
+
+def test_sdxl_conditioning_is_the_pipelines(tiny_model_dirs):
+    from diffusers import StableDiffusionXLPipeline
+
+    adapter = load_model(str(tiny_model_dirs["sdxl"]))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dirs["sdxl"])
+    with torch.inference_mode():
+        states, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=False)
+    sizes = [(30, 40), None, (1024, 768)]
+    ours = adapter._packing.unpack(adapter.condition(CAPTIONS, sizes))
+    torch.testing.assert_close(ours[0], states)
+    torch.testing.assert_close(ours[1], pooled)
+    for row, size in zip(ours[2], sizes, strict=True):
+        expected = pipe._get_add_time_ids(size or (16, 16), (0, 0), (16, 16), dtype=torch.float32,
+                                          text_encoder_projection_dim=8)[0]
+        torch.testing.assert_close(row, expected)
+
+    # ε̂ is the UNet's output called as the pipeline calls it (ε-prediction).
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = pipe.unet(z, torch.tensor([100, 100, 100]), encoder_hidden_states=states,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ours[2]}).sample
+        torch.testing.assert_close(adapter.eps(z, 100, adapter.condition(CAPTIONS, sizes)), expected)
+
+
+def test_sdxl_original_size_changes_the_features(tiny_model_dirs):
+    adapter = load_model(str(tiny_model_dirs["sdxl"]))
+    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16)).astype(np.float32)
+    ex = FeatureExtractor(adapter, seed=3)
+    small = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat", (16, 16))])
+    large = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat", (900, 1200))])
+    default = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat")])
+    assert not np.allclose(small, large)
+    np.testing.assert_allclose(small, default, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_files_passes_each_images_displayed_size(tiny_model_dirs, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from cdi.images import ImageFile
+
+    adapter = load_model(str(tiny_model_dirs["sdxl"]))
+    seen: list[object] = []
+    original = adapter.condition
+
+    def spy(conditions, original_sizes=None):
+        seen.extend(original_sizes or [])
+        return original(conditions, original_sizes)
+
+    monkeypatch.setattr(adapter, "condition", spy)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    ex = FeatureExtractor(adapter, seed=3, feature_set=FeatureSet.GRADIENT_FREE)
+    ex.extract_files([ImageFile("a.png", buf.getvalue())], ["a red square"])
+    assert seen and set(seen) == {(30, 40)}
+
+
+def test_sdxl_unet_without_size_conditioning_is_refused(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["sdxl"], tmp_path / "m")
+    _edit_json(d / "unet" / "config.json", addition_embed_type=None)
+    with pytest.raises(MalformedModelError, match="addition_embed_type must be 'text_time'"):
+        load_model(str(d))
+
+
+# --- SD3 -------------------------------------------------------------------------------
+
+
+def test_sd3_conditioning_and_velocity_are_the_pipelines(tiny_model_dirs):
+    from diffusers import StableDiffusion3Pipeline
+
+    adapter = load_model(str(tiny_model_dirs["sd3"]))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dirs["sd3"])
+    with torch.inference_mode():
+        states, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, device="cpu",
+                                                  do_classifier_free_guidance=False, max_sequence_length=16)
+    cond = adapter.condition(CAPTIONS)
+    ours = adapter._packing.unpack(cond)
+    torch.testing.assert_close(ours[0], states)
+    torch.testing.assert_close(ours[1], pooled)
+
+    # The network sees σ·1000 and predicts v = ε − z0; ε̂ = z + (1 − σ)·v.
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = float(adapter.schedule.s[300])
+    with torch.inference_mode():
+        v = pipe.transformer(hidden_states=z, encoder_hidden_states=states, pooled_projections=pooled,
+                             timestep=torch.full((3,), sigma * 1000)).sample
+        torch.testing.assert_close(adapter.eps(z, 300, cond), z + (1 - sigma) * v)
+
+
+def test_sd3_latents_are_shifted_then_scaled(tiny_model_dirs):
+    adapter = load_model(str(tiny_model_dirs["sd3"]))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.inference_mode():
+        mean = adapter.autoencoder.encode(x).latent_dist.mean
+        torch.testing.assert_close(adapter.encode(x), (mean - 0.1) * 0.5)
+
+
+def test_sd3_sigmas_are_the_schedulers(tiny_model_dirs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    adapter = load_model(str(tiny_model_dirs["sd3"]))
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model_dirs["sd3"], subfolder="scheduler")
+    assert sched.config.shift == 3.0 and not sched.config.use_dynamic_shifting
+    # The scheduler's training σ run from t = T down to t = 1: σ(t) = shift(t/T).
+    theirs = sched.sigmas.double().flip(0)
+    ours = adapter.schedule.s
+    torch.testing.assert_close(ours[1:], theirs[:-1], rtol=1e-6, atol=1e-7)
+    # t = 0 (PIA) is the smallest σ the scheduler allows, not 0.
+    assert float(ours[0]) == pytest.approx(sched.sigma_min, rel=1e-6) and float(ours[0]) > 0
+    torch.testing.assert_close(adapter.schedule.model_timesteps, ours * 1000)
+    assert adapter.describe()["flow_shift"] == {"shift": 3.0}
+
+
+def test_sd3_without_t5_uses_zeros_as_its_pipeline_does(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["sd3"], tmp_path / "m")
+    _edit_json(d / "model_index.json", text_encoder_3=[None, None], tokenizer_3=[None, None])
+    shutil.rmtree(d / "text_encoder_3")
+    shutil.rmtree(d / "tokenizer_3")
+    adapter = load_model(str(d))
+    assert adapter.text_encoder_3 is None
+    states, _ = adapter._packing.unpack(adapter.condition(["a cat"]))
+    assert states.shape == (1, 16 + 256, 32)
+    assert torch.all(states[:, 16:] == 0) and torch.any(states[:, :16] != 0)
+    assert "text_encoder_3/model.safetensors" not in adapter.identity.weight_sha256
+
+
+# --- Flux ------------------------------------------------------------------------------
+
+
+def test_flux_conditioning_packing_and_guidance_are_the_pipelines(tiny_model_dirs):
+    from diffusers import FluxPipeline
+
+    adapter = load_model(str(tiny_model_dirs["flux"]))
+    pipe = FluxPipeline.from_pretrained(tiny_model_dirs["flux"])
+    with torch.inference_mode():
+        states, pooled, text_ids = pipe.encode_prompt(CAPTIONS, None, device="cpu", max_sequence_length=16)
+    cond = adapter.condition(CAPTIONS)
+    ours = adapter._packing.unpack(cond)
+    torch.testing.assert_close(ours[0], states)
+    torch.testing.assert_close(ours[1], pooled)
+    assert adapter.guidance == 3.5
+
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigma = float(adapter.schedule.s[500])
+    with torch.inference_mode():
+        packed = pipe._pack_latents(z, 3, 4, 8, 8)
+        ids = pipe._prepare_latent_image_ids(3, 4, 4, "cpu", torch.float32)
+        v = pipe.transformer(hidden_states=packed, timestep=torch.full((3,), sigma), guidance=torch.full((3,), 3.5),
+                             pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_ids,
+                             img_ids=ids).sample
+        v = pipe._unpack_latents(v, 16, 16, pipe.vae_scale_factor)
+        torch.testing.assert_close(adapter.eps(z, 500, cond), z + (1 - sigma) * v)
+
+
+def test_flux_sigmas_follow_the_resolution_shift(tiny_model_dirs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    adapter = load_model(str(tiny_model_dirs["flux"]))
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model_dirs["flux"], subfolder="scheduler")
+    seq = (16 // 2 // 2) ** 2  # 16 px → 8×8 latents → 4×4 packed tokens
+    mu = calculate_shift(seq, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
+                         sched.config.base_shift, sched.config.max_shift)
+    facts = adapter.describe(FeatureConfig().timesteps())
+    assert facts["flow_shift"]["mu"] == pytest.approx(mu) and facts["flow_shift"]["image_seq_len"] == seq
+    # What FluxPipeline's scheduler does with σ = t/T and this μ (t = 0 → its smallest, 1/T).
+    grid = np.maximum(np.arange(1000), 1) / 1000
+    sched.set_timesteps(sigmas=grid[::-1].copy(), mu=mu)
+    theirs = sched.sigmas[:-1].double().flip(0)
+    torch.testing.assert_close(adapter.schedule.s, theirs, rtol=1e-5, atol=1e-6)
+    # Flux's pipeline gives the transformer σ itself (it multiplies by 1000 inside).
+    torch.testing.assert_close(adapter.schedule.model_timesteps, adapter.schedule.s)
+    assert set(facts["sigmas"]) == {str(t) for t in FeatureConfig().timesteps()}
+
+
+def test_flux_without_guidance_embedding_gets_none(tiny_model_dirs, tmp_path):
+    import tiny_models as tm
+
+    d = tm.build_flux(tmp_path / "schnell", guidance=False)
+    adapter = load_model(str(d))
+    assert adapter.guidance is None and adapter.describe()["guidance"] is None
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        assert torch.isfinite(adapter.eps(z, 900, adapter.condition(["x"]))).all()
+
+
+def test_flux_default_resolution_is_the_pipelines(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["flux"], tmp_path / "m")
+    _edit_json(d / "transformer" / "config.json", sample_size=None)
+    # FluxPipeline's default: 128 latents per side, times the autoencoder's factor (2 here).
+    assert detect_family(str(d)).image_size == 256
+
+
+def test_step_dependent_flow_scheduler_options_are_refused(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["sd3"], tmp_path / "m")
+    _edit_json(d / "scheduler" / "scheduler_config.json", shift_terminal=0.02)
+    with pytest.raises(UnsupportedModelError, match="shift_terminal is not supported"):
+        load_model(str(d))
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def test_report_records_the_sigma_grid(tiny_model_dirs):
+    from cdi.audit import AuditOptions, model_record
+    from cdi.report.model import model_record_of
+
+    opts = AuditOptions()
+    for name, schedule in (("flux", "flow"), ("sdxl", "ddpm")):
+        adapter = load_model(str(tiny_model_dirs[name]))
+        record = model_record_of(model_record(adapter, opts))
+        assert record.noise_schedule == schedule
+        if schedule == "flow":
+            assert record.prediction_type == "flow"
+            assert record.flow_sigmas is not None
+            assert set(record.flow_sigmas) == {str(t) for t in opts.feature_config.timesteps()}
+            for t, sigma in record.flow_sigmas.items():
+                assert sigma == pytest.approx(float(adapter.schedule.s[int(t)]))
+            assert record.details["flow_shift"]["mu"] > 0
+        else:
+            assert record.flow_sigmas is None and record.prediction_type == "epsilon"
+
+
+# --- detection and malformed folders ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "folder"), [("sdxl", "text_encoder_2"), ("sd3", "tokenizer_3"),
+                                              ("flux", "transformer")])
+def test_missing_component_folder_is_named(tiny_model_dirs, tmp_path, name, folder):
+    d = _copy(tiny_model_dirs[name], tmp_path / "m")
+    shutil.rmtree(d / folder)
+    with pytest.raises(MalformedModelError, match=f"missing {folder}/"):
+        detect_family(str(d))
+
+
+@pytest.mark.parametrize(("name", "component"), [("sdxl", "tokenizer_2"), ("sd3", "text_encoder_2"),
+                                                 ("flux", "text_encoder_2")])
+def test_component_missing_from_the_index_is_named(tiny_model_dirs, tmp_path, name, component):
+    d = _copy(tiny_model_dirs[name], tmp_path / "m")
+    _edit_json(d / "model_index.json", **{component: None})
+    with pytest.raises(MalformedModelError, match=f"lists no {component} component"):
+        detect_family(str(d))
+
+
+def test_component_of_the_wrong_class_is_named(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["flux"], tmp_path / "m")
+    _edit_json(d / "transformer" / "config.json", _class_name="SD3Transformer2DModel")
+    with pytest.raises(UnsupportedModelError, match="transformer is a SD3Transformer2DModel.*FluxTransformer2DModel"):
+        detect_family(str(d))
+
+
+def test_flow_family_with_a_ddpm_scheduler_is_refused(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["sd3"], tmp_path / "m")
+    _edit_json(d / "scheduler" / "scheduler_config.json", _class_name="DDPMScheduler")
+    with pytest.raises(UnsupportedModelError, match="scheduler is a DDPMScheduler"):
+        detect_family(str(d))
+
+
+def test_component_without_a_class_is_named(tiny_model_dirs, tmp_path):
+    d = _copy(tiny_model_dirs["sdxl"], tmp_path / "m")
+    _edit_json(d / "model_index.json", text_encoder_2=["transformers"])
+    _edit_json(d / "text_encoder_2" / "config.json", _class_name=None, architectures=None)
+    with pytest.raises(MalformedModelError, match="cannot tell the class of component text_encoder_2"):
+        detect_family(str(d))
