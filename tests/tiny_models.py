@@ -339,3 +339,104 @@ def build_flux(root: Path, seed: int = 0, guidance: bool = True, sample_size: in
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
     })
     return root
+
+
+# --- single-file checkpoints ---------------------------------------------------------------
+
+
+def _ldm_resnet(rest: str) -> str:
+    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def _ldm_unet_key(key: str, per_block: int, up_has_attention: list[bool]) -> str:
+    """The original (CompVis) name of a diffusers UNet2DConditionModel weight."""
+    import re
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    if key in fixed:
+        return fixed[key]
+    n = per_block
+    if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{(n + 1) * i + j + 1}.0.{_ldm_resnet(rest)}"
+    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
+        return f"input_blocks.{(n + 1) * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(n + 1) * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return f"middle_block.{2 * int(m[1])}.{_ldm_resnet(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return f"output_blocks.{(n + 1) * int(m[1]) + int(m[2])}.0.{_ldm_resnet(m[3])}"
+    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
+        return f"output_blocks.{(n + 1) * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])
+        return f"output_blocks.{(n + 1) * i + n}.{2 if up_has_attention[i] else 1}.conv.{m[2]}"
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str, num_up: int) -> tuple[str, bool]:
+    """The original name of a diffusers AutoencoderKL weight, and whether it is an attention
+    projection (stored there as a 1×1 convolution)."""
+    import re
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in fixed:
+        return fixed[key], False
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+?)(?:\.0)?\.(weight|bias)", key):
+        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+        return f"{m[1]}.mid.attn_1.{names[m[2]]}.{m[3]}", m[2] != "group_norm"
+    key = key.replace("conv_shortcut", "nin_shortcut")
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}", False
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}", False
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
+        return f"encoder.down.{m[1]}.downsample.{m[2]}", False
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}", False
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+        return f"decoder.up.{num_up - 1 - int(m[1])}.upsample.{m[2]}", False
+    raise KeyError(key)
+
+
+def save_single_file(model_dir: Path, path: Path) -> Path:
+    """A tiny Stable Diffusion 1.x folder as one original-layout checkpoint, as published on
+    model-sharing sites (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.transformer.*``). Written from the diffusers weights by inverting the
+    names diffusers' single-file loader converts."""
+    from safetensors.torch import load_file, save_file
+
+    state: dict[str, torch.Tensor] = {}
+    unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
+    up_attention = ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
+    for key, value in load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors").items():
+        state["model.diffusion_model." + _ldm_unet_key(key, unet_cfg["layers_per_block"], up_attention)] = value
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    for key, value in load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors").items():
+        name, conv = _ldm_vae_key(key, len(vae_cfg["up_block_types"]))
+        state["first_stage_model." + name] = value[:, :, None, None] if conv and value.dim() == 2 else value
+    for key, value in load_file(model_dir / "text_encoder" / "model.safetensors").items():
+        name = key if key.startswith("text_model.") else "text_model." + key
+        state["cond_stage_model.transformer." + name] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def config_folder(model_dir: Path, dest: Path) -> Path:
+    """The model's folder without any weight file: what ``--config`` points at."""
+    import shutil
+
+    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return dest
