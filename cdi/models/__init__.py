@@ -34,6 +34,7 @@ def load_model(
     allow_pickle: bool | None = None,
     lora: str | None = None,
     lora_scale: float = 1.0,
+    config: str | None = None,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
@@ -42,6 +43,11 @@ def load_model(
     weights are refused unless ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``).
     ``lora`` (a file, a folder or a shipped LoRA's name) is loaded onto the denoiser at
     ``lora_scale``; the identity then names the base's weights and the LoRA's.
+
+    ``source`` may also be one single-file checkpoint (``.safetensors`` as published on
+    model-sharing sites; ``.ckpt``/``.bin``/``.pt`` only with ``allow_pickle``): ``config`` is
+    then a local diffusers folder of its architecture's configs, and the identity is the
+    file's SHA-256.
     """
     import dataclasses
 
@@ -59,7 +65,11 @@ def load_model(
     from cdi.models.stable_diffusion_xl import StableDiffusionXLAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    info = dataclasses.replace(detect_family(source, revision), allow_pickle=pickle_allowed(allow_pickle))
+    info = dataclasses.replace(detect_family(source, revision, config), allow_pickle=pickle_allowed(allow_pickle))
+    if info.reference.is_single_file:
+        from cdi.models.loading import load_single_file
+
+        info = dataclasses.replace(info, preloaded=load_single_file(info, resolved_dtype))
     adapters: dict[str, type[DiffusersAdapter]] = {
         "pixel": PixelAdapter,
         "latent": LatentAdapter,

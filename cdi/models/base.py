@@ -18,11 +18,18 @@ ImageCondition = int | str | None
 
 @dataclass(frozen=True)
 class ModelReference:
-    """Where a model comes from: a local diffusers directory, or a hub id plus revision."""
+    """Where a model comes from: a local diffusers directory, a hub id plus revision, or one
+    single-file checkpoint with a local folder of its configs (``config``)."""
 
     source: str
     revision: str | None = None
     is_local: bool = True
+    #: For a single-file checkpoint: the diffusers folder whose configs describe it.
+    config: str | None = None
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.config is not None
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class DiffusionAdapter(abc.ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             **self.schedule.describe(tuple(timesteps)),
             **({"lora": self.lora.describe()} if self.lora is not None else {}),
+            **({"config": self.identity.reference.config} if self.identity.reference.config else {}),
         }
 
     #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).

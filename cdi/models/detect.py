@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdi.errors import MalformedModelError, ModelNotFoundError, UnsupportedModelError
+from cdi.errors import InputError, MalformedModelError, ModelNotFoundError, UnsupportedModelError
 from cdi.models.base import Conditioning, ModelReference
 
 #: diffusers pipeline class → CDI family.
@@ -105,6 +105,11 @@ FLUX_DEFAULT_LATENT_SIZE = 128
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
 
+#: Suffixes of single-file checkpoints (the last four are pickles, refused unless allowed).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+#: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
+SINGLE_FILE_FAMILIES = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -128,10 +133,15 @@ class ModelInfo:
     #: A LoRA to load onto the denoiser, from a LoRA model folder (:data:`LORA_MODEL_FILE`).
     lora: str | None = None
     lora_scale: float = 1.0
+    #: The diffusers pipeline class model_index.json names.
+    pipeline: str = ""
+    #: Components already loaded (role → module), from a single-file checkpoint.
+    preloaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
-def resolve_reference(source: str, revision: str | None = None) -> ModelReference:
-    """A local directory if ``source`` is one, else a hub id (``owner/name``)."""
+def resolve_reference(source: str, revision: str | None = None, config: str | None = None) -> ModelReference:
+    """A local directory if ``source`` is one, a single-file checkpoint (with ``config``, a
+    local folder of its configs) if it is a file, else a hub id (``owner/name``)."""
     if not source or not source.strip():
         raise ModelNotFoundError("the model reference is empty")
     path = Path(source).expanduser()
@@ -139,15 +149,34 @@ def resolve_reference(source: str, revision: str | None = None) -> ModelReferenc
         shipped = _zoo_path(source)
         if shipped is not None:
             path = shipped
+    if path.is_file():
+        return _single_file_reference(path, config)
+    if config is not None:
+        raise InputError(f"a config folder is given for {source}, but it is not a single-file checkpoint: "
+                         "--config goes with a .safetensors file")
     if path.is_dir():
         return ModelReference(source=str(path.resolve()), revision=revision, is_local=True)
-    if path.exists():
-        raise ModelNotFoundError(f"{source} is a file; a model is a directory in diffusers layout")
     if _HUB_ID.match(source) and not source.startswith((".", "/")):
         return ModelReference(source=source, revision=revision, is_local=False)
     raise ModelNotFoundError(
-        f"{source!r} is neither a local model directory nor a hub id of the form owner/name"
+        f"{source!r} is neither a local model directory, a checkpoint file nor a hub id of the form owner/name"
     )
+
+
+def _single_file_reference(path: Path, config: str | None) -> ModelReference:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelNotFoundError(
+            f"{path} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}); a model is a diffusers "
+            "directory, a hub id or one checkpoint file")
+    if config is None:
+        raise MalformedModelError(
+            f"{path} is a single-file checkpoint: give its configs with --config DIR (in Python: config=DIR), a "
+            "diffusers folder of the same architecture (model_index.json, each component's config, the "
+            "tokenizers and scheduler; no weights needed). Nothing is downloaded")
+    folder = Path(config).expanduser()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"the config folder {config} is not a directory")
+    return ModelReference(source=str(path.resolve()), is_local=True, config=str(folder.resolve()))
 
 
 def _zoo_path(name: str) -> Path | None:
@@ -207,9 +236,21 @@ def _int(config: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def detect_family(source: str, revision: str | None = None) -> ModelInfo:
-    """Detect a model's family and check that the files its family needs are present."""
-    ref = resolve_reference(source, revision)
+def detect_family(source: str, revision: str | None = None, config: str | None = None) -> ModelInfo:
+    """Detect a model's family and check that the files its family needs are present.
+
+    A single-file checkpoint's family is that of its ``config`` folder.
+    """
+    ref = resolve_reference(source, revision, config)
+    if ref.config is not None:
+        info = detect_family(ref.config)
+        if info.lora is not None:
+            raise MalformedModelError(f"the config folder {ref.config} is a LoRA model, not a model's configs")
+        if info.family not in SINGLE_FILE_FAMILIES:
+            raise UnsupportedModelError(
+                f"{ref.source}: single-file checkpoints of {info.pipeline} models are not supported "
+                f"(supported: {', '.join(SINGLE_FILE_FAMILIES)}); convert it to a diffusers folder")
+        return dataclasses.replace(info, reference=ref)
     if ref.is_local and (Path(ref.source) / LORA_MODEL_FILE).is_file():
         return _lora_model(ref)
     index = read_json(ref, "model_index.json")
@@ -305,6 +346,7 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         image_channels=channels,
         num_classes=num_classes,
         configs=configs,
+        pipeline=pipeline,
     )
 
 

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from cdi.errors import MalformedModelError, ModelError, ModelIdentityError, PickledWeightsError
+from cdi.errors import (
+    MalformedModelError,
+    ModelError,
+    ModelIdentityError,
+    PickledWeightsError,
+    UnsupportedModelError,
+)
 from cdi.models.base import ModelIdentity
 from cdi.models.detect import ModelInfo
 
@@ -49,6 +55,11 @@ def check_weight_files(info: ModelInfo) -> None:
     """
     if info.allow_pickle or not info.reference.is_local:
         return
+    if info.reference.is_single_file:
+        file = Path(info.reference.source)
+        if file.suffix.lower() in PICKLE_SUFFIXES:
+            raise refuse_pickle([file.name], str(file.parent))
+        return
     root = Path(info.reference.source)
     pickled: list[str] = []
     for role, folder in info.components.items():
@@ -66,12 +77,16 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
     import diffusers
     import transformers
 
+    if role in info.preloaded:
+        return info.preloaded[role]
     folder = info.components[role]
     cls_name = info.classes[role]
     cls = getattr(diffusers, cls_name, None) or getattr(transformers, cls_name, None)
     if cls is None:
         raise MalformedModelError(f"{info.reference.source}: unknown component class {cls_name}")
     ref = info.reference
+    if ref.is_single_file:
+        raise MalformedModelError(f"{ref.source}: the checkpoint holds no {folder} (load it with load_single_file)")
     kwargs: dict[str, Any] = {"subfolder": folder, "revision": ref.revision}
     if role not in _NO_WEIGHTS:
         check_weight_files(info)
@@ -89,6 +104,39 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
         module.eval()
         module.requires_grad_(False)
     return module
+
+
+def load_single_file(info: ModelInfo, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Every component of a single-file checkpoint, role → module, through the pipeline's own
+    ``from_single_file`` with the configs of ``info.reference.config`` (never downloading)."""
+    import diffusers
+
+    ref = info.reference
+    if ref.config is None:
+        raise ValueError("not a single-file checkpoint")
+    check_weight_files(info)
+    cls = getattr(diffusers, info.pipeline, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise UnsupportedModelError(f"{ref.source}: {info.pipeline} cannot load a single-file checkpoint")
+    kwargs: dict[str, Any] = {"config": ref.config, "local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = cls.from_single_file(ref.source, **kwargs)
+    except Exception as exc:  # diffusers raises many types for a file that does not fit the configs
+        raise MalformedModelError(
+            f"{ref.source}: cannot load it as a {info.pipeline} with the configs in {ref.config} "
+            f"({type(exc).__name__}: {exc})") from None
+    out: dict[str, Any] = {}
+    for role, folder in info.components.items():
+        module = getattr(pipe, folder, None)
+        if module is None:
+            raise MalformedModelError(f"{ref.source}: the checkpoint and {ref.config} give no {folder}")
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            module.requires_grad_(False)
+        out[role] = module
+    return out
 
 
 def alphas_cumprod_of(info: ModelInfo) -> torch.Tensor:
@@ -144,6 +192,9 @@ def weight_hashes(info: ModelInfo) -> dict[str, str]:
     :class:`MalformedModelError` when a component that holds weights has none: a model is
     never given an empty identity (two different models would share a feature-cache key).
     """
+    if info.reference.is_single_file:
+        file = Path(info.reference.source)
+        return {file.name: file_sha256(file)}
     root = _model_files_root(info)
     if root is None:
         raise ModelIdentityError(

@@ -308,3 +308,106 @@ def test_component_without_a_class_is_named(tiny_model_dirs, tmp_path):
     _edit_json(d / "text_encoder_2" / "config.json", _class_name=None, architectures=None)
     with pytest.raises(MalformedModelError, match="cannot tell the class of component text_encoder_2"):
         detect_family(str(d))
+
+
+# --- single-file checkpoints -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def single_file(tiny_model_dirs, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny Stable Diffusion model as one original-layout .safetensors, and its configs."""
+    import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("single-file")
+    file = tm.save_single_file(tiny_model_dirs["stable-diffusion"], root / "tiny-sd15.safetensors")
+    return file, tm.config_folder(tiny_model_dirs["stable-diffusion"], root / "configs")
+
+
+def test_single_file_is_the_same_model_identified_by_its_hash(tiny_model_dirs, single_file):
+    import hashlib
+
+    file, configs = single_file
+    assert not list(configs.rglob("*.safetensors"))
+    adapter = load_model(str(file), config=str(configs))
+    folder = load_model(str(tiny_model_dirs["stable-diffusion"]))
+    assert adapter.family == "stable-diffusion" and adapter.identity.reference.config == str(configs)
+    assert adapter.identity.weight_sha256 == {file.name: hashlib.sha256(file.read_bytes()).hexdigest()}
+    assert adapter.identity.digest != folder.identity.digest
+    assert adapter.describe()["config"] == str(configs)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(adapter.eps(z, 250, adapter.condition(["a cat", ""])),
+                                   folder.eps(z, 250, folder.condition(["a cat", ""])), rtol=0, atol=0)
+    rng = np.random.default_rng(0)
+    items = [ExtractionInput(f"{i:02d}" * 32, rng.uniform(-1, 1, (3, 16, 16)).astype(np.float32), "a cat")
+             for i in range(2)]
+    np.testing.assert_allclose(FeatureExtractor(adapter, seed=5).extract(items),
+                               FeatureExtractor(folder, seed=5).extract(items), rtol=1e-5, atol=1e-6)
+
+
+def test_single_file_needs_its_configs(single_file, tiny_model_dirs):
+    from cdi.errors import InputError, ModelNotFoundError
+
+    file, configs = single_file
+    with pytest.raises(MalformedModelError, match=r"single-file checkpoint: give its configs with --config DIR"):
+        detect_family(str(file))
+    with pytest.raises(ModelNotFoundError, match="is not a directory"):
+        detect_family(str(file), config=str(configs / "nope"))
+    with pytest.raises(InputError, match="not a single-file checkpoint"):
+        detect_family(str(tiny_model_dirs["pixel"]), config=str(configs))
+    text = file.with_suffix(".txt")
+    text.write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file but not a checkpoint"):
+        detect_family(str(text), config=str(configs))
+
+
+def test_single_file_that_does_not_fit_its_configs_is_named(single_file, tiny_model_dirs, tmp_path):
+    import tiny_models as tm
+
+    file, _ = single_file
+    sdxl_configs = tm.config_folder(tiny_model_dirs["sdxl"], tmp_path / "sdxl-configs")
+    with pytest.raises(MalformedModelError, match="cannot load it as a StableDiffusionXLPipeline"):
+        load_model(str(file), config=str(sdxl_configs))
+    pixel_configs = tm.config_folder(tiny_model_dirs["pixel"], tmp_path / "pixel-configs")
+    with pytest.raises(UnsupportedModelError, match="single-file checkpoints of DDPMPipeline models"):
+        detect_family(str(file), config=str(pixel_configs))
+
+
+def test_pickled_single_file_is_refused_unless_allowed(single_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cdi.errors import PickledWeightsError
+
+    monkeypatch.delenv("CDI_ALLOW_PICKLE", raising=False)
+    file, configs = single_file
+    ckpt = tmp_path / "tiny-sd15.ckpt"
+    torch.save({"state_dict": load_file(file)}, ckpt)
+    with pytest.raises(PickledWeightsError, match=r"tiny-sd15\.ckpt.*--allow-pickle"):
+        load_model(str(ckpt), config=str(configs))
+    allowed = load_model(str(ckpt), config=str(configs), allow_pickle=True)
+    safe = load_model(str(file), config=str(configs))
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(allowed.eps(z, 10, allowed.condition(["x"])), safe.eps(z, 10, safe.condition(["x"])))
+    assert set(allowed.identity.weight_sha256) == {"tiny-sd15.ckpt"}
+
+
+def test_cli_takes_a_single_file_with_config(single_file, tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    from cdi.cli import main
+
+    file, configs = single_file
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (20, 16), (40 * i, 90, 200)).save(images / f"{i}.png")
+    args = ["features", "--model", str(file), "--images", str(images), "--features", "gradient-free", "--out"]
+    assert main([*args, str(tmp_path / "a.csv")]) != 0
+    err = capsys.readouterr().err
+    assert "--config DIR" in err and "Traceback" not in err
+    assert main([*args, str(tmp_path / "b.csv"), "--config", str(configs)]) == 0
+    rows = list(csv.reader((tmp_path / "b.csv").open()))
+    assert len(rows) == 3
