@@ -234,7 +234,7 @@ def _flow_vae():
 
 
 def build_sdxl(root: Path, seed: int = 0) -> Path:
-    """Two CLIP encoders (16 + 16 wide states, an 8-wide projected pooled vector) and a UNet
+    """Two CLIP encoders (16 + 24 wide states, an 8-wide projected pooled vector) and a UNet
     with SDXL's size conditioning (``addition_embed_type="text_time"``)."""
     from diffusers import UNet2DConditionModel
 
@@ -243,13 +243,14 @@ def build_sdxl(root: Path, seed: int = 0) -> Path:
     _write_clip_tokenizer(root / "tokenizer")
     _write_clip_tokenizer(root / "tokenizer_2")
     _clip_text(root, "text_encoder", "tokenizer", 16)
-    _clip_text(root, "text_encoder_2", "tokenizer_2", 16, projection=8)
+    # Widths differ, as in SDXL (768 and 1280): single-file loading tells the encoders apart by it.
+    _clip_text(root, "text_encoder_2", "tokenizer_2", 24, projection=8)
     _small_kl(3).save_pretrained(root / "vae")
     UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4,
+        cross_attention_dim=40, attention_head_dim=2, norm_num_groups=4,
         addition_embed_type="text_time", addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=6 * 4 + 8,
     ).save_pretrained(root / "unet")
@@ -410,13 +411,47 @@ def _ldm_vae_key(key: str, num_up: int) -> tuple[str, bool]:
     raise KeyError(key)
 
 
+def _open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection's weights in OpenCLIP's names (SDXL's second
+    encoder in original checkpoints): q, k, v fused into one in_proj, the projection a matrix."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        simple = {"embeddings.position_embedding.weight": "positional_embedding",
+                  "embeddings.token_embedding.weight": "token_embedding.weight",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+        if key in simple:
+            out[simple[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key.startswith("encoder.layers."):
+            layer, rest = key.removeprefix("encoder.layers.").split(".", 1)
+            base = f"transformer.resblocks.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, kind = rest.split(".")
+                fused.setdefault(f"{base}attn.in_proj_{kind}", {})[proj] = value
+                continue
+            for new, old in (("self_attn.", "attn."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                rest = rest.replace(new, old)
+            out[base + rest] = value
+        else:
+            raise KeyError(key)
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
 def save_single_file(model_dir: Path, path: Path) -> Path:
-    """A tiny Stable Diffusion 1.x folder as one original-layout checkpoint, as published on
-    model-sharing sites (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``). Written from the diffusers weights by inverting the
-    names diffusers' single-file loader converts."""
+    """A tiny Stable Diffusion 1.x or SDXL folder as one original-layout checkpoint, as
+    published on model-sharing sites (``model.diffusion_model.*``, ``first_stage_model.*``,
+    and the text encoders under ``cond_stage_model.`` or SDXL's ``conditioner.embedders.``).
+    Written from the diffusers weights by inverting the names diffusers' single-file loader
+    converts."""
     from safetensors.torch import load_file, save_file
 
+    sdxl = json.loads((model_dir / "model_index.json").read_text())["_class_name"].startswith("StableDiffusionXL")
     state: dict[str, torch.Tensor] = {}
     unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
     up_attention = ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
@@ -426,9 +461,12 @@ def save_single_file(model_dir: Path, path: Path) -> Path:
     for key, value in load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors").items():
         name, conv = _ldm_vae_key(key, len(vae_cfg["up_block_types"]))
         state["first_stage_model." + name] = value[:, :, None, None] if conv and value.dim() == 2 else value
+    clip = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
     for key, value in load_file(model_dir / "text_encoder" / "model.safetensors").items():
-        name = key if key.startswith("text_model.") else "text_model." + key
-        state["cond_stage_model.transformer." + name] = value
+        state[clip + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    if sdxl:
+        second = _open_clip_state(load_file(model_dir / "text_encoder_2" / "model.safetensors"))
+        state.update({"conditioner.embedders.1.model." + k: v for k, v in second.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

@@ -279,10 +279,10 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             )
         entry = index[folder]
         declared = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else None
-        config = _component_config(ref, folder, role)
-        cls = config.get("_class_name") or declared
+        component_config = _component_config(ref, folder, role)
+        cls = component_config.get("_class_name") or declared
         if role.startswith("tokenizer"):
-            cls = declared or config.get("tokenizer_class")
+            cls = declared or component_config.get("tokenizer_class")
         if not isinstance(cls, str):
             raise MalformedModelError(f"{ref.source}: cannot tell the class of component {folder}")
         if accepted and cls not in accepted:
@@ -292,7 +292,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             )
         components[role] = folder
         classes[role] = cls
-        configs[role] = config
+        configs[role] = component_config
 
     sched = configs["scheduler"]
     if "num_train_timesteps" not in sched and "trained_betas" not in sched:

@@ -345,6 +345,22 @@ def test_single_file_is_the_same_model_identified_by_its_hash(tiny_model_dirs, s
                                FeatureExtractor(folder, seed=5).extract(items), rtol=1e-5, atol=1e-6)
 
 
+def test_sdxl_single_file_is_the_same_model(tiny_model_dirs, tmp_path):
+    import tiny_models as tm
+
+    folder_dir = tiny_model_dirs["sdxl"]
+    file = tm.save_single_file(folder_dir, tmp_path / "tiny-sdxl.safetensors")
+    configs = tm.config_folder(folder_dir, tmp_path / "configs")
+    adapter = load_model(str(file), config=str(configs))
+    folder = load_model(str(folder_dir))
+    assert adapter.family == "stable-diffusion-xl" and set(adapter.identity.weight_sha256) == {file.name}
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    sizes = [(30, 40), None]
+    with torch.inference_mode():
+        torch.testing.assert_close(adapter.eps(z, 600, adapter.condition(["a cat", ""], sizes)),
+                                   folder.eps(z, 600, folder.condition(["a cat", ""], sizes)), rtol=0, atol=0)
+
+
 def test_single_file_needs_its_configs(single_file, tiny_model_dirs):
     from cdi.errors import InputError, ModelNotFoundError
 
