@@ -244,6 +244,39 @@ def test_step_dependent_flow_scheduler_options_are_refused(tiny_model_dirs, tmp_
         load_model(str(d))
 
 
+# --- LoRA ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "pipeline", "layers"), [
+    ("sdxl", "StableDiffusionXLPipeline", "unet_lora_layers"),
+    ("sd3", "StableDiffusion3Pipeline", "transformer_lora_layers"),
+    ("flux", "FluxPipeline", "transformer_lora_layers"),
+])
+def test_diffusers_lora_file_on_each_family(tiny_model_dirs, tmp_path, name, pipeline, layers):
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = load_model(str(tiny_model_dirs[name]))
+    net = base.denoiser
+    torch.manual_seed(1)
+    net.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"],
+                               init_lora_weights="gaussian"))
+    state = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in get_peft_model_state_dict(net).items()}
+    getattr(diffusers, pipeline).save_lora_weights(str(tmp_path), **{layers: state})
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    plain = load_model(str(tiny_model_dirs[name]))
+    tuned = load_model(str(tiny_model_dirs[name]), lora=str(file))
+    off = load_model(str(tiny_model_dirs[name]), lora=str(file), lora_scale=0.0)
+    cond = plain.condition(["a cat"])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        e0, e1, e_off = plain.eps(z, 100, cond), tuned.eps(z, 100, cond), off.eps(z, 100, cond)
+    assert not torch.allclose(e0, e1)
+    torch.testing.assert_close(e_off, e0)
+    assert set(tuned.identity.lora_sha256) == {"pytorch_lora_weights.safetensors"}
+
+
 # --- report ----------------------------------------------------------------------------
 
 
