@@ -24,8 +24,8 @@ class FlowAdapter(DiffusersAdapter):
     v = ε − z0 (``NoiseSchedule(kind="flow")``)."""
 
     lora_prefix = "transformer"
-    #: Whether the network receives σ·T (SD3) rather than σ itself (Flux's pipeline divides
-    #: the scheduler's timestep by 1000 before the call).
+    #: Whether the network receives the scheduler's timestep σ·T (SD3) or that divided by
+    #: 1000 (Flux's pipeline does so before the call: σ itself for T = 1000).
     timestep_in_steps: bool = True
     #: ``max_shift`` the pipeline uses when the scheduler config names none.
     default_max_shift: float = 1.15
@@ -79,7 +79,7 @@ class FlowAdapter(DiffusersAdapter):
                 raise MalformedModelError(f"{where}: shift must be a positive number")
             sigmas = flow_grid_sigmas(T, shift=float(shift))
             self.shift_facts = {"shift": float(shift)}
-        return NoiseSchedule.flow(sigmas, float(T) if self.timestep_in_steps else 1.0)
+        return NoiseSchedule.flow(sigmas, float(T) if self.timestep_in_steps else T / 1000.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
