@@ -219,6 +219,22 @@ def test_flux_sigmas_follow_the_resolution_shift(tiny_model_dirs):
     assert set(facts["sigmas"]) == {str(t) for t in FeatureConfig().timesteps()}
 
 
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_dynamic_shift_grid_matches_the_scheduler_at_any_resolution(shift_type):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cdi.models.schedule import flow_grid_sigmas, resolution_shift_mu
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=shift_type,
+                                            base_shift=0.5, max_shift=1.15)
+    for tokens in (256, 1024, 4096):  # 512, 1024 and 2048 px with Flux's 8× autoencoder
+        mu = resolution_shift_mu(tokens, 256, 4096, 0.5, 1.15)
+        grid = np.maximum(np.arange(1000), 1) / 1000
+        sched.set_timesteps(sigmas=grid[::-1].copy(), mu=mu)
+        torch.testing.assert_close(flow_grid_sigmas(1000, mu=mu, shift_type=shift_type),
+                                   sched.sigmas[:-1].double().flip(0), rtol=1e-5, atol=1e-6)
+
+
 def test_flux_without_guidance_embedding_gets_none(tiny_model_dirs, tmp_path):
     import tiny_models as tm
 
