@@ -443,12 +443,12 @@ def _open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_single_file(model_dir: Path, path: Path) -> Path:
+def save_single_file(model_dir: Path, path: Path, text_encoders: bool = True) -> Path:
     """A tiny Stable Diffusion 1.x or SDXL folder as one original-layout checkpoint, as
     published on model-sharing sites (``model.diffusion_model.*``, ``first_stage_model.*``,
     and the text encoders under ``cond_stage_model.`` or SDXL's ``conditioner.embedders.``).
     Written from the diffusers weights by inverting the names diffusers' single-file loader
-    converts."""
+    converts. Without ``text_encoders`` the file holds the UNet and autoencoder only."""
     from safetensors.torch import load_file, save_file
 
     sdxl = json.loads((model_dir / "model_index.json").read_text())["_class_name"].startswith("StableDiffusionXL")
@@ -462,9 +462,9 @@ def save_single_file(model_dir: Path, path: Path) -> Path:
         name, conv = _ldm_vae_key(key, len(vae_cfg["up_block_types"]))
         state["first_stage_model." + name] = value[:, :, None, None] if conv and value.dim() == 2 else value
     clip = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
-    for key, value in load_file(model_dir / "text_encoder" / "model.safetensors").items():
+    for key, value in (load_file(model_dir / "text_encoder" / "model.safetensors") if text_encoders else {}).items():
         state[clip + (key if key.startswith("text_model.") else "text_model." + key)] = value
-    if sdxl:
+    if sdxl and text_encoders:
         second = _open_clip_state(load_file(model_dir / "text_encoder_2" / "model.safetensors"))
         state.update({"conditioner.embedders.1.model." + k: v for k, v in second.items()})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ def check_weight_files(info: ModelInfo) -> None:
 
     A folder with ``.safetensors`` weights loads those (diffusers and transformers prefer
     them); hub models are held to the same rule by loading with ``use_safetensors=True``.
+    A single-file checkpoint is refused if it is a pickle, and so is its config folder if it
+    holds pickled weights only: diffusers loads a component the file lacks from that folder.
     """
     if info.allow_pickle or not info.reference.is_local:
         return
@@ -59,8 +61,7 @@ def check_weight_files(info: ModelInfo) -> None:
         file = Path(info.reference.source)
         if file.suffix.lower() in PICKLE_SUFFIXES:
             raise refuse_pickle([file.name], str(file.parent))
-        return
-    root = Path(info.reference.source)
+    root = Path(info.reference.config or info.reference.source)
     pickled: list[str] = []
     for role, folder in info.components.items():
         if role in _NO_WEIGHTS or not (root / folder).is_dir():
@@ -69,7 +70,7 @@ def check_weight_files(info: ModelInfo) -> None:
         if not any(p.suffix == ".safetensors" for p in files):
             pickled += [p.relative_to(root).as_posix() for p in files if p.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise refuse_pickle(sorted(pickled), info.reference.source)
+        raise refuse_pickle(sorted(pickled), str(root))
 
 
 def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None) -> Any:
@@ -193,8 +194,17 @@ def weight_hashes(info: ModelInfo) -> dict[str, str]:
     never given an empty identity (two different models would share a feature-cache key).
     """
     if info.reference.is_single_file:
+        # The file, and any weights in the config folder: diffusers loads from there a
+        # component the file lacks (a Flux transformer published alone, say).
         file = Path(info.reference.source)
-        return {file.name: file_sha256(file)}
+        out = {file.name: file_sha256(file)}
+        config = Path(str(info.reference.config))
+        for folder in sorted(set(info.components.values())):
+            base = config / folder
+            for path in sorted(base.rglob("*")) if base.is_dir() else []:
+                if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+                    out["config/" + path.relative_to(config).as_posix()] = file_sha256(path)
+        return out
     root = _model_files_root(info)
     if root is None:
         raise ModelIdentityError(

@@ -410,6 +410,41 @@ def test_sdxl_single_file_is_the_same_model(tiny_model_dirs, tmp_path):
                                    folder.eps(z, 600, folder.condition(["a cat", ""], sizes)), rtol=0, atol=0)
 
 
+def test_file_lacking_a_component_is_named_and_config_weights_follow_the_pickle_rule(
+        tiny_model_dirs, tmp_path, monkeypatch):
+    import tiny_models as tm
+    from safetensors.torch import load_file
+
+    from cdi.errors import PickledWeightsError
+
+    monkeypatch.delenv("CDI_ALLOW_PICKLE", raising=False)
+    sd = tiny_model_dirs["stable-diffusion"]
+    file = tm.save_single_file(sd, tmp_path / "unet-and-vae.safetensors", text_encoders=False)
+    configs = tm.config_folder(sd, tmp_path / "configs")
+    with pytest.raises(MalformedModelError, match="cannot load it as a StableDiffusionPipeline.*CLIPTextModel"):
+        load_model(str(file), config=str(configs))
+    # Weights in the config folder may be loaded for what the file lacks: pickles are refused.
+    torch.save(load_file(sd / "text_encoder" / "model.safetensors"), configs / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(PickledWeightsError, match=r"text_encoder/pytorch_model\.bin"):
+        load_model(str(file), config=str(configs))
+
+
+def test_weights_in_the_config_folder_are_part_of_the_identity(single_file, tmp_path):
+    file, configs = single_file
+    with_weights = tmp_path / "configs"
+    shutil.copytree(configs, with_weights)
+    vae = with_weights / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(vae))
+    info = detect_family(str(file), config=str(with_weights))
+    from cdi.models.loading import weight_hashes
+
+    hashes = weight_hashes(info)
+    assert set(hashes) == {file.name, "config/vae/diffusion_pytorch_model.safetensors"}
+    assert set(weight_hashes(detect_family(str(file), config=str(configs)))) == {file.name}
+
+
 def test_single_file_needs_its_configs(single_file, tiny_model_dirs):
     from cdi.errors import InputError, ModelNotFoundError
 
