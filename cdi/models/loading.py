@@ -194,17 +194,17 @@ def weight_hashes(info: ModelInfo) -> dict[str, str]:
     never given an empty identity (two different models would share a feature-cache key).
     """
     if info.reference.is_single_file:
-        # The file, and any weights in the config folder: diffusers loads from there a
-        # component the file lacks (a Flux transformer published alone, say).
+        # The file, and any weights in the config folder: diffusers' single-file loader may
+        # take a component the file lacks from there.
         file = Path(info.reference.source)
-        out = {file.name: file_sha256(file)}
+        hashes = {file.name: file_sha256(file)}
         config = Path(str(info.reference.config))
         for folder in sorted(set(info.components.values())):
             base = config / folder
             for path in sorted(base.rglob("*")) if base.is_dir() else []:
                 if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-                    out["config/" + path.relative_to(config).as_posix()] = file_sha256(path)
-        return out
+                    hashes["config/" + path.relative_to(config).as_posix()] = file_sha256(path)
+        return hashes
     root = _model_files_root(info)
     if root is None:
         raise ModelIdentityError(
