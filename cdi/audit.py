@@ -20,7 +20,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -596,6 +596,8 @@ def audit(
     last = len(seq.looks) - 1 if seq is not None else -1
     control, dist, reversal, _ = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
     verdict = decide(test, control, dist, reversal_p=reversal)
+    if seq is not None:
+        verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
     report("testing", 1, 1)
     xp, xu = features[p_rows[:n_p]][:, cols], features[u_rows[:n_u]][:, cols]
     plan = None
@@ -639,6 +641,19 @@ def audit(
         sequential=seq,
         unused=unused,
     )
+
+
+def _sequential_sentence(seq: SequentialResult) -> str:
+    """What a sequential audit's verdict adds: the looks, the boundary, the images used."""
+    last = seq.looks[-1]
+    k, planned = len(seq.looks), len(seq.design.looks)
+    where = (f"Sequential audit ({seq.design.spending.value} spending, {planned} looks): look {k} tested "
+             f"{last.look.n_p} + {last.look.n_u} images (p = {last.test.p_value:.3g}, boundary {last.look.level:.3g})")
+    if seq.stop == "boundary":
+        return where + "; it crossed its boundary and its controls passed, so the audit stopped there."
+    if seq.stop == "futility":
+        return where + "; P did not lean towards used, so the audit stopped for futility."
+    return where + "; no look stopped the audit early."
 
 
 def _round_order(prepared: _Prepared, seed: int) -> _Prepared:
