@@ -195,13 +195,13 @@ def _sequential_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options: 
     controls decided whether it stopped the audit: the last look's are recomputed below;
     an earlier crossing look's outcome (it did not stop) is taken from the report.
     """
-    from cdi.options import SequentialOptions
+    from cdi.options import SequentialOptions, Spending
     from cdi.sequential import design, sequential_test
 
     seq = report.sequential
     assert seq is not None
     opts = report.manifest.options
-    plan = design(seq.submitted_p, seq.submitted_u, SequentialOptions(True, opts.looks, opts.spending, opts.futility),
+    plan = design(seq.submitted_p, seq.submitted_u, SequentialOptions(True, opts.looks, Spending(opts.spending), opts.futility),
                   report.alpha)
     out.checks.append(Check("sequential", "planned looks [n_p, n_u]", seq.planned,
                             [[lk.n_p, lk.n_u] for lk in plan.looks]))
