@@ -83,7 +83,8 @@ def run(d: Design, xp: np.ndarray, xu: np.ndarray, options: ProtocolOptions, alp
     """Whether design ``d`` rejects at ``alpha``, and the share of the images it used."""
     if d.looks == 1:
         return directional_test(xp, xu, options, alpha=alpha, random_state=seed).p_value < alpha, 1.0
-    plan = design(len(xp), len(xu), SequentialOptions(True, d.looks, d.spending, d.futility), alpha)
+    plan = design(len(xp), len(xu), SequentialOptions(True, d.looks, d.spending, d.futility), alpha,
+                  floor=1.0 / (1 + options.max_permutations))
     result = sequential_test(xp, xu, plan, options, random_state=seed)
     return result.p_value < alpha and result.test.statistic > 0, (result.n_p + result.n_u) / (len(xp) + len(xu))
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=[m.name for m in zoo.list_models()])
     ap.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="images per set")
     ap.add_argument("--designs", nargs="+", type=parse_design,
-                    default=[parse_design(t) for t in ("fixed", "4:pocock", "4:obrien-fleming", "4:pocock:futility")])
+                    default=[parse_design(t) for t in ("fixed", "2:pocock", "3:pocock", "4:pocock", "4:obrien-fleming",
+                                                         "4:pocock:futility")])
     ap.add_argument("--null", type=int, default=300, help="null audits per size")
     ap.add_argument("--positive", type=int, default=100, help="positive audits per size")
     ap.add_argument("--alpha", type=float, default=0.01)

@@ -557,7 +557,8 @@ def audit(
         return control, dist, reversal, decide(test, control, dist, reversal_p=reversal)
 
     if opts.sequential:
-        plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha)
+        plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,
+                       floor=1.0 / (1 + opts.max_permutations))
         look_opts = control_options(opts.protocol_options)
 
         def features_for(k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -98,13 +98,17 @@ class SequentialDesign:
         return self.looks[k].level / self.alpha
 
 
-def design(n_p: int, n_u: int, options: SequentialOptions, alpha: float) -> SequentialDesign:
+def design(n_p: int, n_u: int, options: SequentialOptions, alpha: float, *, floor: float = 0.0) -> SequentialDesign:
     """Plan the looks for sets of ``n_p`` and ``n_u`` images.
 
-    Look k (1-based, of K = ``options.looks``) takes ⌈k·n/K⌉ images of each set; a look with
-    fewer than :data:`MIN_LOOK_SET` of either set, or no more images than the look before,
-    is dropped, so that the first look kept is merged with the dropped ones. Raises
-    :class:`InputError` if a set holds fewer than :data:`MIN_LOOK_SET` images.
+    Look k (1-based, of K = ``options.looks``) takes ⌈k·n/K⌉ images of each set. A look is
+    dropped (its α carried over to the next look kept) if it holds fewer than
+    :data:`MIN_LOOK_SET` images of either set, no more images than the look before, or if its
+    level is below the smallest p-value its images allow at all (one labelling among the
+    C(n_p + n_u, n_p): 5 + 5 images never give p < 1/252) or below ``floor`` (the smallest
+    p-value the permutation count allows, 1 / (1 + N)). The plan depends on the set sizes
+    and the options alone, never on the data. Raises :class:`InputError` if a set holds fewer
+    than :data:`MIN_LOOK_SET` images.
     """
     alpha = check_alpha(alpha)
     if min(n_p, n_u) < MIN_LOOK_SET:
@@ -119,10 +123,13 @@ def design(n_p: int, n_u: int, options: SequentialOptions, alpha: float) -> Sequ
         sizes.append(size)
     looks = []
     before = 0.0
-    for a, b in sizes:
+    for i, (a, b) in enumerate(sizes):
         fraction = (a + b) / total
         now = spent(options.spending, alpha, fraction)
-        looks.append(Look(a, b, fraction, now, now - before))
+        level = now - before
+        if i < len(sizes) - 1 and (level * math.comb(a + b, a) <= 1.0 or level <= floor):
+            continue  # no labelling of these images could cross: spend this look's α later
+        looks.append(Look(a, b, fraction, now, level))
         before = now
     return SequentialDesign(alpha, options.spending, options.futility, k_max, tuple(looks))
 

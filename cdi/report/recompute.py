@@ -201,8 +201,9 @@ def _sequential_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options: 
     seq = report.sequential
     assert seq is not None
     opts = report.manifest.options
-    plan = design(seq.submitted_p, seq.submitted_u, SequentialOptions(True, opts.looks, Spending(opts.spending), opts.futility),
-                  report.alpha)
+    plan = design(seq.submitted_p, seq.submitted_u,
+                  SequentialOptions(True, opts.looks, Spending(opts.spending), opts.futility), report.alpha,
+                  floor=1.0 / (1 + opts.max_permutations))
     out.checks.append(Check("sequential", "planned looks [n_p, n_u]", seq.planned,
                             [[lk.n_p, lk.n_u] for lk in plan.looks]))
     recorded = seq.looks

@@ -154,14 +154,14 @@ def test_cli_flags_reach_the_options() -> None:
     from cdi.cli import _audit_options, build_parser
 
     base = ["audit", "--model", "m", "--published", "p", "--unpublished", "u"]
-    args = build_parser().parse_args(base + ["--sequential", "--looks", "3", "--spending", "obrien-fleming",
-                                             "--futility"])
+    args = build_parser().parse_args([*base, "--sequential", "--looks", "3", "--spending", "obrien-fleming",
+                                      "--futility"])
     opts = _audit_options(args)
     assert (opts.sequential, opts.looks, opts.spending, opts.futility) == (True, 3, "obrien-fleming", True)
     defaults = _audit_options(build_parser().parse_args(base))
     assert defaults.sequential_options == SequentialOptions()
     with pytest.raises(SystemExit):
-        build_parser().parse_args(base + ["--looks", "0"])
+        build_parser().parse_args([*base, "--looks", "0"])
 
 
 def test_the_http_form_reads_the_same_declaration() -> None:
