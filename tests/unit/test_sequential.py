@@ -25,11 +25,13 @@ FAST = ProtocolOptions(exceedances=20, max_permutations=20_000)
 def test_the_looks_spend_exactly_alpha(rule: Spending, looks: int, alpha: float) -> None:
     plan = design(60, 45, SequentialOptions(True, looks, rule), alpha)
     levels = [lk.level for lk in plan.looks]
-    assert len(levels) == looks and all(a > 0 for a in levels)
+    assert 1 <= len(levels) <= looks and all(a > 0 for a in levels)
+    # Every look kept but the last can be crossed by some labelling of its images.
+    assert all(lk.level * math.comb(lk.n_p + lk.n_u, lk.n_p) > 1 for lk in plan.looks[:-1])
     assert math.isclose(sum(levels), alpha, rel_tol=1e-12)
     assert plan.looks[-1].spent == alpha and (plan.looks[-1].n_p, plan.looks[-1].n_u) == (60, 45)
     assert [lk.spent for lk in plan.looks] == sorted(lk.spent for lk in plan.looks)
-    assert math.isclose(sum(plan.weight(k) for k in range(looks)), 1.0, rel_tol=1e-12)
+    assert math.isclose(sum(plan.weight(k) for k in range(len(plan.looks))), 1.0, rel_tol=1e-12)
 
 
 def test_spending_rules_have_their_shape() -> None:
@@ -197,7 +199,7 @@ def _png(index: int, size: int) -> object:
 
 
 def test_a_sequential_audit_of_a_memorising_model_stops_early_and_recomputes(tmp_path) -> None:
-    from cdi.audit import AuditOptions, audit
+    import cdi
     from cdi.cli import main, summary
     from cdi.report import parse_report, recompute_report
 
@@ -206,8 +208,11 @@ def test_a_sequential_audit_of_a_memorising_model_stops_early_and_recomputes(tmp
     u_idx = sorted(np.random.default_rng(1).choice(model.held_out, n, replace=False).tolist())
     published = [_png(i, model.image_size) for i in model.members[:n]]
     unpublished = [_png(i, model.image_size) for i in u_idx]
-    options = AuditOptions(seed=3, sequential=True, features="gradient-free")
-    result = audit(published, unpublished, model.name, options=options)  # type: ignore[arg-type]
+    # Through the Python API: its keyword options are AuditOptions' fields.
+    result = cdi.run_audit(model.name, published, unpublished, seed=3, sequential=True,  # type: ignore[arg-type]
+                           features="gradient-free")
+    options = result.options
+    assert options.sequential_options == SequentialOptions(True)
     seq = result.sequential
     assert seq is not None and result.outcome == "used", result.verdict.reason
     assert seq.stop == "boundary" and len(seq.looks) < len(seq.design.looks)
@@ -224,6 +229,12 @@ def test_a_sequential_audit_of_a_memorising_model_stops_early_and_recomputes(tmp
     check = recompute_report(parse_report(document))
     assert check.ok, [(c.group, c.name, c.recorded, c.recomputed) for c in check.failures]
     assert any(c.group == "sequential" for c in check.checks)
+    # The PDF's section on the looks (the whole PDF is tested in test_report_pdf.py).
+    from cdi.report.pdf import _fonts, _sequential, _styles
+
+    _fonts()
+    flow = _sequential(parse_report(document), _styles(), 400.0)
+    assert "Sequential audit" in flow[0].text and f"{used} of {2 * n} images were used" in flow[1].text
 
     # A tampered look is caught; the command line says so.
     tampered = json.loads(json.dumps(document))
