@@ -233,6 +233,9 @@ def test_a_sequential_audit_of_a_memorising_model_stops_early_and_recomputes(tmp
     from cdi.report.pdf import _fonts, _sequential, _styles
 
     _fonts()
+    from cdi.report.explain import explain
+
+    assert any("Not needed" in line for line in explain(parse_report(document)).tested)
     flow = _sequential(parse_report(document), _styles(), 400.0)
     assert "Sequential audit" in flow[0].text and f"{used} of {2 * n} images were used" in flow[1].text
 
