@@ -161,7 +161,7 @@ DEFAULT_LOOKS = 4
 #: At most this many looks: each costs a permutation test, and more looks spend α thinner.
 MAX_LOOKS = 10
 #: Chosen by measurement (docs/method.md, "Sequential audits").
-DEFAULT_SPENDING = Spending.POCOCK
+DEFAULT_SPENDING = Spending.OBRIEN_FLEMING
 #: A sequential audit's look tests at least this many images per set, and its negative
 #: control halves at least this many: the smallest sets whose permutation p-value can fall
 #: below 0.01 at all (5 + 5 images have 252 labellings, so p ≥ 1/252 ≈ 0.004). Looks that

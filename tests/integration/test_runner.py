@@ -41,7 +41,7 @@ class Options:
     batch_size: int = 32
     sequential: bool = False
     looks: int = 4
-    spending: str = "pocock"
+    spending: str = "obrien-fleming"
     futility: bool = False
 
 
@@ -187,11 +187,11 @@ def test_a_run_stores_report_pdf_progress_and_run_record(world: dict[str, Any]) 
 
 def test_a_sequential_audit_reaches_the_library_with_its_design(world: dict[str, Any]) -> None:
     audit_id = new_audit(world, options={"protocol": "directional", "sequential": True, "looks": 3,
-                                         "spending": "obrien-fleming", "futility": True})
+                                         "spending": "pocock", "futility": True})
     fn = ScriptedAudit()
     assert runner(world, fn).run(audit_id) == "done"
     got = fn.calls[0]["options"]
-    assert (got.sequential, got.looks, got.spending, got.futility) == (True, 3, "obrien-fleming", True)
+    assert (got.sequential, got.looks, got.spending, got.futility) == (True, 3, "pocock", True)
     # An audit stored before sequential audits existed runs as a fixed one.
     older = new_audit(world)
     fn = ScriptedAudit()

@@ -42,9 +42,16 @@ def test_spending_rules_have_their_shape() -> None:
 
 
 def test_looks_too_small_are_merged_and_tiny_sets_refused() -> None:
-    plan = design(10, 10, SequentialOptions(True, 4), 0.01)
+    plan = design(10, 10, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     assert [(lk.n_p, lk.n_u) for lk in plan.looks] == [(5, 5), (8, 8), (10, 10)]
     assert plan.looks[0].level == pytest.approx(spent(plan.spending, 0.01, 0.5))
+    # O'Brien–Fleming gives 5 + 5 images a level of 0.00027 < 1/252: that look is merged too.
+    plan = design(10, 10, SequentialOptions(True, 4, Spending.OBRIEN_FLEMING), 0.01)
+    assert [(lk.n_p, lk.n_u) for lk in plan.looks] == [(8, 8), (10, 10)]
+    assert plan.looks[0].level == pytest.approx(spent(plan.spending, 0.01, 0.8))
+    # So is a look below the permutation count's floor.
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.OBRIEN_FLEMING), 0.01, floor=1e-6)
+    assert [(lk.n_p, lk.n_u) for lk in plan.looks] == [(20, 20), (30, 30), (40, 40)]
     with pytest.raises(InputError, match="at least 5 images per set"):
         design(MIN_LOOK_SET - 1, 20, SequentialOptions(True), 0.01)
 
@@ -83,7 +90,7 @@ def test_a_strong_signal_stops_at_the_first_look() -> None:
     rng = np.random.default_rng(3)
     xp, xu = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
     xp[:, 0] -= 3.0  # a training image's loss is lower
-    plan = design(40, 40, SequentialOptions(True, 4), 0.01)
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     result = sequential_test(xp, xu, plan, ProtocolOptions(), random_state=0)
     assert result.stop == "boundary" and len(result.looks) == 1
     assert (result.n_p, result.n_u) == (10, 10)
@@ -97,7 +104,7 @@ def test_no_signal_runs_every_look_and_futility_stops_early() -> None:
     rng = np.random.default_rng(4)
     xp, xu = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
     xp[:, :] += 1.0  # P's losses higher: it does not even lean towards "trained on"
-    plan = design(40, 40, SequentialOptions(True, 4), 0.01)
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     result = sequential_test(xp, xu, plan, FAST, random_state=0)
     assert result.stop == "final" and len(result.looks) == 4 and result.p_value >= 0.01
     futile = sequential_test(xp, xu, replace(plan, futility=True), FAST, random_state=0)
@@ -108,7 +115,7 @@ def test_a_crossing_look_whose_controls_fail_does_not_stop() -> None:
     rng = np.random.default_rng(3)
     xp, xu = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
     xp[:, 0] -= 3.0
-    plan = design(40, 40, SequentialOptions(True, 4), 0.01)
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     seen: list[int] = []
 
     def controls(k: int, test: object) -> bool:
@@ -121,7 +128,7 @@ def test_a_crossing_look_whose_controls_fail_does_not_stop() -> None:
 
 
 def test_the_sequential_p_value_is_below_alpha_exactly_when_a_look_crossed() -> None:
-    plan = design(40, 40, SequentialOptions(True, 4), 0.01)
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     levels = [lk.level for lk in plan.looks]
     assert sequential_p_value(plan, [levels[0] * 0.99]) < 0.01
     assert sequential_p_value(plan, [levels[0] * 1.01, 0.5]) >= 0.01
@@ -130,7 +137,7 @@ def test_the_sequential_p_value_is_below_alpha_exactly_when_a_look_crossed() -> 
 
 
 def test_a_look_needs_its_images() -> None:
-    plan = design(40, 40, SequentialOptions(True, 4), 0.01)
+    plan = design(40, 40, SequentialOptions(True, 4, Spending.POCOCK), 0.01)
     x = np.random.default_rng(0).normal(size=(12, 3))
     run_look(plan, 0, x, x, FAST, random_state=0)
     with pytest.raises(InputError, match="look 2 needs 20 \\+ 20"):
@@ -143,8 +150,8 @@ def test_a_look_needs_its_images() -> None:
 def test_audit_options_carry_the_design() -> None:
     from cdi.audit import AuditOptions
 
-    opts = AuditOptions(sequential=True, looks=3, spending="obrien-fleming", futility=True)
-    assert opts.sequential_options == SequentialOptions(True, 3, Spending.OBRIEN_FLEMING, True)
+    opts = AuditOptions(sequential=True, looks=3, spending="pocock", futility=True)
+    assert opts.sequential_options == SequentialOptions(True, 3, Spending.POCOCK, True)
     assert AuditOptions().sequential is False
     with pytest.raises(InputError, match="directional protocol"):
         AuditOptions(sequential=True, protocol="reference")
@@ -156,10 +163,10 @@ def test_cli_flags_reach_the_options() -> None:
     from cdi.cli import _audit_options, build_parser
 
     base = ["audit", "--model", "m", "--published", "p", "--unpublished", "u"]
-    args = build_parser().parse_args([*base, "--sequential", "--looks", "3", "--spending", "obrien-fleming",
+    args = build_parser().parse_args([*base, "--sequential", "--looks", "3", "--spending", "pocock",
                                       "--futility"])
     opts = _audit_options(args)
-    assert (opts.sequential, opts.looks, opts.spending, opts.futility) == (True, 3, "obrien-fleming", True)
+    assert (opts.sequential, opts.looks, opts.spending, opts.futility) == (True, 3, "pocock", True)
     defaults = _audit_options(build_parser().parse_args(base))
     assert defaults.sequential_options == SequentialOptions()
     with pytest.raises(SystemExit):
@@ -175,15 +182,15 @@ def test_the_http_form_reads_the_same_declaration() -> None:
     fields = AuditOptionsForm.model_fields
     assert (fields["sequential"].default, fields["looks"].default, fields["spending"].default,
             fields["futility"].default) == (default.enabled, default.looks, default.spending.value, default.futility)
-    opts, _ = parse_options({"sequential": "true", "looks": "3", "spending": "obrien-fleming", "futility": "1"})
-    assert (opts.sequential, opts.looks, opts.spending, opts.futility) == (True, 3, "obrien-fleming", True)
+    opts, _ = parse_options({"sequential": "true", "looks": "3", "spending": "pocock", "futility": "1"})
+    assert (opts.sequential, opts.looks, opts.spending, opts.futility) == (True, 3, "pocock", True)
     # What the worker builds from the stored options.
     from cdi.audit import AuditOptions
 
     stored = opts.to_dict()
     built = AuditOptions(alpha=stored["alpha"], protocol=stored["protocol"], seed=stored["seed"],
                          **{k: stored[k] for k in ("sequential", "looks", "spending", "futility")})
-    assert built.sequential_options == SequentialOptions(True, 3, Spending.OBRIEN_FLEMING, True)
+    assert built.sequential_options == SequentialOptions(True, 3, Spending.POCOCK, True)
 
 
 # --- a real audit --------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def test_labels_must_be_integers_and_cover_every_image(tmp_path: Path, settings:
 def test_options_defaults_and_values() -> None:
     opts, cb = parse_options({})
     assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "all", "seed": 0,
-                              "sequential": False, "looks": 4, "spending": "pocock", "futility": False}
+                              "sequential": False, "looks": 4, "spending": "obrien-fleming", "futility": False}
     assert cb is None
     opts, cb = parse_options({"alpha": "0.05", "protocol": "reference", "features": "gradient-free",
                               "seed": "7", "callback_url": "https://example.org/hook"})
