@@ -327,7 +327,9 @@ class AuditRunner:
         device = resolve_device(self.settings.worker_device)
         options = AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
                                features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
-                               batch_size=self.settings.worker_batch_size)
+                               batch_size=self.settings.worker_batch_size,
+                               # Audits queued before sequential audits existed hold no such keys.
+                               **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
         adapter = self.load_model(job["model_source"], job["model_revision"], device)
         ref = opts.get("reference_model")
         reference = self.load_model(ref["source"], ref.get("revision"), device) if ref else None
