@@ -305,7 +305,9 @@ def test_declared_family_depths_are_the_levels_each_family_yields(config):
             while True:
                 calls = next(gen) if reply is None else gen.send(reply)
                 levels += 1
-                reply = [CallResult(adapter.eps(c.z, c.t, None), torch.zeros_like(c.z)) for c in calls]
+                # Distinct gradient entries: no near-tie for GM's mask to recompute.
+                reply = [CallResult(adapter.eps(c.z, c.t, None),
+                                    torch.arange(c.z.numel(), dtype=torch.float32).view_as(c.z)) for c in calls]
         except StopIteration:
             pass
         assert levels == family.depth(config), name
