@@ -23,7 +23,7 @@ from cdi.features.passes import PassRunner
 from cdi.models import load_model
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from extractor_speed import zoo_inputs  # noqa: E402
+from extractor_speed import zoo_inputs
 
 
 class IsolateEverything(PassRunner):
