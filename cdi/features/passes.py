@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cdi.errors import CdiError
+from cdi.errors import DeviceMemoryError
 from cdi.features.context import FP32_ROUNDING, REDUCED_ROUNDING, l2
 from cdi.models.base import DiffusionAdapter
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class DeviceMemoryError(CdiError):
-    """A single sample's network pass does not fit in the device's memory."""
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_feature_formulas import AnalyticAdapter
 
+from cdi.errors import DeviceMemoryError
 from cdi.features import FeatureExtractor
 from cdi.features.extractor import ExtractionInput
-from cdi.features.passes import DeviceMemoryError, MemoryBudget, autocast_dtype, is_out_of_memory
+from cdi.features.passes import MemoryBudget, autocast_dtype, is_out_of_memory
 from cdi.features.prefetch import prefetched
 
 
