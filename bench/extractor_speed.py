@@ -219,7 +219,7 @@ def _timed(adapter: Any, fn: Callable[[], Any]) -> tuple[Any, float, dict[str, f
     backward passes, and in encoding."""
     import torch
 
-    spent = {"forward": 0.0, "backward": 0.0, "encode": 0.0}
+    spent = {"forward_s": 0.0, "backward_s": 0.0, "encode_s": 0.0}
     saved = adapter.eps, adapter.encode, torch.autograd.grad, torch.Tensor.backward
 
     def timed(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
@@ -231,9 +231,9 @@ def _timed(adapter: Any, fn: Callable[[], Any]) -> tuple[Any, float, dict[str, f
                 spent[name] += time.perf_counter() - t0
         return call
 
-    adapter.eps, adapter.encode = timed("forward", saved[0]), timed("encode", saved[1])
-    torch.autograd.grad = timed("backward", saved[2])
-    torch.Tensor.backward = timed("backward", saved[3])  # type: ignore[method-assign]
+    adapter.eps, adapter.encode = timed("forward_s", saved[0]), timed("encode_s", saved[1])
+    torch.autograd.grad = timed("backward_s", saved[2])
+    torch.Tensor.backward = timed("backward_s", saved[3])  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         result = fn()
@@ -306,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     base, ours = best["baseline"], best["extractor"]
     for kind, res in best.items():
         s = res["seconds"]
-        other = 1 - (res["forward"] + res["backward"] + res["encode"]) / s
+        other = 1 - (res["forward_s"] + res["backward_s"] + res["encode_s"]) / s
         print(f"{kind:10s} {n / s:8.2f} images/s   {res['forward'] / n:5.1f} forward + {res['backward'] / n:4.1f} "
               f"backward passes per image   peak RSS {res['peak_mib']:.0f} MiB\n{'':10s} time: forward passes "
-              f"{res['forward'] / s:.0%}, backward passes {res['backward'] / s:.0%}, encoding {res['encode'] / s:.0%}, "
+              f"{res['forward_s'] / s:.0%}, backward passes {res['backward_s'] / s:.0%}, encoding {res['encode_s'] / s:.0%}, "
               f"other {other:.0%}")
     print(f"speed-up   {base['seconds'] / ours['seconds']:.2f}x   peak RSS ratio (extractor / baseline) "
           f"{ours['peak_mib'] / base['peak_mib']:.2f}")
