@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for kind in ("baseline", "extractor"):
                 res = _in_child(kind, source, items, args.batch_size, args.seed)
-                print(f"  run {r + 1} {kind:9s} {n / res['seconds']:8.2f} images/s  "
+                print(f"  run {r + 1} {kind:9s} {n / res['seconds']:8.3f} images/s  "
                       f"peak RSS {res['peak_mib']:7.0f} MiB", flush=True)
                 if kind not in best or res["seconds"] < best[kind]["seconds"]:
                     best[kind] = {**res, "peak_mib": min(res["peak_mib"], best.get(kind, res)["peak_mib"])}
@@ -307,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, res in best.items():
         s = res["seconds"]
         other = 1 - (res["forward_s"] + res["backward_s"] + res["encode_s"]) / s
-        print(f"{kind:10s} {n / s:8.2f} images/s   {res['forward'] / n:5.1f} forward + {res['backward'] / n:4.1f} "
+        print(f"{kind:10s} {n / s:8.3f} images/s   {res['forward'] / n:5.1f} forward + {res['backward'] / n:4.1f} "
               f"backward passes per image   peak RSS {res['peak_mib']:.0f} MiB\n{'':10s} time: forward passes "
-              f"{res['forward_s'] / s:.0%}, backward passes {res['backward_s'] / s:.0%}, encoding {res['encode_s'] / s:.0%}, "
-              f"other {other:.0%}")
+              f"{res['forward_s'] / s:.0%}, backward passes {res['backward_s'] / s:.0%}, "
+              f"encoding {res['encode_s'] / s:.0%}, other {other:.0%}")
     print(f"speed-up   {base['seconds'] / ours['seconds']:.2f}x   peak RSS ratio (extractor / baseline) "
           f"{ours['peak_mib'] / base['peak_mib']:.2f}")
     # NO differs by design (per-sample gradient descent against the batch's L-BFGS-B).
