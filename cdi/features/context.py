@@ -131,7 +131,7 @@ class Batch:
     """
 
     def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, noise: NoiseDraws,
-                 config: FeatureConfig, *, rounding: float = FP32_ROUNDING) -> None:
+                 config: FeatureConfig, *, rounding: float = FP32_ROUNDING, isolate_gm: bool = False) -> None:
         self.adapter = adapter
         self.z0 = z0
         self.noise = noise
@@ -140,6 +140,12 @@ class Batch:
         #: How far (relative to a sample's largest entry) a gradient of a fused network call
         #: may stray from the same sample's gradient computed alone, with room to spare.
         self.rounding = rounding
+        #: Whether GM isolates every gradient pass at once instead of fusing them and
+        #: recomputing its near-ties (the cheaper choice where most masks are near-ties).
+        self.isolate_gm = isolate_gm
+        #: GM's masks recomputed alone, and all its masks, in this batch.
+        self.gm_recomputed = 0
+        self.gm_masks = 0
 
     @property
     def size(self) -> int:

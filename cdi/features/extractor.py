@@ -99,6 +99,8 @@ MAX_AUTO_BATCH_SIZE = 256
 #: Images of at most this many values (channels × side²) are "small": their forward passes
 #: are fused across batches on the CPU (see ``FeatureExtractor._set_counts``).
 SMALL_IMAGE_VALUES = 4096
+#: GM masks seen before the extractor may decide to isolate GM's gradient passes at once.
+GM_MASKS_SEEN = 20
 #: The share of the accelerator's free memory that network passes may take.
 MEMORY_SHARE = 0.8
 
@@ -150,6 +152,7 @@ class FeatureExtractor:
         self.precision = precision
         self.prefetch = prefetch
         self.passes = PassCounter()
+        self._gm_recomputed = self._gm_masks = 0
         self.config.validate_for(adapter.num_train_timesteps)
         if memory_budget is None:
             free = free_device_memory(adapter.device)
@@ -208,13 +211,16 @@ class FeatureExtractor:
         def batch(z0: torch.Tensor | None = None) -> Batch:
             z0 = self._encode(pixels) if z0 is None else z0
             noise = NoiseDraws.draw(self.seed, shas, z0.shape[1:], self.config.dl_repeats, z0.device)
-            return Batch(self.adapter, z0, noise, self.config, rounding=self.runner.rounding)
+            return Batch(self.adapter, z0, noise, self.config, rounding=self.runner.rounding,
+                         isolate_gm=self._isolate_gm())
 
         if self.share_work:
             b = batch(prepared.z0)
             runs = {f: FAMILIES[f].run(b) for f in families}
             depths = {f: FAMILIES[f].depth(self.config) for f in families}
             values = self._scheduler(cond).run(runs, depths)
+            self._gm_recomputed += b.gm_recomputed
+            self._gm_masks += b.gm_masks
         else:
             # As the reference code does: each family encodes again and makes its own calls.
             values = {}
@@ -223,6 +229,11 @@ class FeatureExtractor:
         for f in families:
             out[:, FAMILY_COLUMNS[f]] = values[f].detach().double().cpu().numpy()
         return out
+
+    def _isolate_gm(self) -> bool:
+        """Whether GM should isolate its gradient passes at once: where more than half of
+        the masks seen so far were near-ties, fusing first only adds a pass."""
+        return self._gm_masks >= GM_MASKS_SEEN and self._gm_recomputed > self._gm_masks / 2
 
     def _scheduler(self, cond: torch.Tensor | None) -> CallScheduler:
         return CallScheduler(self.adapter, cond, self.passes, share=self.share_work,

@@ -43,17 +43,21 @@ def gradient_masking(b: Batch) -> FamilyRun:
     (shared with ML and NO's first step), and only the samples whose mask a rounding
     difference could move (:func:`near_tie`) are computed again in isolated calls
     (:attr:`Call.isolated`), whose result is the image's own, bit for bit. The mask, and
-    with it the feature, is then the same in every batch.
+    with it the feature, is then the same in every batch. Where most masks are near-ties
+    (large inputs, reduced precision), ``b.isolate_gm`` isolates every gradient pass at once.
     """
     noise, z0, ts, ratio = b.noise.shared, b.z0, b.config.gm_timesteps, b.config.gm_mask_ratio
     inputs = [b.q(t, noise) for t in ts]
-    fused = yield [Call(shared_noise_key(t), x, t, target=noise) for t, x in zip(ts, inputs, strict=True)]
+    fused = yield [Call(shared_noise_key(t), x, t, target=noise, isolated=b.isolate_gm)
+                   for t, x in zip(ts, inputs, strict=True)]
     grads = [r.grad for r in fused if r.grad is not None]
     redo = []
     for j, (t, x, g) in enumerate(zip(ts, inputs, grads, strict=True)):
         if fused[j].isolated:
             continue
         rows = tuple(int(i) for i in near_tie(g, ratio, b.rounding).nonzero().flatten().tolist())
+        b.gm_masks += b.size
+        b.gm_recomputed += len(rows)
         if rows:
             idx = torch.tensor(rows, device=x.device)
             redo.append((j, idx, Call(None, x[idx], t, target=noise[idx], isolated=True, rows=rows)))

@@ -139,3 +139,23 @@ def test_prefetch_keeps_order_bounds_the_queue_and_raises_where_it_failed():
     assert seen == [0, 10, 20, 30, 40]
     assert list(prefetched([1, 2, 3], lambda i: -i)) == [-1, -2, -3]
     assert list(prefetched([1, 2], lambda i: i, enabled=False)) == [1, 2]
+
+
+def test_gm_isolates_its_gradient_passes_once_most_masks_are_near_ties():
+    from cdi.features.passes import PassRunner
+
+    class EveryMaskNearTie(PassRunner):
+        @property
+        def rounding(self) -> float:
+            return float("inf")
+
+    items = _items(6, seed=2)
+    plain = FeatureExtractor(AnalyticAdapter(), seed=6, batch_size=2)
+    reference = plain.extract(items)
+    ex = FeatureExtractor(AnalyticAdapter(), seed=6, batch_size=2)
+    ex.runner = EveryMaskNearTie(ex.adapter, budget=ex.runner.budget)
+    np.testing.assert_allclose(ex.extract(items), reference, rtol=1e-6)
+    # First batch: fused passes, then every mask again alone (10 more backward passes per
+    # image); then GM isolates at once and costs no more than the fused way.
+    assert ex._isolate_gm()
+    assert ex.passes.backward == plain.passes.backward + 10 * 2
