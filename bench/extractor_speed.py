@@ -62,21 +62,20 @@ def build_unet_30m(root: Path) -> Path:
 
 
 def zoo_inputs(name: str, n: int) -> list[Any]:
-    """``n`` digits (members first) of the shipped model ``name``, preprocessed."""
+    """``n`` images (members first) of the shipped model ``name``, preprocessed."""
     from cdi import zoo
     from cdi.features.extractor import ExtractionInput
     from cdi.images import ImageFile, load_model_input
-    from cdi.zoo import digits
 
     model = zoo.get(name)
     indices = (list(model.members) + list(model.held_out))[:n]
     out = []
     for i in indices:
         buf = io.BytesIO()
-        digits.image(i, model.image_size).save(buf, format="PNG")
-        f = ImageFile(f"digit-{i}.png", buf.getvalue())
-        cond = digits.label(i) if model.conditioning == "class" else None
-        out.append(ExtractionInput(f.sha256, load_model_input(f, model.image_size, 1), cond))
+        model.image(i).save(buf, format="PNG")
+        f = ImageFile(f"{name}-{i}.png", buf.getvalue())
+        cond = model.label(i) if model.conditioning == "class" else None
+        out.append(ExtractionInput(f.sha256, load_model_input(f, model.image_size, model.image_channels), cond))
     return out
 
 
