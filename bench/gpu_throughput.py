@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for precision in args.precisions:
             batch_size = None if args.auto_batch else (2 if args.tiny else spec.batch_size)
             r = measure(model, spec, precision, batch_size, args.seconds, args.tiny)
-            print(f"{spec.name:16s} {model.parameters / 1e6:6.0f}M {precision:9s} {r['batch']:5d} "
+            print(f"{spec.name:16s} {model.parameters / 1e6:6.1f}M {precision:9s} {r['batch']:5d} "
                   f"{r['images_per_s']:9.2f} {r['passes']:10.1f} {r['peak_gib']:8.2f}", flush=True)
         del model
         if device.type == "cuda":
