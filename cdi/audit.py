@@ -332,9 +332,11 @@ def _extract(
             todo_rows[sha] = []
         todo_rows[sha].append(i)
     cached = len(shas) - sum(len(v) for v in todo_rows.values())
+    # Passes run in the model's own dtype, never under autocast: stored features are keyed by
+    # that dtype (feature_key), and bfloat16 autocast's verdicts are not yet measured on a GPU.
     extractor = FeatureExtractor(
         adapter, feature_set=options.features, config=options.feature_config,
-        seed=options.seed, batch_size=options.batch_size,
+        seed=options.seed, batch_size=options.batch_size, precision="fp32",
     )
 
     def on_batch(items: Sequence[ExtractionInput], values: np.ndarray) -> None:

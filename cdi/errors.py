@@ -97,3 +97,12 @@ class InputError(CdiError):
     """Invalid arguments or data given to the method (sizes, captions, labels, options)."""
 
     code = "invalid_input"
+
+
+# --- the device ---------------------------------------------------------------------------
+
+
+class DeviceMemoryError(CdiError):
+    """A single sample's network pass does not fit in the device's memory."""
+
+    code = "device_out_of_memory"

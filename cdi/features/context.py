@@ -82,6 +82,9 @@ class Call:
     harmless for continuous features but not for a discontinuous function of the result
     (GM's top-fraction mask, where a near-tie at the boundary flips an entry). An isolated
     result depends on the sample's own input alone, bit for bit.
+
+    ``rows`` names the batch images the call's samples belong to, in order, when the call
+    is on some of them only (their conditioning is then those rows'); ``None``: the batch.
     """
 
     key: Hashable | None
@@ -89,6 +92,7 @@ class Call:
     t: int
     target: torch.Tensor | None = None
     isolated: bool = False
+    rows: tuple[int, ...] | None = None
 
     @property
     def needs_grad(self) -> bool:
@@ -107,6 +111,14 @@ class CallResult:
         return (self.grad is not None or not call.needs_grad) and (self.isolated or not call.isolated)
 
 
+#: Bound on |g_fused − g_alone| / max|g_alone| for float32 passes: 2·10⁻⁵ is the largest
+#: measured on the shipped models (CPU, fused calls of 32 against single-sample calls), and
+#: the bound leaves a factor 10 (see ``docs/performance.md``).
+FP32_ROUNDING = 2e-4
+#: The same for reduced-precision (bfloat16 / float16 autocast) or TF32 passes.
+REDUCED_ROUNDING = 3e-2
+
+
 #: A family: yields lists of calls, receives their results in order, returns ``[B, k]``.
 FamilyRun = Generator[list[Call], list[CallResult], torch.Tensor]
 
@@ -119,12 +131,21 @@ class Batch:
     """
 
     def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, noise: NoiseDraws,
-                 config: FeatureConfig) -> None:
+                 config: FeatureConfig, *, rounding: float = FP32_ROUNDING, isolate_gm: bool = False) -> None:
         self.adapter = adapter
         self.z0 = z0
         self.noise = noise
         self.config = config
         self.schedule = adapter.schedule
+        #: How far (relative to a sample's largest entry) a gradient of a fused network call
+        #: may stray from the same sample's gradient computed alone, with room to spare.
+        self.rounding = rounding
+        #: Whether GM isolates every gradient pass at once instead of fusing them and
+        #: recomputing its near-ties (the cheaper choice where most masks are near-ties).
+        self.isolate_gm = isolate_gm
+        #: GM's masks recomputed alone, and all its masks, in this batch.
+        self.gm_recomputed = 0
+        self.gm_masks = 0
 
     @property
     def size(self) -> int:

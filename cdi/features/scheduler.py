@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cdi.features.context import Call, CallResult, FamilyRun, PassCounter, l2
+from cdi.features.context import Call, CallResult, FamilyRun, PassCounter
+from cdi.features.passes import PassRunner
 from cdi.models.base import DiffusionAdapter
 
 
@@ -52,12 +53,13 @@ class _Slot:
 
 class CallScheduler:
     def __init__(self, adapter: DiffusionAdapter, cond: torch.Tensor | None, counter: PassCounter,
-                 *, share: bool = True, max_fused: int = 512) -> None:
+                 *, share: bool = True, max_fused: int = 512, runner: PassRunner | None = None) -> None:
         self.adapter = adapter
         self.cond = cond
         self.counter = counter
         self.share = share
         self.max_fused = max(1, max_fused)
+        self.runner = runner or PassRunner(adapter)
         self._cache: dict[Hashable, CallResult] = {}
 
     def run(self, families: dict[str, FamilyRun],
@@ -146,7 +148,8 @@ class CallScheduler:
             )
             chosen = self._due(group, rnd, horizon - rnd, expected)
             fused = [(k, slots[k].call) for k in chosen]
-            for chunk in [*self._chunks(fused), *alone]:
+            limit = min(self.max_fused, self.runner.budget.limit(with_grad))
+            for chunk in [*self._chunks(fused, limit), *alone]:
                 calls = [c for _, c in chunk]
                 outs = self._isolated(calls[0], with_grad) if calls[0].isolated else self._network(calls, with_grad)
                 for (key, call), res in zip(chunk, outs, strict=True):
@@ -182,8 +185,10 @@ class CallScheduler:
             taken += slot.size
         return [group[j][0] for j in sorted(take)]
 
-    def _chunks(self, group: list[tuple[Hashable, Call]]) -> list[list[tuple[Hashable, Call]]]:
-        """Split a round's calls into as few network calls as ``max_fused`` allows, of even size.
+    def _chunks(self, group: list[tuple[Hashable, Call]],
+                limit: int | None = None) -> list[list[tuple[Hashable, Call]]]:
+        """Split a round's calls into as few network calls as ``limit`` samples allow (by
+        default ``max_fused``), of even size.
 
         Even sizes matter on CPU: 320 samples as 128 + 96 + 96 run faster than as
         128 + 128 + 64, whose small remainder pays the per-call overhead for few samples.
@@ -191,9 +196,10 @@ class CallScheduler:
         """
         if not self.share:
             return [[item] for item in group]
+        cap = self.max_fused if limit is None else max(1, limit)
         sizes = [int(c.z.shape[0]) for _, c in group]
         total = sum(sizes)
-        pieces = max(1, -(-total // self.max_fused))
+        pieces = max(1, -(-total // cap))
         while True:
             chunks: list[list[tuple[Hashable, Call]]] = []
             filled: list[int] = []
@@ -201,7 +207,7 @@ class CallScheduler:
             for item, n in zip(group, sizes, strict=True):
                 # Piece of the call's first sample, on an even grid of `pieces` pieces.
                 piece = start * pieces // total
-                if not chunks or piece >= len(chunks) or filled[-1] + n > self.max_fused:
+                if not chunks or piece >= len(chunks) or filled[-1] + n > cap:
                     chunks.append([])
                     filled.append(0)
                 chunks[-1].append(item)
@@ -211,24 +217,36 @@ class CallScheduler:
                 return chunks
             pieces += 1
 
+    def _call_cond(self, call: Call) -> torch.Tensor | None:
+        """The conditioning of ``call``'s samples: the batch's, or that of its rows."""
+        if self.cond is None or call.rows is None:
+            return self.cond
+        return self.cond[list(call.rows)]
+
     def _isolated(self, call: Call, with_grad: bool) -> list[CallResult]:
         """``call`` evaluated one sample per network call; one result for the whole call."""
-        cond = self.cond
-        results = []
+        cond = self._call_cond(call)
+        eps, grads = [], []
         for i in range(int(call.z.shape[0])):
-            target = None if call.target is None else call.target[i : i + 1]
-            one = Call(None, call.z[i : i + 1], call.t, target)
-            saved, self.cond = self.cond, None if cond is None else cond[i : i + 1]
-            try:
-                results.append(self._network([one], with_grad)[0])
-            finally:
-                self.cond = saved
-        eps = torch.cat([r.eps for r in results])
-        grad = torch.cat([r.grad for r in results if r.grad is not None]) if with_grad else None
-        return [CallResult(eps, grad, isolated=True)]
+            e, g = self.runner.run(
+                call.z[i : i + 1], torch.full((1,), call.t, dtype=torch.long, device=call.z.device),
+                None if cond is None else cond[i : i + 1],
+                None if call.target is None or not with_grad else call.target[i : i + 1],
+            )
+            eps.append(e)
+            if g is not None:
+                grads.append(g)
+        n = int(call.z.shape[0])
+        self.counter.forward += n
+        self.counter.backward += n if with_grad else 0
+        return [CallResult(torch.cat(eps), torch.cat(grads) if grads else None, isolated=True)]
 
     def _network(self, calls: list[Call], with_grad: bool) -> list[CallResult]:
-        """One network call on the concatenation of ``calls``; per-sample timesteps."""
+        """One network call on the concatenation of ``calls``; per-sample timesteps.
+
+        The runner splits it where the memory budget asks; the values do not depend on that
+        beyond float rounding.
+        """
         sizes = [int(c.z.shape[0]) for c in calls]
         z = torch.cat([c.z for c in calls]) if len(calls) > 1 else calls[0].z
         device = z.device
@@ -236,21 +254,13 @@ class CallScheduler:
             torch.full((n,), c.t, dtype=torch.long, device=device) for c, n in zip(calls, sizes, strict=True)
         ])
         cond = self.cond
-        if cond is not None and len(calls) > 1:
-            cond = torch.cat([cond] * len(calls))
+        if cond is not None and (len(calls) > 1 or calls[0].rows is not None):
+            cond = torch.cat([self._call_cond(c) for c in calls])  # type: ignore[misc]
         total = sum(sizes)
-        if not with_grad:
-            with torch.inference_mode():
-                eps = self.adapter.eps(z, t, cond)
-            eps = eps.clone()  # a normal tensor, usable beside autograd later
-            self.counter.forward += total
-            return [CallResult(e) for e in eps.split(sizes)]
-        target = torch.cat([c.target for c in calls if c.target is not None])
-        with torch.enable_grad():
-            zg = z.detach().clone().requires_grad_(True)
-            eps = self.adapter.eps(zg, t, cond)
-            # Summed per-sample norms: each sample's gradient is that of its own norm.
-            (grad,) = torch.autograd.grad(l2(eps - target).sum(), zg)
+        target = torch.cat([c.target for c in calls if c.target is not None]) if with_grad else None
+        eps, grad = self.runner.run(z, t, cond, target)
         self.counter.forward += total
+        if grad is None:
+            return [CallResult(e) for e in eps.split(sizes)]
         self.counter.backward += total
-        return [CallResult(e, g) for e, g in zip(eps.detach().split(sizes), grad.split(sizes), strict=True)]
+        return [CallResult(e, g) for e, g in zip(eps.split(sizes), grad.split(sizes), strict=True)]
