@@ -392,10 +392,29 @@ def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> No
                          "the same per-image noise needs the same latent shape")
 
 
-def model_record(adapter: DiffusionAdapter, opts: AuditOptions) -> dict[str, Any]:
-    """What a report records of a model: reference, weight hashes (and a LoRA's), facts."""
+def portable_source(reference: Any) -> str:
+    """How a report names a model's source: a shipped model by its name (the same on every
+    host), a hub id as it is, a directory as given."""
+    source = str(reference.source)
+    if getattr(reference, "is_local", False):
+        from pathlib import Path
+
+        try:
+            from cdi import zoo
+        except ImportError:  # pragma: no cover - the zoo is part of the package
+            return source
+        path = Path(source).resolve()
+        for root in (zoo.MODELS_DIR, zoo.LORAS_DIR):
+            if path.parent == Path(root).resolve() and (path / "manifest.json").is_file():
+                return path.name
+    return source
+
+
+def model_record(adapter: DiffusionAdapter, opts: AuditOptions, name: str | None = None) -> dict[str, Any]:
+    """What a report records of a model: its name (``name``, e.g. a service's registered id,
+    else :func:`portable_source`), weight hashes (and a LoRA's), facts."""
     return {
-        "source": adapter.identity.reference.source,
+        "source": name or portable_source(adapter.identity.reference),
         "revision": adapter.identity.reference.revision,
         "digest": adapter.identity.digest,
         "weight_sha256": dict(adapter.identity.weight_sha256),
@@ -431,6 +450,8 @@ def audit(
     options: AuditOptions | None = None,
     progress: Callable[[Progress], None] | None = None,
     feature_store: FeatureStore | None = None,
+    model_name: str | None = None,
+    reference_name: str | None = None,
 ) -> AuditResult:
     """Run CDI on published images P and unpublished images U against ``model``.
 
@@ -440,7 +461,9 @@ def audit(
     a fine-tune, or an adapter) the audit is reference-calibrated (method §10.2): features
     are computed under both models with the same per-image noise, and the scorer, the test
     and the controls see the differences. Pickled weights are refused unless
-    ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). Raises
+    ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). ``model_name`` and ``reference_name``
+    name the models in the report (a service's registered ids; default: the shipped model's
+    name, the hub id or the directory). Raises
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
@@ -496,7 +519,7 @@ def audit(
             reference, prepared, opts, ref_key, feature_store, stage(n_images))
         features = features - ref_features
         cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
-        ref_record = model_record(reference, opts)
+        ref_record = model_record(reference, opts, reference_name)
         ref_record["feature_key"] = ref_key
     lap("extracting")
 
@@ -525,7 +548,7 @@ def audit(
         AuditImage(f.name, f.sha256, s, features[i])
         for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
     ]
-    model_info = model_record(adapter, opts)
+    model_info = model_record(adapter, opts, model_name)
     mode = "uncalibrated" if reference is None else "reference-calibrated"
     model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
                                  **({"reference_model": ref_record} if ref_record is not None else {})}
@@ -550,6 +573,87 @@ def audit(
         reference_model=ref_record,
         reference_feature_key=ref_key,
     )
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What :func:`extract_features` did: images, how many found stored, passes, the feature key."""
+
+    images: int
+    cached: int
+    computed: int
+    forward_passes: int
+    backward_passes: int
+    feature_key: str
+    reference_feature_key: str | None = None
+
+
+def extract_features(
+    files: Sequence[ImageFile],
+    model: str | DiffusionAdapter,
+    feature_store: FeatureStore,
+    *,
+    revision: str | None = None,
+    reference_model: str | DiffusionAdapter | None = None,
+    reference_revision: str | None = None,
+    allow_pickle: bool | None = None,
+    captions: Mapping[str, str] | None = None,
+    labels: Mapping[str, int] | None = None,
+    options: AuditOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> Extraction:
+    """Compute into ``feature_store`` the features of some of an audit's images (one shard).
+
+    The features are those :func:`audit` computes for the same images, model, reference and
+    options (an image's noise depends on the seed and its SHA-256 only, never on its batch or
+    its neighbours), so an :func:`audit` over all the images with the same store afterwards
+    computes nothing again. Images whose features the store has are skipped. Every image is
+    decoded first: unreadable ones raise one :class:`~cdi.errors.InputError` naming them.
+    """
+    opts = options or AuditOptions()
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(stage, done, total))
+
+    from cdi.models.detect import detect_family
+
+    conditioning = detect_family(model, revision).conditioning if isinstance(model, str) else model.conditioning
+    conds = _conditions(files, conditioning, captions, labels)
+    errors: list[ImageError] = []
+    for i, f in enumerate(files):
+        try:
+            open_image(f.data, f.name)
+        except ImageError as exc:
+            errors.append(exc)
+        report("validating", i + 1, len(files))
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+        failure.image_errors = errors  # type: ignore[attr-defined]
+        raise failure
+    prepared = _Prepared(files=list(files), set_names=[""] * len(files), stats=np.empty((0,)), conditions=conds)
+    adapter = _load(model, revision, opts, None, 1.0, allow_pickle)
+    reference = None
+    if reference_model is not None:
+        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle)
+        check_reference(adapter, reference)
+    n = len(files)
+    passes = 1 if reference is None else 2
+
+    def stage(offset: int) -> Callable[[str, int, int], None]:
+        return lambda name, done, _total: report(name, offset + done, passes * n)
+
+    key = feature_key(adapter.identity.digest, opts)
+    _, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, stage(0))
+    ref_key = None
+    if reference is not None:
+        ref_key = feature_key(reference.identity.digest, opts)
+        _, ref_cached, ref_fwd, ref_bwd = _extract(reference, prepared, opts, ref_key, feature_store, stage(n))
+        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
+    return Extraction(images=n, cached=cached, computed=passes * n - cached, forward_passes=fwd,
+                      backward_passes=bwd, feature_key=key, reference_feature_key=ref_key)
 
 
 def result_to_dict(result: AuditResult) -> dict[str, Any]:

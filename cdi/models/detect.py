@@ -9,13 +9,14 @@ functions, so hub models take the same code path as the local ones tested here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdi.errors import MalformedModelError, ModelNotFoundError, UnsupportedModelError
+from cdi.errors import MalformedModelError, ModelIdentityError, ModelNotFoundError, UnsupportedModelError
 from cdi.models.base import Conditioning, ModelReference
 
 #: diffusers pipeline class → CDI family.
@@ -57,6 +58,12 @@ FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]
 #: relative to the folder, "scale": number (optional)}. It names a fine-tune by one reference,
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
+
+#: Weight files whose loading unpickles (runs code from the file).
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+#: Components that hold no weights.
+NO_WEIGHTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -273,3 +280,59 @@ def _lora_model(ref: ModelReference) -> ModelInfo:
     if info.lora is not None:
         raise MalformedModelError(f"{where}: the base is itself a LoRA model")
     return dataclasses.replace(info, lora=str(lora_path), lora_scale=float(scale))
+
+
+# --- weight hashes (no torch: a registry hashes a model without loading it) ---------------
+
+
+def _model_files_root(info: ModelInfo) -> Path | None:
+    ref = info.reference
+    if ref.is_local:
+        return Path(ref.source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{folder}/*" for folder in info.components.values()]
+        return Path(
+            snapshot_download(ref.source, revision=ref.revision, allow_patterns=patterns,
+                              local_files_only=True)
+        )
+    except Exception:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file; a file that cannot be read is a :class:`ModelIdentityError`."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ModelIdentityError(f"cannot hash {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def weight_hashes(info: ModelInfo) -> dict[str, str]:
+    """SHA-256 of every weight file of the model's components, keyed by relative path.
+
+    Raises :class:`ModelIdentityError` when the files cannot be found or read, and
+    :class:`MalformedModelError` when a component that holds weights has none: a model is
+    never given an empty identity (two different models would share a feature-cache key).
+    """
+    root = _model_files_root(info)
+    if root is None:
+        raise ModelIdentityError(
+            f"cannot hash the weights of {info.reference.source}@{info.reference.revision or 'main'}: "
+            "its files are not available locally"
+        )
+    out: dict[str, str] = {}
+    for role, folder in sorted(info.components.items()):
+        base = root / folder
+        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
+            if base.is_dir() else []
+        if not files and role not in NO_WEIGHTS:
+            raise MalformedModelError(f"{info.reference.source}: cannot load {folder} (it has no weight file)")
+        for path in files:
+            out[path.relative_to(root).as_posix()] = file_sha256(path)
+    return out

@@ -5,24 +5,21 @@ Local directories and hub ids go through the same calls; only where the files li
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdi.errors import MalformedModelError, ModelError, ModelIdentityError, PickledWeightsError
+from cdi.errors import MalformedModelError, ModelError, PickledWeightsError
 from cdi.models.base import ModelIdentity
-from cdi.models.detect import ModelInfo
+from cdi.models.detect import NO_WEIGHTS as _NO_WEIGHTS
+from cdi.models.detect import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelInfo, file_sha256, weight_hashes
 
-#: Weight files whose loading unpickles (runs code from the file).
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+__all__ = ["PICKLE_SUFFIXES", "WEIGHT_SUFFIXES", "file_sha256", "identity_of", "load_component", "weight_hashes"]
+
 #: The environment variable that allows pickled weights, as ``--allow-pickle`` does.
 ALLOW_PICKLE_ENV = "CDI_ALLOW_PICKLE"
-#: Components that hold no weights.
-_NO_WEIGHTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 
 
 def pickle_allowed(explicit: bool | None = None) -> bool:
@@ -107,59 +104,6 @@ def prediction_type_of(info: ModelInfo) -> str:
     if value not in ("epsilon", "v_prediction", "sample"):
         raise MalformedModelError(f"{info.reference.source}: unknown prediction_type {value!r}")
     return str(value)
-
-
-def _model_files_root(info: ModelInfo) -> Path | None:
-    ref = info.reference
-    if ref.is_local:
-        return Path(ref.source)
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{folder}/*" for folder in info.components.values()]
-        return Path(
-            snapshot_download(ref.source, revision=ref.revision, allow_patterns=patterns,
-                              local_files_only=True)
-        )
-    except Exception:
-        return None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of one file; a file that cannot be read is a :class:`ModelIdentityError`."""
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise ModelIdentityError(f"cannot hash {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
-
-def weight_hashes(info: ModelInfo) -> dict[str, str]:
-    """SHA-256 of every weight file of the model's components, keyed by relative path.
-
-    Raises :class:`ModelIdentityError` when the files cannot be found or read, and
-    :class:`MalformedModelError` when a component that holds weights has none: a model is
-    never given an empty identity (two different models would share a feature-cache key).
-    """
-    root = _model_files_root(info)
-    if root is None:
-        raise ModelIdentityError(
-            f"cannot hash the weights of {info.reference.source}@{info.reference.revision or 'main'}: "
-            "its files are not available locally"
-        )
-    out: dict[str, str] = {}
-    for role, folder in sorted(info.components.items()):
-        base = root / folder
-        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
-            if base.is_dir() else []
-        if not files and role not in _NO_WEIGHTS:
-            raise MalformedModelError(f"{info.reference.source}: cannot load {folder} (it has no weight file)")
-        for path in files:
-            out[path.relative_to(root).as_posix()] = file_sha256(path)
-    return out
 
 
 def identity_of(info: ModelInfo) -> ModelIdentity:
