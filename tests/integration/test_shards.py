@@ -1,0 +1,225 @@
+"""Sharded audits and portable model references, on real processes and real forward passes.
+
+* The same audit run embedded (the library, as ``cdi audit`` runs it), on one worker (one
+  shard) and sharded over two worker processes with their own data directories gives the same
+  verdict and p-value; the run records show that both workers computed shards.
+* One of two workers is SIGKILLed in the middle of a sharded audit: the audit finishes with the
+  same verdict, and the run records show that no image's features were computed twice.
+* No report JSON, PDF text or status document names a path of the host that made it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.client import CdiClient
+from app.storage.db import session_scope
+
+from .conftest import ROOT, Proc, make_tenant, service_env
+from .test_end_to_end import (  # noqa: F401 - fixtures
+    N_PUBLISHED,
+    N_UNPUBLISHED,
+    SEED,
+    WAIT,
+    assert_same_verdict,
+    dataset,
+    reference,
+    zoo_model,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOTAL = N_PUBLISHED + N_UNPUBLISHED
+#: Small shards, so that both workers get some: 30 images in 8 shards.
+SHARD_SIZE = "4"
+
+
+@pytest.fixture
+def env(migrated: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    e = service_env(migrated, redis_url, tmp_path / "api" / "blobs")
+    yield e
+    import redis
+
+    redis.Redis.from_url(redis_url).delete(e["CDI_AUDIT_QUEUE"], e["CDI_CALLBACK_QUEUE"])
+
+
+def _cold_cache(url: str) -> None:
+    with session_scope(url) as s:
+        s.execute(text("DELETE FROM features"))
+
+
+def _features(url: str) -> int:
+    with session_scope(url) as s:
+        return int(s.execute(text("SELECT count(*) FROM features")).scalar_one())
+
+
+def _runs(url: str, audit_id: str) -> list[Any]:
+    with session_scope(url) as s:
+        return list(s.execute(text(
+            "SELECT attempt, shard, worker, outcome, features_computed, features_reused, forward_passes "
+            "FROM audit_runs WHERE audit_id = :a ORDER BY attempt"), {"a": uuid.UUID(audit_id)}).all())
+
+
+def _two_workers(start_worker: Callable[..., Proc], env: dict[str, str], tmp_path: Path, migrated: str,
+                 **extra: str) -> tuple[Proc, Proc]:
+    """Two worker processes, each with its own data directory, both ready before returning
+    (so that the first does not take every shard while the second starts)."""
+    procs = []
+    for name in ("shardA", "shardB"):
+        data = tmp_path / name
+        data.mkdir()
+        procs.append(start_worker(env, name, CDI_DATA_DIR=str(data), CDI_SHARD_SIZE=SHARD_SIZE, **extra))
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope(migrated) as s:
+            ready = {n for n in ("shardA", "shardB") if s.execute(
+                text("SELECT count(*) FROM worker_heartbeats WHERE name LIKE :n"), {"n": f"{n}-%"}).scalar_one()}
+        if len(ready) == 2:
+            return procs[0], procs[1]
+        assert time.monotonic() < deadline, [p.output()[-2000:] for p in procs]
+        time.sleep(0.3)
+
+
+def _host_paths(*extra: Path) -> list[str]:
+    import site
+    import tempfile
+
+    paths = {str(ROOT), "site-packages", "/tmp", tempfile.gettempdir(), str(Path.home()),
+             *(str(p) for p in extra)}
+    paths.update(site.getsitepackages())
+    return sorted(p for p in paths if p and p != "/")
+
+
+def assert_no_host_paths(what: str, content: str, forbidden: list[str]) -> None:
+    for path in forbidden:
+        assert path not in content, f"the {what} names a path of this host ({path!r})"
+
+
+def _pdf_text(data: bytes) -> str:
+    import pypdf
+
+    return "\n".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(data)).pages)
+
+
+def _check_documents(client: CdiClient, audit_id: str, forbidden: list[str], model_id: str) -> dict[str, Any]:
+    status = client.status(audit_id)
+    report = client.report(audit_id)
+    pdf = _pdf_text(client.report_pdf(audit_id))
+    assert "verdict" in pdf.lower() or report["verdict"] in pdf
+    assert_no_host_paths("status document", json.dumps(status), forbidden)
+    assert_no_host_paths("report", json.dumps(report), forbidden)
+    assert_no_host_paths("PDF", pdf, forbidden)
+    # The model is named by its registered id, and identified by its weights.
+    model = report["manifest"]["model"]
+    assert model["source"] == model_id
+    assert model["weight_sha256"] and all(len(h) == 64 for h in model["weight_sha256"].values())
+    return report
+
+
+def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                                               start_worker: Callable[..., Proc], dataset: dict[str, Any],
+                                               reference: Any, zoo_model: Any, migrated: str,
+                                               tmp_path: Path) -> None:
+    forbidden = _host_paths(tmp_path, Path(env["CDI_BLOB_DIR"]), Path(str(zoo_model.path)))
+    # (a) embedded: the library's report names the shipped model, not where it is installed.
+    assert_no_host_paths("library's report", json.dumps(reference.to_dict()), forbidden)
+    assert reference.to_dict()["manifest"]["model"]["source"] == zoo_model.name
+
+    tenant = make_tenant(migrated, "shards")
+    base = start_api(env)
+    with CdiClient(base, tenant.key) as client:
+        # (b) one worker, the default shard size: one task does the whole audit.
+        _cold_cache(migrated)
+        single = start_worker(env, "single")
+        one = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
+        status = client.wait(one, poll=0.5, timeout=WAIT)
+        assert status["state"] == "done", (status, single.output()[-4000:])
+        assert_same_verdict(_check_documents(client, one, forbidden, zoo_model.name), reference)
+        single.stop()
+        runs = _runs(migrated, one)
+        assert [r.shard for r in runs] == [None] and runs[0].features_computed == TOTAL
+
+        # (c) sharded over two workers with their own data directories, the cache cold again.
+        _cold_cache(migrated)
+        a, b = _two_workers(start_worker, env, tmp_path, migrated)
+        sharded = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
+        progress: list[tuple[int, int]] = []
+        status = client.wait(sharded, poll=0.3, timeout=WAIT,
+                             on_status=lambda s: progress.append((s["progress"]["done"], s["progress"]["total"])))
+        assert status["state"] == "done", (status, a.output()[-3000:], b.output()[-3000:])
+        assert_same_verdict(_check_documents(client, sharded, forbidden, zoo_model.name), reference)
+
+    runs = _runs(migrated, sharded)
+    shard_runs = [r for r in runs if r.shard is not None]
+    assert sorted(r.shard for r in shard_runs) == list(range(8)), runs
+    assert all(r.outcome == "done" for r in shard_runs), runs
+    # Both workers computed shards (their pool processes are the run records' workers).
+    assert len({r.worker.rsplit(":", 1)[0] for r in shard_runs}) == 2, [r.worker for r in shard_runs]
+    # Every image computed once, by a shard; the final step computed nothing.
+    assert sum(r.features_computed for r in shard_runs) == TOTAL
+    final = runs[-1]
+    assert final.shard is None and final.outcome == "done"
+    assert final.features_computed == 0 and final.features_reused == TOTAL and final.forward_passes == 0
+    assert sum(r.forward_passes for r in shard_runs) == int(reference.forward_passes)
+    # Progress counted images across shards.
+    assert any(0 < done < TOTAL and total == TOTAL for done, total in progress), progress
+
+
+def _pool_parent(worker: str) -> int:
+    """The main Celery process of the pool process named in a run record (``host:pid:tag``)."""
+    pid = int(worker.split(":")[1])
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_sigkill_one_of_two_workers(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                                    start_worker: Callable[..., Proc], dataset: dict[str, Any],
+                                    reference: Any, zoo_model: Any, migrated: str, tmp_path: Path) -> None:
+    _cold_cache(migrated)
+    tenant = make_tenant(migrated, "shard-kill")
+    base = start_api(env)
+    a, b = _two_workers(start_worker, env, tmp_path, migrated, CDI_WORKER_BATCH_SIZE="2")
+    with CdiClient(base, tenant.key) as client:
+        audit_id = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
+        # Wait until a shard is half done: one batch of it stored, its run still going.
+        deadline = time.monotonic() + WAIT
+        victim = None
+        while victim is None:
+            assert time.monotonic() < deadline, (a.output()[-3000:], b.output()[-3000:])
+            assert client.status(audit_id)["state"] != "done", "finished before a worker could be killed"
+            for r in _runs(migrated, audit_id):
+                if r.shard is not None and r.outcome is None and 0 < r.features_computed < int(SHARD_SIZE):
+                    victim = r
+                    break
+            else:
+                time.sleep(0.05)
+        parent = _pool_parent(victim.worker)
+        doomed = next(p for p in (a, b) if p.popen.pid == parent)
+        doomed.kill()
+        status = client.wait(audit_id, poll=0.5, timeout=WAIT)
+        survivor = b if doomed is a else a
+        assert status["state"] == "done", (status, survivor.output()[-4000:])
+        assert_same_verdict(client.report(audit_id), reference)
+
+    runs = _runs(migrated, audit_id)
+    killed = [r for r in runs if r.attempt == victim.attempt]
+    assert killed[0].outcome == "crashed", runs  # marked when its shard was taken over
+    redone = [r for r in runs if r.shard == victim.shard and r.outcome == "done"]
+    assert len(redone) == 1 and redone[0].worker != victim.worker
+    # The killed shard's stored features were read back, not computed again...
+    assert redone[0].features_reused >= killed[0].features_computed > 0
+    # ... and no image's features were computed twice, anywhere.
+    assert sum(r.features_computed for r in runs) == TOTAL, runs
+    done_passes = sum(r.forward_passes for r in runs if r.outcome == "done")
+    assert done_passes < int(reference.forward_passes)
+    per_image = int(reference.forward_passes) / TOTAL
+    assert done_passes == pytest.approx(per_image * (TOTAL - killed[0].features_computed), rel=0.02)
