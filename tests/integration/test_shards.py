@@ -223,3 +223,104 @@ def test_sigkill_one_of_two_workers(env: dict[str, str], start_api: Callable[[di
     assert done_passes < int(reference.forward_passes)
     per_image = int(reference.forward_passes) / TOTAL
     assert done_passes == pytest.approx(per_image * (TOTAL - killed[0].features_computed), rel=0.02)
+
+
+# --- portable model references ----------------------------------------------------------------
+
+
+def test_the_api_accepts_an_audit_from_the_registry_alone(service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model registered under a path this host does not have (a worker's mount) is accepted:
+    the API reads the registry only, and never reads, loads or hashes weights."""
+    import random
+    import sys
+
+    from app.storage.models import Audit
+    from app.storage.repositories import ModelRepository
+    from cdi.models import detect
+
+    from .conftest import synthetic_archive
+
+    with session_scope(service.settings.database_url) as s:
+        ModelRepository(s).upsert("mounted-model", source="/mnt/models/not-on-this-host", revision=None,
+                                  family="pixel", conditioning="none",
+                                  weight_sha256={"unet/diffusion_pytorch_model.safetensors": "ab" * 32})
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the API read a model's files")
+
+    for name in ("detect_family", "weight_hashes", "file_sha256", "resolve_reference", "read_json"):
+        monkeypatch.setattr(detect, name, refuse)
+    torch_before = "torch" in sys.modules
+    archive = synthetic_archive(offset=random.randrange(10**6, 10**9))
+    r = service.client.post("/v1/audits", headers=service.headers(service.alice),
+                            files={"archive": ("a.zip", archive)}, data={"model": "mounted-model", "seed": "1"})
+    assert r.status_code == 202, r.text
+    assert torch_before or "torch" not in sys.modules
+    status = service.client.get(f"/v1/audits/{r.json()['id']}", headers=service.headers(service.alice)).json()
+    assert status["model"] == "mounted-model" and "/mnt/models" not in json.dumps(status)
+    with session_scope(service.settings.database_url) as s:
+        audit = s.get(Audit, uuid.UUID(r.json()["id"]))
+        assert audit is not None and audit.model_source == "/mnt/models/not-on-this-host"
+    service.purge()
+
+
+def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, tmp_path: Path,
+                                                                 zoo_model: Any) -> None:
+    """A path names a file on each host: the registered weight hashes say whether it is the same file."""
+    import shutil
+
+    from app.registry import ModelRegistry
+    from app.settings import Settings
+    from app.storage.blobs import BlobStore
+    from app.storage.db import session_factory
+    from app.storage.repositories import AuditRepository
+    from cdi.models.detect import detect_family, weight_hashes
+    from worker.models import get_model
+    from worker.runner import AuditRunner
+
+    from .conftest import png
+
+    copy = tmp_path / "mounted" / "model"
+    shutil.copytree(Path(str(zoo_model.path)), copy)
+    settings = Settings(database_url=migrated, blob_dir=tmp_path / "blobs", worker_device="cpu")
+    model_id = f"mounted-{uuid.uuid4().hex[:6]}"
+    with session_scope(migrated) as s:
+        ModelRegistry(s, settings).register(model_id, str(copy), hash_weights=True)
+    with session_scope(migrated) as s:
+        from app.storage.repositories import ModelRepository
+
+        row = ModelRepository(s).get(model_id)
+        assert row is not None and row.weight_sha256 == weight_hashes(detect_family(str(copy)))
+    runner = AuditRunner(settings, session_factory(migrated), BlobStore(settings.blobs), get_model)
+    job = {"model_id": model_id, "model_source": str(copy), "model_revision": None,
+           "model_weights": row.weight_sha256, "reference_id": None, "reference_weights": None, "options": {}}
+    adapter, _ = runner._models(job, "cpu")  # the registered weights load
+    assert dict(adapter.identity.weight_sha256) == row.weight_sha256
+
+    # The same path on another host holds other weights: the audit fails, naming the file.
+    weight = next(p for p in copy.rglob("*.safetensors"))
+    data = bytearray(weight.read_bytes())
+    data[-1] ^= 0xFF
+    weight.write_bytes(bytes(data))
+    blobs = BlobStore(settings.blobs)
+    rows = []
+    for i in range(TOTAL):
+        image = png(7000 + i)
+        role = "published" if i < N_PUBLISHED else "unpublished"
+        rows.append((role, f"{role[0]}{i}.png", blobs.put_bytes(image), len(image), None, None))
+    with session_scope(migrated) as s:
+        tenant = make_tenant(migrated, "mounted")
+        audit_id = AuditRepository(s).create(
+            tenant_id=tenant.id, model_id=model_id, model_source=str(copy), model_revision=None,
+            options={"alpha": 0.01, "protocol": "directional", "features": "all", "seed": SEED},
+            callback_url=None, images=rows).id
+    from cdi.models import load_model
+
+    fresh = AuditRunner(settings, session_factory(migrated), blobs,
+                        lambda source, revision, device: load_model(source, revision=revision, device=device))
+    assert fresh.run(audit_id) == "failed"
+    with session_scope(migrated) as s:
+        audit = AuditRepository(s).get(audit_id)
+        assert audit is not None and audit.error_code == "model_changed", audit.error_message
+        assert weight.relative_to(copy).as_posix() in (audit.error_message or "")
+        assert str(tmp_path) not in (audit.error_message or "")
