@@ -126,9 +126,9 @@ def _check_documents(client: CdiClient, audit_id: str, forbidden: list[str], mod
 
 
 def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
-                                               start_worker: Callable[..., Proc], dataset: dict[str, Any],
-                                               reference: Any, zoo_model: Any, migrated: str,
-                                               tmp_path: Path) -> None:
+                                               start_worker: Callable[..., Proc],
+                                               dataset: dict[str, Any], reference: Any,  # noqa: F811
+                                               zoo_model: Any, migrated: str, tmp_path: Path) -> None:  # noqa: F811
     forbidden = _host_paths(tmp_path, Path(env["CDI_BLOB_DIR"]), Path(str(zoo_model.path)))
     # (a) embedded: the library's report names the shipped model, not where it is installed.
     assert_no_host_paths("library's report", json.dumps(reference.to_dict()), forbidden)
@@ -182,8 +182,9 @@ def _pool_parent(worker: str) -> int:
 
 
 def test_sigkill_one_of_two_workers(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
-                                    start_worker: Callable[..., Proc], dataset: dict[str, Any],
-                                    reference: Any, zoo_model: Any, migrated: str, tmp_path: Path) -> None:
+                                    start_worker: Callable[..., Proc],
+                                    dataset: dict[str, Any], reference: Any,  # noqa: F811
+                                    zoo_model: Any, migrated: str, tmp_path: Path) -> None:  # noqa: F811
     _cold_cache(migrated)
     tenant = make_tenant(migrated, "shard-kill")
     base = start_api(env)
@@ -265,7 +266,7 @@ def test_the_api_accepts_an_audit_from_the_registry_alone(service: Any, monkeypa
 
 
 def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, tmp_path: Path,
-                                                                 zoo_model: Any) -> None:
+                                                                 zoo_model: Any) -> None:  # noqa: F811
     """A path names a file on each host: the registered weight hashes say whether it is the same file."""
     import shutil
 
