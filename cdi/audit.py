@@ -410,15 +410,35 @@ def portable_source(reference: Any) -> str:
     return source
 
 
+def _portable_lora(source: str, name: str | None) -> str:
+    """How a report names a LoRA's files: a shipped LoRA by its name; under ``name`` (a
+    registered model) by the file's name only; else as given."""
+    from pathlib import Path
+
+    path = Path(source)
+    try:
+        from cdi import zoo
+
+        rel = path.resolve().relative_to(Path(zoo.LORAS_DIR).resolve())
+        return rel.parts[0]
+    except (ImportError, ValueError, IndexError):
+        pass
+    return f"{name}: {path.name}" if name else source
+
+
 def model_record(adapter: DiffusionAdapter, opts: AuditOptions, name: str | None = None) -> dict[str, Any]:
     """What a report records of a model: its name (``name``, e.g. a service's registered id,
     else :func:`portable_source`), weight hashes (and a LoRA's), facts."""
+    facts = adapter.describe(opts.feature_config.timesteps())
+    lora = facts.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("source"), str):
+        facts["lora"] = {**lora, "source": _portable_lora(lora["source"], name)}
     return {
         "source": name or portable_source(adapter.identity.reference),
         "revision": adapter.identity.reference.revision,
         "digest": adapter.identity.digest,
         "weight_sha256": dict(adapter.identity.weight_sha256),
-        **adapter.describe(opts.feature_config.timesteps()),
+        **facts,
     }
 
 

@@ -325,3 +325,34 @@ def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, 
         assert audit is not None and audit.error_code == "model_changed", audit.error_message
         assert weight.relative_to(copy).as_posix() in (audit.error_message or "")
         assert str(tmp_path) not in (audit.error_message or "")
+
+
+def test_deleting_a_sharded_audit_stops_every_shard(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                                                    start_worker: Callable[..., Proc],
+                                                    dataset: dict[str, Any], zoo_model: Any,  # noqa: F811
+                                                    migrated: str, tmp_path: Path) -> None:
+    """DELETE (cancel, then erase) while shards run on two workers: both stop at their next
+    heartbeat, nothing is scored, and the features stop growing."""
+    _cold_cache(migrated)
+    tenant = make_tenant(migrated, "shard-delete")
+    base = start_api(env)
+    a, b = _two_workers(start_worker, env, tmp_path, migrated, CDI_WORKER_BATCH_SIZE="2")
+    with CdiClient(base, tenant.key) as client:
+        audit_id = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
+        deadline = time.monotonic() + WAIT
+        while _features(migrated) < 2:
+            assert time.monotonic() < deadline, (a.output()[-3000:], b.output()[-3000:])
+            time.sleep(0.05)
+        client.cancel(audit_id)  # DELETE
+        time.sleep(4)  # a heartbeat of each shard, at most one batch each to finish
+        settled = _features(migrated)
+        time.sleep(4)
+        assert _features(migrated) == settled < TOTAL
+        status = client.status(audit_id)
+    assert status["state"] == "cancelled" and status["verdict"] is None and status["deleted_at"]
+    with session_scope(migrated) as s:
+        left = s.execute(text("SELECT count(*) FROM audit_shards WHERE audit_id = :a"),
+                         {"a": uuid.UUID(audit_id)}).scalar_one()
+    assert left == 0  # the shards went with the audit's data
+    for proc in (a, b):
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
