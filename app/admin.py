@@ -46,7 +46,8 @@ def ensure_database(settings: Any) -> str | None:
         path = settings.database_url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        settings.blobs.mkdir(parents=True, exist_ok=True)
+        if not settings.blob_url:
+            settings.blobs.mkdir(parents=True, exist_ok=True)
         try:
             if migrate.current(settings.database_url) != migrate.head():
                 migrate.upgrade(settings.database_url)
@@ -74,10 +75,10 @@ def _queue(settings: Any) -> Any:
 
 def cmd_reconcile(args: argparse.Namespace, settings: Any) -> int:
     from app.reconcile import reconcile
-    from app.storage.blobs import BlobStore
+    from app.storage.blobs import open_blob_store
     from app.storage.db import session_factory
 
-    report = reconcile(session_factory(settings.database_url), settings, BlobStore(settings.blobs),
+    report = reconcile(session_factory(settings.database_url), settings, open_blob_store(settings),
                        _queue(settings))
     for audit_id in report.requeued + report.sent:
         print(audit_id)
@@ -112,12 +113,12 @@ def cmd_purge(args: argparse.Namespace, settings: Any) -> int:
     from sqlalchemy import select
 
     from app.services import AuditService
-    from app.storage.blobs import BlobStore
+    from app.storage.blobs import open_blob_store
     from app.storage.db import session_factory
     from app.storage.models import TERMINAL_STATES, Audit, utcnow
 
     factory = session_factory(settings.database_url)
-    service = AuditService(factory, settings, BlobStore(settings.blobs), _queue(settings))
+    service = AuditService(factory, settings, open_blob_store(settings), _queue(settings))
     cutoff = utcnow() - args.older_than
     with factory() as session:
         ids = list(session.scalars(select(Audit.id).where(

@@ -50,8 +50,8 @@ def _settings() -> Any:
 
 
 def _prepare_local(settings: Any) -> None:
-    """Folders the embedded defaults need (SQLite files, blobs)."""
-    settings.blobs.mkdir(parents=True, exist_ok=True)
+    """Folders the embedded defaults need (SQLite files, blobs or the upload spool)."""
+    (settings.upload_tmp_dir if settings.blob_url else settings.blobs).mkdir(parents=True, exist_ok=True)
     for url in (settings.database_url, settings.broker_url):
         if "sqlite:///" in url:
             path = url.split("sqlite:///", 1)[1]

@@ -19,7 +19,7 @@ from app.queue import AuditQueue, CeleryQueue
 from app.quotas import RateLimiter, UploadSlots
 from app.settings import Settings
 from app.spool import clean_spool
-from app.storage.blobs import BlobStore
+from app.storage.blobs import open_blob_store
 from app.storage.db import session_factory
 
 
@@ -33,6 +33,8 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.upload_tmp_dir.mkdir(parents=True, exist_ok=True)
+        # A missing bucket or folder stops the start with its reason, not the first upload.
+        app.state.blobs.check()
         clean_spool(settings)  # what uploads cut short by a dead API process left behind
         yield
 
@@ -48,7 +50,7 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
-    app.state.blobs = BlobStore(settings.blobs)
+    app.state.blobs = open_blob_store(settings)
     app.state.queue = queue
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)

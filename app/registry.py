@@ -100,13 +100,18 @@ class ModelRegistry:
         With ``hash_weights`` (the operator's command), the SHA-256 of every weight file of a
         local model is stored too, and workers refuse other weights under the same path."""
         from cdi.errors import ModelError
-        from cdi.models.detect import detect_family, weight_hashes
+        from cdi.models.detect import detect_family
 
         if not model_id.strip() or len(model_id) > 200 or any(c.isspace() for c in model_id):
             raise BadInput("a model id is 1-200 characters without spaces", "invalid_model_id")
         try:
             info = detect_family(source, revision=revision)
-            hashes = weight_hashes(info) if hash_weights and info.reference.is_local else None
+            hashes = None
+            if hash_weights and info.reference.is_local:
+                # The operator's command only (it may import torch); a request never hashes.
+                from cdi.models.loading import weight_hashes
+
+                hashes = weight_hashes(info)
         except ModelError as exc:
             raise BadInput(str(exc), exc.code) from None
         row = self.repo.upsert(model_id, source=source, revision=revision, family=str(info.family),

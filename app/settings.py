@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["development", "production", "test"]
@@ -34,6 +34,20 @@ class Settings(BaseSettings):
     broker_url: str = ""
     #: Where uploaded images are stored, one file per SHA-256. Default: data_dir/blobs.
     blob_dir: Path | None = None
+    #: Blobs in an S3-compatible object store instead: ``s3://bucket/prefix`` (the bucket must
+    #: exist). Then the API and the workers share nothing but the database, the broker and the
+    #: bucket. Empty: the folder blob_dir.
+    blob_url: str = ""
+    #: The object store's endpoint (MinIO, Ceph...: ``http://minio:9000``). Empty: AWS S3.
+    s3_endpoint_url: str = ""
+    #: The object store's credentials and region, under their standard names (``AWS_*``, no
+    #: ``CDI_`` prefix). Empty: boto3's own chain (instance role, ~/.aws, ...).
+    aws_access_key_id: str = Field(default="", validation_alias=AliasChoices("aws_access_key_id",
+                                                                             "AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices(
+        "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field(default="", validation_alias=AliasChoices("aws_region", "AWS_REGION",
+                                                                      "AWS_DEFAULT_REGION"))
 
     #: Seconds a broker message stays invisible to others while a worker holds it unacknowledged
     #: (Redis). A worker that dies (SIGKILL, lost machine) has its audit redelivered after this
@@ -137,6 +151,14 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
         if self.blob_dir is None:
             self.blob_dir = data / "blobs"
+        if self.blob_url:
+            from app.storage.blobs import parse_s3_url
+
+            try:
+                parse_s3_url(self.blob_url)
+            except ValueError as exc:
+                raise ValueError(f"CDI_BLOB_URL must be s3://bucket/prefix (or empty: the folder "
+                                 f"CDI_BLOB_DIR): {exc}") from None
         if self.environment == "production":
             # The embedded defaults are for one machine; a production deployment that
             # silently fell back to them would lose its data on the next container restart.
@@ -147,6 +169,11 @@ class Settings(BaseSettings):
             _require_password("CDI_DATABASE_URL", self.database_url)
             if self.broker_url.startswith(("redis://", "rediss://")):
                 _require_password("CDI_BROKER_URL", self.broker_url)
+            secret = self.aws_secret_access_key.get_secret_value()
+            # Empty: boto3's own credentials (an instance role); a well-known one is refused.
+            if self.blob_url and secret and secret in WEAK_PASSWORDS | {"minioadmin", "testing"}:
+                raise ValueError("AWS_SECRET_ACCESS_KEY is a default one (such as MinIO's 'minioadmin'): "
+                                 "set the object store's real secret in production")
         return self
 
     @property
@@ -160,7 +187,10 @@ class Settings(BaseSettings):
 
     @property
     def upload_tmp_dir(self) -> Path:
-        """Where uploads are spooled while they are validated: beside the blobs, same filesystem."""
+        """Where uploads are spooled while they are validated: beside local blobs (same
+        filesystem: storing one is a rename), or a local folder of data_dir with an object store."""
+        if self.blob_url:
+            return self.data_dir.absolute() / "spool"
         return self.blobs / "tmp"
 
 

@@ -67,11 +67,15 @@ def _conditions(value: Conditions, kind: str) -> dict[str, Any] | None:
 
 
 def load_model(model: str, revision: str | None = None, device: str = "cpu",
-               dtype: str = "float32") -> DiffusionAdapter:
-    """A model directory (diffusers layout), hub id or shipped model name, loaded as its family's adapter."""
+               dtype: str = "float32", config: str | None = None) -> DiffusionAdapter:
+    """A model directory (diffusers layout), hub id or shipped model name, loaded as its family's adapter.
+
+    A single-file checkpoint (``.safetensors``) loads with ``config``, a local diffusers folder
+    of its architecture's configs.
+    """
     from cdi.models import load_model as _load
 
-    return _load(model, revision=revision, device=device, dtype=dtype)
+    return _load(model, revision=revision, device=device, dtype=dtype, config=config)
 
 
 def run_audit(
@@ -82,6 +86,7 @@ def run_audit(
     captions: Conditions = None,
     labels: Conditions = None,
     revision: str | None = None,
+    config: str | None = None,
     progress: Callable[[Progress], None] | None = None,
     **options: Any,
 ) -> AuditResult:
@@ -91,13 +96,14 @@ def run_audit(
     ``features``, ``seed``, ``device``, ``dtype``, ``batch_size``…), with its defaults.
     Returns the :class:`~cdi.audit.AuditResult`: ``outcome`` (``used``, ``not_detected``,
     ``inconclusive``), ``p_value``, ``verdict.reason``, the test and the controls.
+    ``config``: a single-file checkpoint's local folder of configs (see :func:`load_model`).
     """
     from cdi.audit import AuditOptions
     from cdi.audit import audit as _audit
 
     return _audit(
         _images(published, "published"), _images(unpublished, "unpublished"), model, revision=revision,
-        captions=_conditions(captions, "caption"), labels=_conditions(labels, "label"),
+        config=config, captions=_conditions(captions, "caption"), labels=_conditions(labels, "label"),
         options=AuditOptions(**options), progress=progress,
     )
 

@@ -42,7 +42,7 @@ from cdi.controls import (
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
-from cdi.images import ImageFile, open_image, to_model_array
+from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.planning import Plan, plan_audit
 from cdi.stats import (
     DEFAULT_ALPHA,
@@ -303,8 +303,9 @@ def _extract(
             features[i] = known[sha]
             continue
         if sha not in todo_rows:
-            pixels = to_model_array(open_image(f.data, f.name), adapter.image_size, adapter.image_channels)
-            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i]))
+            img = open_image(f.data, f.name)
+            pixels = to_model_array(img, adapter.image_size, adapter.image_channels)
+            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i], displayed_size(img)))
             todo_rows[sha] = []
         todo_rows[sha].append(i)
     cached = len(shas) - sum(len(v) for v in todo_rows.values())
@@ -360,7 +361,7 @@ CALIBRATION_NOTES = {
 
 
 def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOptions, lora: str | None,
-          lora_scale: float, allow_pickle: bool | None) -> DiffusionAdapter:
+          lora_scale: float, allow_pickle: bool | None, config: str | None = None) -> DiffusionAdapter:
     if not isinstance(model, str):
         if lora is not None:
             raise InputError("a LoRA is applied when a model is loaded: give the model's reference, not an adapter")
@@ -368,7 +369,7 @@ def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOption
     from cdi.models import load_model
 
     return load_model(model, revision=revision, device=opts.device, dtype=opts.dtype, allow_pickle=allow_pickle,
-                      lora=lora, lora_scale=lora_scale)
+                      lora=lora, lora_scale=lora_scale, config=config)
 
 
 def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> None:
@@ -465,6 +466,8 @@ def audit(
     reference_model: str | DiffusionAdapter | None = None,
     reference_revision: str | None = None,
     allow_pickle: bool | None = None,
+    config: str | None = None,
+    reference_config: str | None = None,
     captions: Mapping[str, str] | None = None,
     labels: Mapping[str, int] | None = None,
     options: AuditOptions | None = None,
@@ -481,9 +484,11 @@ def audit(
     a fine-tune, or an adapter) the audit is reference-calibrated (method §10.2): features
     are computed under both models with the same per-image noise, and the scorer, the test
     and the controls see the differences. Pickled weights are refused unless
-    ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). ``model_name`` and ``reference_name``
-    name the models in the report (a service's registered ids; default: the shipped model's
-    name, the hub id or the directory). Raises
+    ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). A model (or reference) given as one
+    single-file checkpoint needs ``config`` (``reference_config``): a local diffusers folder
+    of its configs. ``model_name`` and ``reference_name`` name the models in the report (a
+    service's registered ids; default: the shipped model's name, the hub id or the
+    directory). Raises
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
@@ -504,22 +509,22 @@ def audit(
     check_sizes(len(published), len(unpublished), opts.protocol, opts.protocol_options)
     from cdi.models.detect import detect_family
 
-    def conditioning_of(m: str | DiffusionAdapter, rev: str | None) -> str:
-        return detect_family(m, rev).conditioning if isinstance(m, str) else m.conditioning
+    def conditioning_of(m: str | DiffusionAdapter, rev: str | None, cfg: str | None) -> str:
+        return detect_family(m, rev, cfg).conditioning if isinstance(m, str) else m.conditioning
 
-    conditioning = conditioning_of(model, revision)
+    conditioning = conditioning_of(model, revision, config)
     if reference_model is not None:
-        ref_conditioning = conditioning_of(reference_model, reference_revision)
+        ref_conditioning = conditioning_of(reference_model, reference_revision, reference_config)
         if ref_conditioning != conditioning:
             raise InputError(f"the reference model's conditioning is {ref_conditioning}, the audited model's "
                              f"{conditioning}: a reference must take the same inputs")
     prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, opts, report)
     lap("validating")
 
-    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle)
+    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle, config)
     reference = None
     if reference_model is not None:
-        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle)
+        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle, reference_config)
         check_reference(adapter, reference)
     lap("loading")
     key = feature_key(adapter.identity.digest, opts)

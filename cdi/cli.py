@@ -80,7 +80,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     files = [ImageFile.read(p) for p in paths]
     conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
     adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                         allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale)
+                         allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale,
+                         config=args.config)
     extractor = FeatureExtractor(
         adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size
     )
@@ -92,7 +93,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         from cdi.audit import check_reference
 
         reference = load_model(args.reference_model, revision=args.reference_revision, device=args.device,
-                               dtype=args.dtype, allow_pickle=args.allow_pickle or None)
+                               dtype=args.dtype, allow_pickle=args.allow_pickle or None,
+                               config=args.reference_config)
         check_reference(adapter, reference)
         # The same seed and image hashes: the same per-image noise as the audited model's.
         ref_extractor = FeatureExtractor(
@@ -221,7 +223,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         published, unpublished, args.model, revision=args.revision,
         lora=args.lora, lora_scale=args.lora_scale,
         reference_model=args.reference_model, reference_revision=args.reference_revision,
-        allow_pickle=args.allow_pickle or None,
+        allow_pickle=args.allow_pickle or None, config=args.config, reference_config=args.reference_config,
         captions=captions, labels=labels,  # type: ignore[arg-type]
         options=options, progress=AuditProgress(),
     )
@@ -289,7 +291,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from cdi.models import load_model
 
         columns = FeatureSet(args.features).columns
-        adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+        adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                             config=args.config)
         extractor = FeatureExtractor(adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size)
         pilot = []
         for folder in (args.published, args.unpublished):
@@ -371,14 +374,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory, hub id, or shipped model name")
+    p.add_argument("--model", required=True,
+                   help="model directory, hub id, shipped model name, or one .safetensors checkpoint (with --config)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--config", metavar="DIR", default=None,
+                   help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
     p.add_argument("--lora", metavar="FILE_OR_DIR",
                    help="LoRA to load onto the model: a .safetensors file, a peft folder, or a shipped LoRA")
     p.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default 1.0)")
     p.add_argument("--reference-model", metavar="M",
                    help="reference model (usually the base of a fine-tune): calibrate every feature against it")
     p.add_argument("--reference-revision", default=None, help="hub revision of the reference model")
+    p.add_argument("--reference-config", metavar="DIR", default=None,
+                   help="for a single-file reference checkpoint: its local folder of configs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin, .ckpt, .pt), which run code when loaded "
                         "(also CDI_ALLOW_PICKLE=1); only for files you trust")
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="an earlier report (JSON): its images are the pilot")
     p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--config", metavar="DIR", default=None,
+                   help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
     p.add_argument("--published", help="folder of a few published images (the pilot's P)")
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
     p.add_argument("--features", choices=["all", "gradient-free"], default="all")

@@ -222,6 +222,15 @@ def _orientation(img: Image.Image) -> Image.Transpose | None:
     return _TRANSPOSE.get(value) if isinstance(value, int) else None
 
 
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of a decoded image as shown, after its EXIF orientation."""
+    width, height = img.size
+    if _orientation(img) in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270,
+                             Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE):
+        width, height = height, width
+    return height, width
+
+
 def to_model_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """The model input for one decoded image: float32 ``[channels, size, size]`` in [-1, 1]."""
     if channels not in (1, 3):

@@ -91,6 +91,8 @@ class ProtocolOptions:
     N must allow p < α). ``candidates`` (directional): the statistics it takes the largest
     of, each a group of feature columns (indices into the tested columns) whose values are
     expected to be *lower* for a training image; ``None`` makes every column a candidate.
+    ``combined`` (directional): the mean of the candidates is one more candidate, where
+    there are at least two.
     """
 
     fit_fraction: float = DEFAULT_FIT_FRACTION
@@ -99,6 +101,7 @@ class ProtocolOptions:
     exceedances: int = DEFAULT_EXCEEDANCES
     max_permutations: int = DEFAULT_MAX_PERMUTATIONS
     candidates: tuple[tuple[int, ...], ...] | None = None
+    combined: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fit_fraction < 1.0:

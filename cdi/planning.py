@@ -171,7 +171,7 @@ def _pilot(
     if not (np.all(np.isfinite(xp)) and np.all(np.isfinite(xu))):
         raise InputError("the pilot's features hold non-finite values")
     names, groups = member_candidates(list(columns))
-    x = candidate_matrix(np.vstack([xp, xu]), groups)
+    x = candidate_matrix(np.vstack([xp, xu]), groups, combined=True)
     return x[: len(xp)], x[len(xp):], names
 
 

@@ -690,7 +690,9 @@ def welch_t_columns(x: np.ndarray, is_p: np.ndarray) -> np.ndarray:
         return np.where(se > tiny, diff / np.where(se > 0, se, 1.0), degenerate)
 
 
-def candidate_matrix(x: np.ndarray, candidates: tuple[tuple[int, ...], ...] | None) -> np.ndarray:
+def candidate_matrix(
+    x: np.ndarray, candidates: tuple[tuple[int, ...], ...] | None, combined: bool = False
+) -> np.ndarray:
     """Each image's value ``[n, m]`` of each candidate statistic; larger means more member-like.
 
     ``x`` ``[n, k]``: the pooled images' features. Every column is first put on one scale,
@@ -698,7 +700,8 @@ def candidate_matrix(x: np.ndarray, candidates: tuple[tuple[int, ...], ...] | No
     logarithm where the column is strictly positive (the loss-type features are norms, whose
     spread grows with their size; their logarithm is far closer to normal), then centred and
     divided by its standard deviation. A candidate is the mean of its group of columns,
-    negated. A column without any spread contributes zeros.
+    negated. A column without any spread contributes zeros. With ``combined`` and at least
+    two candidates, one more column: the mean of the candidates (m = groups + 1).
     """
     xs = np.asarray(x, dtype=np.float64)
     positive = np.all(xs > 0, axis=0)
@@ -708,7 +711,10 @@ def candidate_matrix(x: np.ndarray, candidates: tuple[tuple[int, ...], ...] | No
     groups = candidates if candidates is not None else tuple((j,) for j in range(xs.shape[1]))
     if any(max(g) >= xs.shape[1] for g in groups):
         raise InputError(f"a candidate names a feature column beyond the {xs.shape[1]} given")
-    return -np.column_stack([z[:, list(g)].mean(axis=1) for g in groups])
+    values = -np.column_stack([z[:, list(g)].mean(axis=1) for g in groups])
+    if combined and len(groups) >= 2:
+        values = np.column_stack([values, values.mean(axis=1)])
+    return values
 
 
 def directional_test(
@@ -724,7 +730,8 @@ def directional_test(
     ``features_p`` ``[n_p, k]``, ``features_u`` ``[n_u, k]``. The method fixes the direction
     of every loss-type feature: a training image's loss is lower. ``options.candidates``
     groups the columns into candidate statistics (:func:`candidate_matrix`: log, standardise,
-    average, negate). For each candidate, Welch's t of P minus U; the statistic is the
+    average, negate; with ``options.combined`` their mean is one more candidate, which gathers
+    a signal spread over several of them). For each candidate, Welch's t of P minus U; the statistic is the
     largest of them, so the candidate that separates the sets best is found without fitting
     anything and without setting images aside. Its p-value comes from label permutations that
     recompute every candidate's t and take the largest again
@@ -748,7 +755,7 @@ def directional_test(
     n_p, n_u = len(xp), len(xu)
     check_sizes(n_p, n_u, Protocol.DIRECTIONAL, opts, negative_control=False)
     seed = resolve_seed(random_state)
-    x = candidate_matrix(np.vstack([xp, xu]), opts.candidates)
+    x = candidate_matrix(np.vstack([xp, xu]), opts.candidates, opts.combined)
     if not np.any(x.std(axis=0) > 0):
         raise InputError("no candidate feature varies between images: there is nothing to test")
 

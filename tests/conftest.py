@@ -23,6 +23,9 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "dit": tm.build_dit(root / "dit"),
         "stable-diffusion": tm.build_stable_diffusion(root / "sd"),
         "stable-diffusion-v": tm.build_stable_diffusion(root / "sd-v", prediction_type="v_prediction"),
+        "sdxl": tm.build_sdxl(root / "sdxl"),
+        "sd3": tm.build_sd3(root / "sd3"),
+        "flux": tm.build_flux(root / "flux"),
     }
 
 

@@ -23,13 +23,13 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
 from app.queue import RECONCILE, CeleryQueue
 from app.reconcile import ReconcileReport, beat, forget, reconcile
 from app.settings import Settings
-from app.storage.blobs import BlobStore
+from app.storage.blobs import BlobStoreUnavailable, open_blob_store
 from app.storage.db import engine_for, session_factory
 from app.storage.models import utcnow
 from app.storage.repositories import AuditRepository, TenantRepository
@@ -47,7 +47,7 @@ def settings() -> Settings:
 @lru_cache(maxsize=1)
 def runner() -> AuditRunner:
     s = settings()
-    return AuditRunner(s, session_factory(s.database_url), BlobStore(s.blobs), get_model, queue=_queue(s))
+    return AuditRunner(s, session_factory(s.database_url), open_blob_store(s), get_model, queue=_queue(s))
 
 
 @worker_process_init.connect
@@ -145,7 +145,7 @@ def requeue_orphans(s: Settings | None = None) -> list[uuid.UUID]:
 
 def reconcile_once(s: Settings | None = None) -> ReconcileReport:
     s = s or settings()
-    return reconcile(session_factory(s.database_url), s, BlobStore(s.blobs), _queue(s))
+    return reconcile(session_factory(s.database_url), s, open_blob_store(s), _queue(s))
 
 
 @celery.task(name=RECONCILE, ignore_result=True)
@@ -160,6 +160,17 @@ _loop_stop = threading.Event()
 def _embedded(s: Settings) -> bool:
     """The embedded mode (no beat process): the worker runs the reconciler itself."""
     return not s.broker_url.startswith(("redis://", "rediss://"))
+
+
+@worker_init.connect
+def _check_blob_store(**_: Any) -> None:
+    """A worker that cannot reach the blobs (missing bucket, wrong credentials) stops at once."""
+    s = settings()
+    try:
+        open_blob_store(s).check()
+    except BlobStoreUnavailable as exc:
+        log.critical("cannot start: %s", exc)
+        raise SystemExit(f"cdi worker: {exc}") from None
 
 
 @worker_ready.connect

@@ -159,8 +159,11 @@ class Audit(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
 
-    #: The JSON report (``AuditResult.to_dict()``) and its PDF's blob, once done.
-    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: The JSON report (``AuditResult.to_dict()``) and its PDF's blob, once done. Deferred: a
+    #: report of thousands of images weighs megabytes, and status polls and list pages, which
+    #: read the rest of the row, never load it (bench/status_reads.py); reading the attribute
+    #: loads it then.
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None, deferred=True)
     verdict: Mapped[str | None] = mapped_column(String(20), default=None)
     p_value: Mapped[float | None] = mapped_column(Float, default=None)
     report_pdf_sha256: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -23,7 +23,7 @@ from cdi.features.noise_optimisation import noise_optimisation, noise_optimisati
 from cdi.features.pia import pia, pian
 from cdi.features.scheduler import CallScheduler
 from cdi.features.secmi import secmi_depth, secmi_stat
-from cdi.images import ImageFile, load_model_input
+from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.models.base import DiffusionAdapter, ImageCondition
 
 
@@ -58,6 +58,8 @@ class ExtractionInput:
     sha256: str
     pixels: np.ndarray
     condition: ImageCondition = None
+    #: (height, width) of the image before preprocessing, for models conditioned on it (SDXL).
+    original_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class FeatureExtractor:
 
     def _condition(self, items: Sequence[ExtractionInput]) -> torch.Tensor | None:
         """The batch's conditioning, image by image for the same reason as :meth:`_encode`."""
-        parts = [self.adapter.condition([it.condition]) for it in items]
+        parts = [self.adapter.condition([it.condition], [it.original_size]) for it in items]
         if any(p is None for p in parts):
             return None
         return torch.cat([p for p in parts if p is not None])
@@ -189,11 +191,13 @@ class FeatureExtractor:
         failures: list[ImageError] = []
         for i, f in enumerate(files):
             try:
-                pixels = load_model_input(f, self.adapter.image_size, self.adapter.image_channels)
+                img = open_image(f.data, f.name)
+                pixels = to_model_array(img, self.adapter.image_size, self.adapter.image_channels)
             except ImageError as exc:
                 failures.append(exc)
                 continue
-            inputs.append(ExtractionInput(f.sha256, pixels, conditions[i] if conditions else None))
+            inputs.append(ExtractionInput(f.sha256, pixels, conditions[i] if conditions else None,
+                                          displayed_size(img)))
             names.append(f.name)
         before = PassCounter(self.passes.forward, self.passes.backward)
         values = self.extract(inputs, progress=progress)

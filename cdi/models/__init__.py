@@ -34,6 +34,7 @@ def load_model(
     allow_pickle: bool | None = None,
     lora: str | None = None,
     lora_scale: float = 1.0,
+    config: str | None = None,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
@@ -42,25 +43,41 @@ def load_model(
     weights are refused unless ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``).
     ``lora`` (a file, a folder or a shipped LoRA's name) is loaded onto the denoiser at
     ``lora_scale``; the identity then names the base's weights and the LoRA's.
+
+    ``source`` may also be one single-file checkpoint (``.safetensors`` as published on
+    model-sharing sites; ``.ckpt``/``.bin``/``.pt`` only with ``allow_pickle``): ``config`` is
+    then a local diffusers folder of its architecture's configs, and the identity is the
+    file's SHA-256.
     """
     import dataclasses
 
     import torch
 
     from cdi.errors import InputError
+    from cdi.models.diffusers_base import DiffusersAdapter
     from cdi.models.dit import DiTAdapter
+    from cdi.models.flux import FluxAdapter
     from cdi.models.latent import LatentAdapter
     from cdi.models.loading import pickle_allowed
     from cdi.models.pixel import PixelAdapter
+    from cdi.models.sd3 import SD3Adapter
     from cdi.models.stable_diffusion import StableDiffusionAdapter
+    from cdi.models.stable_diffusion_xl import StableDiffusionXLAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    info = dataclasses.replace(detect_family(source, revision), allow_pickle=pickle_allowed(allow_pickle))
-    adapters: dict[str, type[PixelAdapter | LatentAdapter | DiTAdapter | StableDiffusionAdapter]] = {
+    info = dataclasses.replace(detect_family(source, revision, config), allow_pickle=pickle_allowed(allow_pickle))
+    if info.reference.is_single_file:
+        from cdi.models.loading import load_single_file
+
+        info = dataclasses.replace(info, preloaded=load_single_file(info, resolved_dtype))
+    adapters: dict[str, type[DiffusersAdapter]] = {
         "pixel": PixelAdapter,
         "latent": LatentAdapter,
         "dit": DiTAdapter,
         "stable-diffusion": StableDiffusionAdapter,
+        "stable-diffusion-xl": StableDiffusionXLAdapter,
+        "sd3": SD3Adapter,
+        "flux": FluxAdapter,
     }
     if lora is not None and info.lora is not None:
         raise InputError(f"{source} is a LoRA model already; --lora adds a LoRA to a base model")

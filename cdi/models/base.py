@@ -18,11 +18,18 @@ ImageCondition = int | str | None
 
 @dataclass(frozen=True)
 class ModelReference:
-    """Where a model comes from: a local diffusers directory, or a hub id plus revision."""
+    """Where a model comes from: a local diffusers directory, a hub id plus revision, or one
+    single-file checkpoint with a local folder of its configs (``config``)."""
 
     source: str
     revision: str | None = None
     is_local: bool = True
+    #: For a single-file checkpoint: the diffusers folder whose configs describe it.
+    config: str | None = None
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.config is not None
 
 
 @dataclass(frozen=True)
@@ -83,12 +90,18 @@ class DiffusionAdapter(abc.ABC):
         Deterministic: the posterior mean (KL) or the pre-quantisation output (VQ).
         """
 
-    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
+    def condition(self, conditions: Sequence[ImageCondition],
+                  original_sizes: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor | None:
         """Turn one condition per image into the batch conditioning passed to :meth:`eps`.
 
         Returns ``None`` for unconditional models, class ids ``[B]`` (long) for
-        class-conditional ones, and text-encoder states ``[B, L, D]`` for text models.
-        The first dimension is always the batch, so a batch's conditioning can be indexed.
+        class-conditional ones, and text-encoder states ``[B, L, D]`` for text models
+        (models that take several text inputs, such as SDXL's pooled embedding, get them
+        flattened side by side, ``[B, N]``). The first dimension is always the batch, so a
+        batch's conditioning can be indexed and concatenated.
+
+        ``original_sizes`` (height, width) of each image before preprocessing: SDXL is
+        conditioned on it; ``None`` (or an entry ``None``) means the model's own resolution.
         """
         return None
 
@@ -115,6 +128,7 @@ class DiffusionAdapter(abc.ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             **self.schedule.describe(tuple(timesteps)),
             **({"lora": self.lora.describe()} if self.lora is not None else {}),
+            **({"config": self.identity.reference.config} if self.identity.reference.config else {}),
         }
 
     #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).

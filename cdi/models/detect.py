@@ -9,14 +9,13 @@ functions, so hub models take the same code path as the local ones tested here.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdi.errors import MalformedModelError, ModelIdentityError, ModelNotFoundError, UnsupportedModelError
+from cdi.errors import InputError, MalformedModelError, ModelNotFoundError, UnsupportedModelError
 from cdi.models.base import Conditioning, ModelReference
 
 #: diffusers pipeline class → CDI family.
@@ -27,7 +26,17 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "DiTPipeline": "dit",
     "StableDiffusionPipeline": "stable-diffusion",
     "StableDiffusionImg2ImgPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
 }
+
+_CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+_T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
+_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 #: For each family: role → (accepted component folder names, accepted classes).
 FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
@@ -49,21 +58,57 @@ FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]
         "unet": (("unet",), ("UNet2DConditionModel",)),
         "autoencoder": (("vae",), ("AutoencoderKL",)),
         "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
-        "tokenizer": (("tokenizer",), ("CLIPTokenizer", "CLIPTokenizerFast")),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
         "scheduler": (("scheduler",), ()),
     },
+    "stable-diffusion-xl": {
+        "unet": (("unet",), ("UNet2DConditionModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
+        "text_encoder_2": (("text_encoder_2",), ("CLIPTextModelWithProjection",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _CLIP_TOKENIZERS),
+        "scheduler": (("scheduler",), ()),
+    },
+    "sd3": {
+        "transformer": (("transformer",), ("SD3Transformer2DModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModelWithProjection",)),
+        "text_encoder_2": (("text_encoder_2",), ("CLIPTextModelWithProjection",)),
+        "text_encoder_3": (("text_encoder_3",), ("T5EncoderModel",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _CLIP_TOKENIZERS),
+        "tokenizer_3": (("tokenizer_3",), _T5_TOKENIZERS),
+        "scheduler": (("scheduler",), _FLOW_SCHEDULERS),
+    },
+    "flux": {
+        "transformer": (("transformer",), ("FluxTransformer2DModel",)),
+        "autoencoder": (("vae",), ("AutoencoderKL",)),
+        "text_encoder": (("text_encoder",), ("CLIPTextModel",)),
+        "text_encoder_2": (("text_encoder_2",), ("T5EncoderModel",)),
+        "tokenizer": (("tokenizer",), _CLIP_TOKENIZERS),
+        "tokenizer_2": (("tokenizer_2",), _T5_TOKENIZERS),
+        "scheduler": (("scheduler",), _FLOW_SCHEDULERS),
+    },
 }
+
+#: Components a family's pipeline runs without when model_index.json lists them as
+#: ``[null, null]`` (SD3 without its T5 encoder uses zeros in its place, as its pipeline does).
+OPTIONAL_COMPONENTS: dict[str, tuple[str, ...]] = {"sd3": ("text_encoder_3", "tokenizer_3")}
+
+#: Latent side length of Flux images when the transformer's config names none: FluxPipeline's
+#: default (128 latents, i.e. 1024 px with Flux's 8× autoencoder).
+FLUX_DEFAULT_LATENT_SIZE = 128
 
 #: A folder holding this file is a LoRA model: {"base": model reference, "lora": path
 #: relative to the folder, "scale": number (optional)}. It names a fine-tune by one reference,
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
 
-#: Weight files whose loading unpickles (runs code from the file).
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-#: Components that hold no weights.
-NO_WEIGHTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+#: Suffixes of single-file checkpoints (the last four are pickles, refused unless allowed).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+#: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
+SINGLE_FILE_FAMILIES = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -88,10 +133,15 @@ class ModelInfo:
     #: A LoRA to load onto the denoiser, from a LoRA model folder (:data:`LORA_MODEL_FILE`).
     lora: str | None = None
     lora_scale: float = 1.0
+    #: The diffusers pipeline class model_index.json names.
+    pipeline: str = ""
+    #: Components already loaded (role → module), from a single-file checkpoint.
+    preloaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
-def resolve_reference(source: str, revision: str | None = None) -> ModelReference:
-    """A local directory if ``source`` is one, else a hub id (``owner/name``)."""
+def resolve_reference(source: str, revision: str | None = None, config: str | None = None) -> ModelReference:
+    """A local directory if ``source`` is one, a single-file checkpoint (with ``config``, a
+    local folder of its configs) if it is a file, else a hub id (``owner/name``)."""
     if not source or not source.strip():
         raise ModelNotFoundError("the model reference is empty")
     path = Path(source).expanduser()
@@ -99,15 +149,34 @@ def resolve_reference(source: str, revision: str | None = None) -> ModelReferenc
         shipped = _zoo_path(source)
         if shipped is not None:
             path = shipped
+    if path.is_file():
+        return _single_file_reference(path, config)
+    if config is not None:
+        raise InputError(f"a config folder is given for {source}, but it is not a single-file checkpoint: "
+                         "--config goes with a .safetensors file")
     if path.is_dir():
         return ModelReference(source=str(path.resolve()), revision=revision, is_local=True)
-    if path.exists():
-        raise ModelNotFoundError(f"{source} is a file; a model is a directory in diffusers layout")
     if _HUB_ID.match(source) and not source.startswith((".", "/")):
         return ModelReference(source=source, revision=revision, is_local=False)
     raise ModelNotFoundError(
-        f"{source!r} is neither a local model directory nor a hub id of the form owner/name"
+        f"{source!r} is neither a local model directory, a checkpoint file nor a hub id of the form owner/name"
     )
+
+
+def _single_file_reference(path: Path, config: str | None) -> ModelReference:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelNotFoundError(
+            f"{path} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}); a model is a diffusers "
+            "directory, a hub id or one checkpoint file")
+    if config is None:
+        raise MalformedModelError(
+            f"{path} is a single-file checkpoint: give its configs with --config DIR (in Python: config=DIR), a "
+            "diffusers folder of the same architecture (model_index.json, each component's config, the "
+            "tokenizers and scheduler; no weights needed). Nothing is downloaded")
+    folder = Path(config).expanduser()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"the config folder {config} is not a directory")
+    return ModelReference(source=str(path.resolve()), is_local=True, config=str(folder.resolve()))
 
 
 def _zoo_path(name: str) -> Path | None:
@@ -152,7 +221,7 @@ def read_json(ref: ModelReference, relpath: str) -> dict[str, Any]:
 
 def _component_config(ref: ModelReference, folder: str, role: str) -> dict[str, Any]:
     name = "scheduler_config.json" if role == "scheduler" else "config.json"
-    if role == "tokenizer":
+    if role.startswith("tokenizer"):
         # Tokenizers keep their settings in tokenizer_config.json; its class is in model_index.
         name = "tokenizer_config.json"
     return read_json(ref, f"{folder}/{name}")
@@ -167,9 +236,21 @@ def _int(config: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def detect_family(source: str, revision: str | None = None) -> ModelInfo:
-    """Detect a model's family and check that the files its family needs are present."""
-    ref = resolve_reference(source, revision)
+def detect_family(source: str, revision: str | None = None, config: str | None = None) -> ModelInfo:
+    """Detect a model's family and check that the files its family needs are present.
+
+    A single-file checkpoint's family is that of its ``config`` folder.
+    """
+    ref = resolve_reference(source, revision, config)
+    if ref.config is not None:
+        info = detect_family(ref.config)
+        if info.lora is not None:
+            raise MalformedModelError(f"the config folder {ref.config} is a LoRA model, not a model's configs")
+        if info.family not in SINGLE_FILE_FAMILIES:
+            raise UnsupportedModelError(
+                f"{ref.source}: single-file checkpoints of {info.pipeline} models are not supported "
+                f"(supported: {', '.join(SINGLE_FILE_FAMILIES)}); convert it to a diffusers folder")
+        return dataclasses.replace(info, reference=ref)
     if ref.is_local and (Path(ref.source) / LORA_MODEL_FILE).is_file():
         return _lora_model(ref)
     index = read_json(ref, "model_index.json")
@@ -188,6 +269,9 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
     configs: dict[str, dict[str, Any]] = {}
     for role, (folders, accepted) in FAMILY_COMPONENTS[family].items():
         folder = next((f for f in folders if isinstance(index.get(f), list)), None)
+        if folder is not None and index[folder] in ([None, None], [None]) \
+                and role in OPTIONAL_COMPONENTS.get(family, ()):
+            continue
         if folder is None:
             raise MalformedModelError(
                 f"{ref.source}: model_index.json lists no {' or '.join(folders)} component "
@@ -195,10 +279,10 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
             )
         entry = index[folder]
         declared = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else None
-        config = _component_config(ref, folder, role)
-        cls = config.get("_class_name") or declared
-        if role == "tokenizer":
-            cls = declared or config.get("tokenizer_class")
+        component_config = _component_config(ref, folder, role)
+        cls = component_config.get("_class_name") or declared
+        if role.startswith("tokenizer"):
+            cls = declared or component_config.get("tokenizer_class")
         if not isinstance(cls, str):
             raise MalformedModelError(f"{ref.source}: cannot tell the class of component {folder}")
         if accepted and cls not in accepted:
@@ -208,7 +292,7 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
             )
         components[role] = folder
         classes[role] = cls
-        configs[role] = config
+        configs[role] = component_config
 
     sched = configs["scheduler"]
     if "num_train_timesteps" not in sched and "trained_betas" not in sched:
@@ -239,9 +323,13 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         num_classes = _int(tr, "num_embeds_ada_norm", f"{ref.source}/transformer/config.json")
         conditioning = "class"
     else:
-        unet = configs["unet"]
+        denoiser = "unet" if "unet" in configs else "transformer"
         ae = configs["autoencoder"]
-        size = _int(unet, "sample_size", f"{ref.source}/unet/config.json")
+        where = f"{ref.source}/{denoiser}/config.json"
+        if family == "flux" and "sample_size" not in configs[denoiser]:
+            size = FLUX_DEFAULT_LATENT_SIZE
+        else:
+            size = _int(configs[denoiser], "sample_size", where)
         size *= 2 ** (len(ae.get("block_out_channels") or [0]) - 1)
         channels = _int(ae, "in_channels", f"{ref.source}/vae/config.json")
         conditioning = "text"
@@ -258,6 +346,7 @@ def detect_family(source: str, revision: str | None = None) -> ModelInfo:
         image_channels=channels,
         num_classes=num_classes,
         configs=configs,
+        pipeline=pipeline,
     )
 
 
@@ -280,59 +369,3 @@ def _lora_model(ref: ModelReference) -> ModelInfo:
     if info.lora is not None:
         raise MalformedModelError(f"{where}: the base is itself a LoRA model")
     return dataclasses.replace(info, lora=str(lora_path), lora_scale=float(scale))
-
-
-# --- weight hashes (no torch: a registry hashes a model without loading it) ---------------
-
-
-def _model_files_root(info: ModelInfo) -> Path | None:
-    ref = info.reference
-    if ref.is_local:
-        return Path(ref.source)
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{folder}/*" for folder in info.components.values()]
-        return Path(
-            snapshot_download(ref.source, revision=ref.revision, allow_patterns=patterns,
-                              local_files_only=True)
-        )
-    except Exception:
-        return None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of one file; a file that cannot be read is a :class:`ModelIdentityError`."""
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise ModelIdentityError(f"cannot hash {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
-
-def weight_hashes(info: ModelInfo) -> dict[str, str]:
-    """SHA-256 of every weight file of the model's components, keyed by relative path.
-
-    Raises :class:`ModelIdentityError` when the files cannot be found or read, and
-    :class:`MalformedModelError` when a component that holds weights has none: a model is
-    never given an empty identity (two different models would share a feature-cache key).
-    """
-    root = _model_files_root(info)
-    if root is None:
-        raise ModelIdentityError(
-            f"cannot hash the weights of {info.reference.source}@{info.reference.revision or 'main'}: "
-            "its files are not available locally"
-        )
-    out: dict[str, str] = {}
-    for role, folder in sorted(info.components.items()):
-        base = root / folder
-        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
-            if base.is_dir() else []
-        if not files and role not in NO_WEIGHTS:
-            raise MalformedModelError(f"{info.reference.source}: cannot load {folder} (it has no weight file)")
-        for path in files:
-            out[path.relative_to(root).as_posix()] = file_sha256(path)
-    return out

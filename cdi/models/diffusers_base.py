@@ -62,7 +62,13 @@ class DiffusersAdapter(DiffusionAdapter):
         """Convert the network's output to a noise prediction, in float32."""
         return self.schedule.to_eps(out, z_t, self._timesteps(t, z_t.shape[0]))
 
-    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor | None:
+    def _model_timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        """What the network receives for grid indices ``t``: float ``[B]`` on the device."""
+        idx = self._timesteps(t, batch).cpu()
+        return self.schedule.model_timesteps[idx].to(self.device, torch.float32)
+
+    def condition(self, conditions: Sequence[ImageCondition],
+                  original_sizes: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor | None:
         if self.conditioning == "none":
             return None
         if self.conditioning != "class":

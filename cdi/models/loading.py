@@ -5,21 +5,30 @@ Local directories and hub ids go through the same calls; only where the files li
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdi.errors import MalformedModelError, ModelError, PickledWeightsError
+from cdi.errors import (
+    MalformedModelError,
+    ModelError,
+    ModelIdentityError,
+    PickledWeightsError,
+    UnsupportedModelError,
+)
 from cdi.models.base import ModelIdentity
-from cdi.models.detect import NO_WEIGHTS as _NO_WEIGHTS
-from cdi.models.detect import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelInfo, file_sha256, weight_hashes
+from cdi.models.detect import ModelInfo
 
-__all__ = ["PICKLE_SUFFIXES", "WEIGHT_SUFFIXES", "file_sha256", "identity_of", "load_component", "weight_hashes"]
-
+#: Weight files whose loading unpickles (runs code from the file).
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 #: The environment variable that allows pickled weights, as ``--allow-pickle`` does.
 ALLOW_PICKLE_ENV = "CDI_ALLOW_PICKLE"
+#: Components that hold no weights.
+_NO_WEIGHTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 
 
 def pickle_allowed(explicit: bool | None = None) -> bool:
@@ -43,10 +52,16 @@ def check_weight_files(info: ModelInfo) -> None:
 
     A folder with ``.safetensors`` weights loads those (diffusers and transformers prefer
     them); hub models are held to the same rule by loading with ``use_safetensors=True``.
+    A single-file checkpoint is refused if it is a pickle, and so is its config folder if it
+    holds pickled weights only: diffusers loads a component the file lacks from that folder.
     """
     if info.allow_pickle or not info.reference.is_local:
         return
-    root = Path(info.reference.source)
+    if info.reference.is_single_file:
+        file = Path(info.reference.source)
+        if file.suffix.lower() in PICKLE_SUFFIXES:
+            raise refuse_pickle([file.name], str(file.parent))
+    root = Path(info.reference.config or info.reference.source)
     pickled: list[str] = []
     for role, folder in info.components.items():
         if role in _NO_WEIGHTS or not (root / folder).is_dir():
@@ -55,7 +70,7 @@ def check_weight_files(info: ModelInfo) -> None:
         if not any(p.suffix == ".safetensors" for p in files):
             pickled += [p.relative_to(root).as_posix() for p in files if p.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise refuse_pickle(sorted(pickled), info.reference.source)
+        raise refuse_pickle(sorted(pickled), str(root))
 
 
 def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None) -> Any:
@@ -63,12 +78,16 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
     import diffusers
     import transformers
 
+    if role in info.preloaded:
+        return info.preloaded[role]
     folder = info.components[role]
     cls_name = info.classes[role]
     cls = getattr(diffusers, cls_name, None) or getattr(transformers, cls_name, None)
     if cls is None:
         raise MalformedModelError(f"{info.reference.source}: unknown component class {cls_name}")
     ref = info.reference
+    if ref.is_single_file:
+        raise MalformedModelError(f"{ref.source}: the checkpoint holds no {folder} (load it with load_single_file)")
     kwargs: dict[str, Any] = {"subfolder": folder, "revision": ref.revision}
     if role not in _NO_WEIGHTS:
         check_weight_files(info)
@@ -88,6 +107,39 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
     return module
 
 
+def load_single_file(info: ModelInfo, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Every component of a single-file checkpoint, role → module, through the pipeline's own
+    ``from_single_file`` with the configs of ``info.reference.config`` (never downloading)."""
+    import diffusers
+
+    ref = info.reference
+    if ref.config is None:
+        raise ValueError("not a single-file checkpoint")
+    check_weight_files(info)
+    cls = getattr(diffusers, info.pipeline, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise UnsupportedModelError(f"{ref.source}: {info.pipeline} cannot load a single-file checkpoint")
+    kwargs: dict[str, Any] = {"config": ref.config, "local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = cls.from_single_file(ref.source, **kwargs)
+    except Exception as exc:  # diffusers raises many types for a file that does not fit the configs
+        raise MalformedModelError(
+            f"{ref.source}: cannot load it as a {info.pipeline} with the configs in {ref.config} "
+            f"({type(exc).__name__}: {exc})") from None
+    out: dict[str, Any] = {}
+    for role, folder in info.components.items():
+        module = getattr(pipe, folder, None)
+        if module is None:
+            raise MalformedModelError(f"{ref.source}: the checkpoint and {ref.config} give no {folder}")
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            module.requires_grad_(False)
+        out[role] = module
+    return out
+
+
 def alphas_cumprod_of(info: ModelInfo) -> torch.Tensor:
     """ᾱ_t of the model's own scheduler, float64 on the CPU."""
     scheduler = load_component(info, "scheduler")
@@ -104,6 +156,71 @@ def prediction_type_of(info: ModelInfo) -> str:
     if value not in ("epsilon", "v_prediction", "sample"):
         raise MalformedModelError(f"{info.reference.source}: unknown prediction_type {value!r}")
     return str(value)
+
+
+def _model_files_root(info: ModelInfo) -> Path | None:
+    ref = info.reference
+    if ref.is_local:
+        return Path(ref.source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{folder}/*" for folder in info.components.values()]
+        return Path(
+            snapshot_download(ref.source, revision=ref.revision, allow_patterns=patterns,
+                              local_files_only=True)
+        )
+    except Exception:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file; a file that cannot be read is a :class:`ModelIdentityError`."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ModelIdentityError(f"cannot hash {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def weight_hashes(info: ModelInfo) -> dict[str, str]:
+    """SHA-256 of every weight file of the model's components, keyed by relative path.
+
+    Raises :class:`ModelIdentityError` when the files cannot be found or read, and
+    :class:`MalformedModelError` when a component that holds weights has none: a model is
+    never given an empty identity (two different models would share a feature-cache key).
+    """
+    if info.reference.is_single_file:
+        # The file, and any weights in the config folder: diffusers' single-file loader may
+        # take a component the file lacks from there.
+        file = Path(info.reference.source)
+        hashes = {file.name: file_sha256(file)}
+        config = Path(str(info.reference.config))
+        for folder in sorted(set(info.components.values())):
+            base = config / folder
+            for path in sorted(base.rglob("*")) if base.is_dir() else []:
+                if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+                    hashes["config/" + path.relative_to(config).as_posix()] = file_sha256(path)
+        return hashes
+    root = _model_files_root(info)
+    if root is None:
+        raise ModelIdentityError(
+            f"cannot hash the weights of {info.reference.source}@{info.reference.revision or 'main'}: "
+            "its files are not available locally"
+        )
+    out: dict[str, str] = {}
+    for role, folder in sorted(info.components.items()):
+        base = root / folder
+        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
+            if base.is_dir() else []
+        if not files and role not in _NO_WEIGHTS:
+            raise MalformedModelError(f"{info.reference.source}: cannot load {folder} (it has no weight file)")
+        for path in files:
+            out[path.relative_to(root).as_posix()] = file_sha256(path)
+    return out
 
 
 def identity_of(info: ModelInfo) -> ModelIdentity:

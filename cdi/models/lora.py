@@ -132,7 +132,7 @@ def _apply_diffusers(adapter: Any, net: torch.nn.Module, weights: Path, scale: f
             f"adapter_model.safetensors), not as one file")
     pipeline = adapter.lora_pipeline_class()
     try:
-        state, alphas = pipeline.lora_state_dict(str(weights)) if pipeline is not None else (_read(weights), None)
+        state, alphas = _lora_state(pipeline, weights)
     except (ValueError, KeyError, OSError) as exc:
         raise MalformedModelError(f"cannot read LoRA {weights}: {exc}") from None
     prefix = adapter.lora_prefix
@@ -146,6 +146,22 @@ def _apply_diffusers(adapter: Any, net: torch.nn.Module, weights: Path, scale: f
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UnsupportedModelError(f"LoRA {weights} does not fit this model: {exc}") from None
     _check_all_loaded(net, weights)
+
+
+def _lora_state(pipeline: Any, weights: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """The LoRA's weights in diffusers' names and kohya's alphas (None where the family's
+    reader folds them in): SD 1.x and SDXL readers return both, SD3's and Flux's the weights
+    alone unless asked for the alphas."""
+    import inspect
+
+    if pipeline is None:
+        return _read(weights), None
+    kwargs = {"return_alphas": True} if "return_alphas" in inspect.signature(pipeline.lora_state_dict).parameters \
+        else {}
+    out = pipeline.lora_state_dict(str(weights), **kwargs)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
 
 
 def _check_all_loaded(net: torch.nn.Module, where: Path) -> None:

@@ -110,9 +110,30 @@ def exponential_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
 
 
-def flow_grid_sigmas(num_train_timesteps: int, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
+def linear_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
+    """The scheduler's ``time_shift_type="linear"`` variant: μ/(μ + (1/σ − 1))."""
+    return mu / (mu + (1.0 / sigma - 1.0))
+
+
+def resolution_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                        base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """μ for a latent sequence of ``image_seq_len`` tokens: the line through
+    (``base_seq_len``, ``base_shift``) and (``max_seq_len``, ``max_shift``), as the Flux and
+    SD3 pipelines compute it for dynamic shifting."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flow_grid_sigmas(num_train_timesteps: int, shift: float = 1.0, mu: float | None = None,
+                     shift_type: Literal["exponential", "linear"] = "exponential") -> torch.Tensor:
     """σ for each grid index t: t/T, shifted as the pipeline shifts it, clamped to the
-    scheduler's range (its smallest σ is that of t = 1, so t = 0 never gives σ = 0)."""
+    scheduler's range (its smallest σ is that of t = 1, so t = 0 never gives σ = 0).
+
+    With ``mu`` the resolution-dependent shift (``shift_type``) is used, else the static
+    ``shift``.
+    """
     T = num_train_timesteps
     raw = torch.arange(T, dtype=torch.float64).clamp_min(1.0) / T
-    return exponential_shift(raw, mu) if mu is not None else shift_sigma(raw, shift)
+    if mu is None:
+        return shift_sigma(raw, shift)
+    return exponential_shift(raw, mu) if shift_type == "exponential" else linear_shift(raw, mu)

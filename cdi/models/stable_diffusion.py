@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -11,6 +12,7 @@ from cdi.models.base import ImageCondition
 from cdi.models.detect import ModelInfo
 from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.loading import load_component
+from cdi.models.text import captions_of, clip_states
 
 
 class StableDiffusionAdapter(DiffusersAdapter):
@@ -34,28 +36,19 @@ class StableDiffusionAdapter(DiffusersAdapter):
         z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
-    def condition(self, conditions: Sequence[ImageCondition]) -> torch.Tensor:
+    def condition(self, conditions: Sequence[ImageCondition],
+                  original_sizes: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor:
         """CLIP text-encoder states ``[B, L, D]`` of each image's caption ("" when it has none)."""
-        captions: list[str] = []
-        for c in conditions:
-            if c is not None and not isinstance(c, str):
-                raise InputError(f"a text-conditional model needs a caption (text) per image, got {c!r}")
-            captions.append(c or "")
-        tokens = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            states = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return states.clone()
+        states, _ = clip_states(self.tokenizer, self.text_encoder, captions_of(conditions), self.device,
+                                penultimate=False)
+        return states
+
+    def _unet_inputs(self, cond: torch.Tensor) -> dict[str, Any]:
+        """The UNet's conditioning arguments from a batch of :meth:`condition`'s output."""
+        return {"encoder_hidden_states": cond.to(self.dtype)}
 
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             raise InputError("a text-conditional model needs text-encoder states")
-        out = self.unet(
-            z_t.to(self.dtype), self._timesteps(t, z_t.shape[0]), encoder_hidden_states=cond.to(self.dtype)
-        ).sample
+        out = self.unet(z_t.to(self.dtype), self._timesteps(t, z_t.shape[0]), **self._unet_inputs(cond)).sample
         return self._to_eps(out, z_t, t)

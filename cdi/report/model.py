@@ -342,6 +342,13 @@ class ModelRecord(_Model):
     num_train_timesteps: int
     device: str
     dtype: str
+    noise_schedule: Literal["ddpm", "flow"] | None = Field(
+        default=None, description="ddpm: z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε; flow: z_t = (1−σ_t)·z0 + σ_t·ε (method §10.1)")
+    prediction_type: str | None = Field(
+        default=None, description="what the network predicts: epsilon, v_prediction, sample or flow")
+    flow_sigmas: dict[str, FiniteFloat] | None = Field(
+        default=None, description="flow models: the σ used at each grid timestep the features evaluated "
+                                  "(after the scheduler's shift; t = 0 is the smallest σ it allows)")
     details: dict[str, Any] = Field(default_factory=dict, description="further facts the model's adapter gave")
 
 
@@ -594,6 +601,23 @@ def _refs(members: Sequence[Any]) -> list[ImageRef]:
     return [ImageRef(set=m.set_name, index=m.index, name=m.name) for m in members]
 
 
+def model_record_of(model: Mapping[str, Any]) -> ModelRecord:
+    """The manifest's model record from what the audit recorded (``cdi.audit.model_record``)."""
+    model = dict(model)
+    known = {"source", "revision", "digest", "weight_sha256", "family", "conditioning", "image_channels",
+             "image_size", "num_train_timesteps", "device", "dtype", "noise_schedule", "prediction_type", "sigmas"}
+    return ModelRecord(
+        source=str(model["source"]), revision=model.get("revision"), digest=model["digest"],
+        weight_sha256=dict(model["weight_sha256"]), family=str(model["family"]),
+        conditioning=str(model["conditioning"]), image_channels=int(model["image_channels"]),
+        image_size=int(model["image_size"]), num_train_timesteps=int(model["num_train_timesteps"]),
+        device=str(model["device"]), dtype=str(model["dtype"]),
+        noise_schedule=model.get("noise_schedule"), prediction_type=model.get("prediction_type"),
+        flow_sigmas=None if model.get("sigmas") is None else {str(k): float(v) for k, v in model["sigmas"].items()},
+        details={k: _json_ready(v) for k, v in model.items() if k not in known},
+    )
+
+
 def build_report(result: AuditResult, *, created_at: datetime | None = None) -> Report:
     """The report of an audit (without its integrity block: see :func:`cdi.report.seal`).
 
@@ -630,17 +654,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     dups = result.duplicates
     excl = result.exclusion
 
-    model = dict(result.model)
-    known = {"source", "revision", "digest", "weight_sha256", "family", "conditioning", "image_channels",
-             "image_size", "num_train_timesteps", "device", "dtype"}
-    model_record = ModelRecord(
-        source=str(model["source"]), revision=model.get("revision"), digest=model["digest"],
-        weight_sha256=dict(model["weight_sha256"]), family=str(model["family"]),
-        conditioning=str(model["conditioning"]), image_channels=int(model["image_channels"]),
-        image_size=int(model["image_size"]), num_train_timesteps=int(model["num_train_timesteps"]),
-        device=str(model["device"]), dtype=str(model["dtype"]),
-        details={k: _json_ready(v) for k, v in model.items() if k not in known},
-    )
+    model_record = model_record_of(result.model)
     plan = result.plan
     planning = None if plan is None else Planning(
         n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),

@@ -327,6 +327,11 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
         ("training timesteps", m.model.num_train_timesteps),
         ("device / dtype", f"{m.model.device} / {m.model.dtype}"),
     ]
+    if m.model.noise_schedule is not None:
+        model_rows.append(("noise schedule / prediction", f"{m.model.noise_schedule} / {m.model.prediction_type}"))
+    if m.model.flow_sigmas:
+        grid = sorted(m.model.flow_sigmas.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)
+        model_rows.append(("σ at each timestep t", ", ".join(f"{t}: {sigma:.4f}" for t, sigma in grid)))
     model_rows += [(k, _fmt(v)) for k, v in sorted(m.model.details.items())]
     flow.append(_kv_table(model_rows, st, width))
     flow.append(Paragraph("Model identity and weight files (SHA-256)", st["h2"]))

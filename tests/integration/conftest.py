@@ -6,6 +6,9 @@
 * ``service``: settings, a migrated database, tenants with keys, and an in-process API client.
 * ``start_worker`` / ``start_api``: a real Celery worker / uvicorn in a subprocess (own
   process group, so a test can SIGKILL the worker with its pool).
+* ``s3_server``: a real S3 server (moto's server mode) on 127.0.0.1 for the session;
+  ``s3_env`` gives a fresh bucket and the settings (``CDI_BLOB_URL``...) that select it;
+  ``s3_service`` is ``service`` with its blobs in that object store.
 """
 
 from __future__ import annotations
@@ -76,6 +79,53 @@ def migrated(pg_url: str) -> str:
 
     migrate.upgrade(pg_url)
     return pg_url
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server on 127.0.0.1: the real HTTP protocol, boto3's real client."""
+
+    endpoint: str
+
+    def client(self) -> object:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def new_bucket(self) -> str:
+        name = f"cdi-test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
+        return name
+
+    def env(self, bucket: str, prefix: str = "blobs") -> dict[str, str]:
+        """The settings of a process whose blobs are in ``bucket``."""
+        return {"CDI_BLOB_URL": f"s3://{bucket}/{prefix}", "CDI_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in ``bucket``."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)  # type: ignore[attr-defined]
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``moto_server`` in its own process (its memory and its GIL are not the tests')."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    proc = spawn([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)], {}, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, timeout=60)
+        yield S3Server(f"http://127.0.0.1:{port}")
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server) -> dict[str, str]:
+    """A fresh bucket's settings (CDI_BLOB_URL, the endpoint, credentials)."""
+    return s3_server.env(s3_server.new_bucket())
 
 
 def free_port() -> int:
@@ -183,13 +233,24 @@ def make_tenant(pg: str, name: str, admin: bool = False) -> Tenant:
 
 @pytest.fixture(scope="session")
 def service(migrated: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from _service(migrated, service_env(migrated, redis_url, tmp_path_factory.mktemp("service") / "blobs"))
+
+
+@pytest.fixture(scope="session")
+def s3_service(migrated: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+               s3_server: S3Server) -> Iterator[Service]:
+    """``service`` with its blobs in a bucket of the S3 server."""
+    env = service_env(migrated, redis_url, tmp_path_factory.mktemp("s3-service") / "blobs",
+                      **s3_server.env(s3_server.new_bucket()))
+    yield from _service(migrated, env)
+
+
+def _service(migrated: str, env: dict[str, str]) -> Iterator[Service]:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
     from app.settings import Settings
 
-    blob_dir = tmp_path_factory.mktemp("service") / "blobs"
-    env = service_env(migrated, redis_url, blob_dir)
     settings = Settings(**{k.removeprefix("CDI_").lower(): v for k, v in env.items()})
     app = create_app(settings)
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -322,7 +322,7 @@ def test_register_a_model_directory(service: Service, zoo_model: Any) -> None:
 def test_health_and_readiness(service: Service) -> None:
     assert service.client.get("/healthz").json() == {"status": "ok", "checks": {}}  # type: ignore[attr-defined]
     r = service.client.get("/readyz")  # type: ignore[attr-defined]
-    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok", "blobs": "ok"}
 
 
 def test_readiness_needs_a_live_worker(service: Service, migrated: str) -> None:

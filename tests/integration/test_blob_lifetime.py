@@ -6,6 +6,10 @@ service's storing path (claim, write the blobs, commit the references) and check
 commit that every blob its audit references exists; the other stores and deletes audits of
 the same images as fast as it can. Before the ledger, the deleter removed blobs between the
 uploader's write and its commit (issue: "the new audit then fails with images_missing").
+
+Every test runs against both blob backends: the local folder and an S3 bucket on a real S3
+server (moto's server mode), where a write and a delete are HTTP requests that take longer and
+open the race's window wider.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ pytestmark = pytest.mark.integration
 #: Uploads of the racing tenant per run (the other tenant uploads and deletes meanwhile, as many
 #: times as it can). CDI_RACE_ITERATIONS=5000 runs a longer race.
 RACE_ITERATIONS = int(os.environ.get("CDI_RACE_ITERATIONS", "200"))
+#: The same against S3, where each iteration makes some thirty HTTP requests.
+S3_RACE_ITERATIONS = int(os.environ.get("CDI_S3_RACE_ITERATIONS", "40"))
 
 
 class _Queue:
@@ -43,17 +49,22 @@ class _Queue:
         pass
 
 
-@pytest.fixture
-def lifetime(migrated: str, tmp_path: Path) -> dict[str, Any]:
+@pytest.fixture(params=["local", "s3"])
+def lifetime(request: pytest.FixtureRequest, migrated: str, tmp_path: Path) -> dict[str, Any]:
     from app.services import AuditService
     from app.settings import Settings
-    from app.storage.blobs import BlobStore
+    from app.storage.blobs import open_blob_store
 
-    settings = Settings(database_url=migrated, blob_dir=tmp_path / "blobs", max_concurrent_audits=0,
-                        max_audits_per_day=0, max_images_per_day=0, max_stored_bytes=0)
-    blobs = BlobStore(settings.blobs)
+    s3: dict[str, str] = {}
+    if request.param == "s3":
+        s3 = {k.removeprefix("CDI_").lower(): v for k, v in request.getfixturevalue("s3_env").items()}
+    settings = Settings(database_url=migrated, blob_dir=tmp_path / "blobs", data_dir=tmp_path, max_concurrent_audits=0,
+                        max_audits_per_day=0, max_images_per_day=0, max_stored_bytes=0, **s3)
+    blobs = open_blob_store(settings)
+    blobs.check()
     service = AuditService(session_factory(migrated), settings, blobs, _Queue())
-    return {"settings": settings, "blobs": blobs, "service": service, "url": migrated,
+    return {"settings": settings, "blobs": blobs, "service": service, "url": migrated, "backend": request.param,
+            "iterations": S3_RACE_ITERATIONS if s3 else RACE_ITERATIONS,
             "images": [png(900_000 + i) for i in range(3)]}
 
 
@@ -112,7 +123,7 @@ def test_delete_races_upload_of_the_same_images(lifetime: dict[str, Any]) -> Non
     churn = threading.Thread(target=bob_churns, daemon=True)
     churn.start()
     try:
-        for i in range(RACE_ITERATIONS):
+        for i in range(lifetime["iterations"]):
             audit = _store(lifetime, alice.id)
             for sha in shas:
                 if not blobs.exists(sha):
@@ -167,10 +178,12 @@ def test_an_expired_claim_refuses_to_commit(lifetime: dict[str, Any]) -> None:
 HTTP_ITERATIONS = int(os.environ.get("CDI_RACE_HTTP_ITERATIONS", "10"))
 
 
-def test_delete_races_upload_through_the_api(service: Any, migrated: str) -> None:
+@pytest.mark.parametrize("backend", ["service", "s3_service"])
+def test_delete_races_upload_through_the_api(backend: str, request: pytest.FixtureRequest, migrated: str) -> None:
     """The same race through HTTP: bob submits and deletes the images alice keeps submitting."""
     import random
 
+    service = request.getfixturevalue(backend)
     from app.storage.models import AuditImage
     from app.storage.repositories import ModelRepository
 
@@ -180,7 +193,7 @@ def test_delete_races_upload_through_the_api(service: Any, migrated: str) -> Non
         ModelRepository(s).upsert("race-model", source="/nonexistent/race-model", revision=None, family="pixel",
                                   conditioning="none", description="race tests only")
     archive = synthetic_archive(offset=random.randrange(10**6, 10**9))
-    client, blobs = service.client, service.settings.blobs
+    client, blobs = service.client, service.client.app.state.blobs
     files = {"archive": ("a.zip", archive, "application/zip")}
     stop = threading.Event()
     errors: list[str] = []
@@ -205,7 +218,7 @@ def test_delete_races_upload_through_the_api(service: Any, migrated: str) -> Non
             with session_scope(migrated) as s:
                 audit_id = uuid.UUID(r.json()["id"])
                 shas = list(s.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit_id)))
-            missing += [sha for sha in shas if not blobs.joinpath(sha[:2], sha[2:4], sha).is_file()]
+            missing += [sha for sha in shas if not blobs.exists(sha)]
             client.delete(f"/v1/audits/{r.json()['id']}", headers=service.headers(service.alice))
     finally:
         stop.set()

@@ -1,8 +1,10 @@
 """End to end: uvicorn and real Celery workers in subprocesses, the real library and a shipped model.
 
-* Postgres + Redis: submit a zip of a shipped model's member and held-out images, poll until
-  done, download the JSON and the PDF; the verdict equals the library's for the same inputs
-  and seed; the callback URL receives the final state.
+* Postgres + Redis + an S3 object store, the API and the worker on "hosts" that share no
+  filesystem (each its own data folder): submit a zip of a shipped model's member and held-out
+  images, poll until done, download the JSON and the PDF; the verdict equals the library's for
+  the same inputs and seed; the callback URL receives the final state; the bucket held the
+  images and holds the PDF until the audit is deleted.
 * SIGKILL: the worker is killed in the middle of feature extraction and a new one started;
   the audit completes with the same verdict and the stored features are not computed again.
 * Embedded mode: ``cdi serve`` (SQLite, a SQLite broker, a child worker) gives the same verdict.
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -28,7 +31,7 @@ from sqlalchemy import text
 from app.client import CdiClient
 from app.storage.db import session_scope
 
-from .conftest import Proc, free_port, make_tenant, service_env, spawn, wait_http
+from .conftest import Proc, S3Server, free_port, make_tenant, service_env, spawn, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -148,18 +151,38 @@ def pg_env(migrated: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, 
     redis.Redis.from_url(redis_url).delete(env["CDI_AUDIT_QUEUE"], env["CDI_CALLBACK_QUEUE"])
 
 
+def _host_env(env: dict[str, str], root: Path) -> dict[str, str]:
+    """``env`` for a process on its own host: its own data folder, nothing shared on disk."""
+    return {**env, "CDI_DATA_DIR": str(root), "CDI_BLOB_DIR": str(root / "blobs")}
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
 def test_end_to_end(pg_env: dict[str, str], start_api: Callable[[dict[str, str]], str],
                     start_worker: Callable[..., Proc], dataset: dict[str, Any], reference: Any,
-                    zoo_model: Any, migrated: str, callbacks: Callbacks) -> None:
+                    zoo_model: Any, migrated: str, callbacks: Callbacks, s3_server: S3Server,
+                    tmp_path: Path) -> None:
+    bucket = s3_server.new_bucket()
+    env = {**pg_env, **s3_server.env(bucket, prefix="cdi/blobs")}
+    api_host, worker_host = tmp_path / "api-host", tmp_path / "worker-host"
     tenant = make_tenant(migrated, "e2e")
-    base = start_api(pg_env)
-    worker = start_worker(pg_env)
+    base = start_api(_host_env(env, api_host))
+    worker = start_worker(_host_env(env, worker_host))
+    uploaded: set[str] = set()
     with CdiClient(base, tenant.key) as client:
         assert zoo_model.name in [m["id"] for m in client.models()]
         accepted = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED,
                                  callback_url=callbacks.url)
         states = []
-        status = client.wait(accepted["id"], poll=0.5, timeout=WAIT, on_status=lambda s: states.append(s["state"]))
+
+        def seen(s: dict[str, Any]) -> None:
+            states.append(s["state"])
+            uploaded.update(s3_server.keys(bucket))
+
+        seen(client.status(accepted["id"]))
+        status = client.wait(accepted["id"], poll=0.5, timeout=WAIT, on_status=seen)
         assert status["state"] == "done", (status, worker.output()[-4000:])
         assert set(states) <= {"queued", "validating", "extracting", "scoring", "reporting", "done"}
         assert status["progress"]["total"] >= 1 and status["finished_at"]
@@ -167,9 +190,25 @@ def test_end_to_end(pg_env: dict[str, str], start_api: Callable[[dict[str, str]]
         assert_same_verdict(report, reference)
         assert report["service"]["audit_id"] == accepted["id"]
         assert status["verdict"] == report["verdict"]
-        check_pdf(client.report_pdf(accepted["id"]))
+        pdf = client.report_pdf(accepted["id"])
+        check_pdf(pdf)
+        # The images went to the bucket, and only there; the audit's end deleted them (no
+        # retain_images); the PDF the worker wrote is the object the API streamed.
+        shas = {hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset["published"] + dataset["unpublished"]}
+        assert {f"cdi/blobs/{s[:2]}/{s[2:4]}/{s}" for s in shas} <= uploaded
+        pdf_sha = hashlib.sha256(pdf).hexdigest()
+        pdf_key = f"cdi/blobs/{pdf_sha[:2]}/{pdf_sha[2:4]}/{pdf_sha}"
+        deadline = time.monotonic() + 30  # the worker lets go of the images right after "done"
+        while (left := s3_server.keys(bucket)) != [pdf_key] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [pdf_key]
+        assert not _files(api_host / "blobs") and not _files(worker_host / "blobs")
+        assert not _files(api_host / "spool") and not _files(worker_host / "spool")
     assert callbacks.event.wait(30), "the callback URL was not called"
     assert callbacks.received[-1]["id"] == accepted["id"] and callbacks.received[-1]["state"] == "done"
+    with CdiClient(base, tenant.key) as client:
+        assert client.cancel(accepted["id"])["removed"]["pdf"] == 1
+    assert s3_server.keys(bucket) == []
 
 
 def _features(url: str) -> int:

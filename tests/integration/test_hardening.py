@@ -203,7 +203,8 @@ def test_delete_removes_everything_and_says_so(service: Service, model_id: str, 
         assert s.scalar(select(func.count()).select_from(FeatureRow).where(FeatureRow.sha256.in_(shas))) == 0
         row = s.get(Audit, audit_id)
         assert row is not None and row.report is None and row.deleted_at is not None
-    assert not any(service.settings.blobs.joinpath(sha[:2], sha[2:4], sha).exists() for sha in shas)  # type: ignore[attr-defined]
+    blobs = service.client.app.state.blobs  # type: ignore[attr-defined]
+    assert not any(blobs.exists(sha) for sha in shas)
     service.purge()
 
 
@@ -224,13 +225,13 @@ def test_retain_images_is_recorded(service: Service, model_id: str) -> None:
 def _reconcile(service: Service) -> Any:
     from app.queue import CeleryQueue
     from app.reconcile import reconcile
-    from app.storage.blobs import BlobStore
+    from app.storage.blobs import open_blob_store
     from app.storage.db import session_factory
     from worker.celery_app import make_celery
 
     s = service.settings
     queue = CeleryQueue(make_celery(s), s.audit_queue, s.callback_queue)  # type: ignore[attr-defined]
-    return reconcile(session_factory(s.database_url), s, BlobStore(s.blobs), queue)  # type: ignore[attr-defined]
+    return reconcile(session_factory(s.database_url), s, open_blob_store(s), queue)  # type: ignore[arg-type, attr-defined]
 
 
 def _stuck(service: Service) -> list[Any]:

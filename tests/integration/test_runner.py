@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.storage.blobs import BlobStore
+from app.storage.blobs import BlobStore, LocalBlobStore
 from app.storage.db import session_factory, session_scope
 from app.storage.models import AuditState
 from app.storage.repositories import AuditRepository, FeatureRepository
@@ -117,7 +117,7 @@ def world(migrated: str, tmp_path: Path, fake_library: None) -> Iterator[dict[st
 
     settings = Settings(database_url=migrated, blob_dir=tmp_path / "blobs", lease_seconds=3,
                         worker_device="cpu")
-    blobs = BlobStore(settings.blobs)
+    blobs: BlobStore = LocalBlobStore(settings.blobs)
     tenant = make_tenant(migrated, "runner")
     yield {"settings": settings, "blobs": blobs, "tenant": tenant, "url": migrated}
 
@@ -153,8 +153,13 @@ def runner(world: dict[str, Any], audit_fn: Any, name: str = "test-worker") -> A
 
 
 def audit_row(world: dict[str, Any], audit_id: uuid.UUID) -> Any:
+    from sqlalchemy.orm import undefer
+
+    from app.storage.models import Audit
+
     with session_scope(world["url"]) as s:
-        audit = AuditRepository(s).get(audit_id)
+        # The whole row, report included (deferred otherwise), to read after the session.
+        audit = s.get(Audit, audit_id, options=[undefer(Audit.report)])
         runs = AuditRepository(s).runs(audit_id)
         s.expunge_all()
         return audit, runs

@@ -24,6 +24,9 @@ CONDITIONS = {
     "dit": 4,
     "stable-diffusion": "a photo of the sea",
     "stable-diffusion-v": "the cat and the hat",
+    "sdxl": "a photo of the sea",
+    "sd3": "a photo of the sea",
+    "flux": "a photo of the sea",
 }
 
 EXPECTED = {
@@ -34,6 +37,9 @@ EXPECTED = {
     "dit": ("dit", "class"),
     "stable-diffusion": ("stable-diffusion", "text"),
     "stable-diffusion-v": ("stable-diffusion", "text"),
+    "sdxl": ("stable-diffusion-xl", "text"),
+    "sd3": ("sd3", "text"),
+    "flux": ("flux", "text"),
 }
 
 
@@ -60,7 +66,7 @@ def test_batch_invariance_and_determinism(tiny_model_dirs, name):
     assert all(not p.requires_grad for m in vars(adapter).values()
                if isinstance(m, torch.nn.Module) for p in m.parameters())
     cond = CONDITIONS[name]
-    if name.startswith("stable"):
+    if adapter.conditioning == "text":
         cond = ["a cat", None, "the sea at night", "", "a cat"]
     items = _inputs(adapter, 5, cond)
     a = FeatureExtractor(adapter, batch_size=2, seed=11).extract(items)
@@ -149,9 +155,9 @@ def test_directory_without_model_index(tmp_path):
 def test_unsupported_pipeline_is_named(tiny_model_dirs, tmp_path):
     d = _copy(tiny_model_dirs["pixel"], tmp_path / "m")
     index = json.loads((d / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "KandinskyPipeline"
     (d / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UnsupportedModelError, match="FluxPipeline is not supported"):
+    with pytest.raises(UnsupportedModelError, match="KandinskyPipeline is not supported"):
         detect_family(str(d))
 
 

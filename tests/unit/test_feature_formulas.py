@@ -62,7 +62,7 @@ class AnalyticAdapter(DiffusionAdapter):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()
 
-    def condition(self, conditions: Sequence[ImageCondition]) -> None:
+    def condition(self, conditions: Sequence[ImageCondition], original_sizes: object = None) -> None:
         return None
 
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

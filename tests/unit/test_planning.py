@@ -79,12 +79,18 @@ def test_plan_from_an_earlier_report(tmp_path, capsys) -> None:
     from test_report import synthetic_result  # type: ignore[import-not-found]
 
     from cdi.cli import main
+    from cdi.report.model import parse_report
 
-    document = synthetic_result("null", protocol="directional", seed=3).to_dict()
-    plan = plan_from_report(document, bootstraps=20)
+    document = synthetic_result("used", protocol="directional", seed=3).to_dict()
+    plan = plan_from_report(document, power=0.8)
     assert plan.n_pilot_p == 30 and plan.n_pilot_u == 40
+    # The report's own images are the pilot: the same plan as from their features directly.
+    report = parse_report(document)
+    xp, xu = report.used_features()
+    columns = FeatureSet(report.manifest.options.features).columns
+    assert plan == plan_audit(xp, xu, columns, power=0.8)
+    assert plan.n_per_set is not None and plan.effects
     path = tmp_path / "report.json"
     path.write_text(json.dumps(document))
     assert main(["plan", "--report", str(path), "--power", "0.8"]) == 0
-    out = capsys.readouterr().out
-    assert "80% power" in out or "no usable difference" in out
+    assert capsys.readouterr().out.strip() == plan.summary()

@@ -72,3 +72,47 @@ def test_celery_config_is_built_from_settings() -> None:
     assert conf["task_routes"]["worker.tasks.run_audit"] == {"queue": "gpu"}
     embedded = celery_config(Settings(broker_url="sqla+sqlite:////tmp/x.db"))
     assert embedded["broker_transport_options"] == {}
+
+
+def test_the_object_store_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from app.storage.blobs import LocalBlobStore, S3BlobStore, open_blob_store
+
+    monkeypatch.setenv("CDI_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CDI_BLOB_DIR", raising=False)
+    monkeypatch.delenv("CDI_BLOB_URL", raising=False)
+    local = Settings()
+    assert isinstance(open_blob_store(local), LocalBlobStore)
+    assert local.upload_tmp_dir == tmp_path / "blobs" / "tmp"  # beside the blobs: storing is a rename
+    monkeypatch.setenv("CDI_BLOB_URL", "s3://cdi-blobs/tenant/a/")
+    monkeypatch.setenv("CDI_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    s = Settings()
+    assert (s.aws_access_key_id, s.aws_secret_access_key.get_secret_value(), s.aws_region) == \
+        ("key-id", "s3cret-key", "eu-west-3")
+    assert "s3cret-key" not in repr(s)
+    assert s.upload_tmp_dir == tmp_path / "spool"  # a local folder: the blobs are elsewhere
+    store = open_blob_store(s)  # no request is made until it is used
+    assert isinstance(store, S3BlobStore)
+    assert (store.bucket, store.prefix, store.endpoint) == ("cdi-blobs", "tenant/a", "http://minio:9000")
+    sha = "ab" * 32
+    assert store.key(sha) == f"tenant/a/ab/ab/{sha}"
+    assert store.client.meta.region_name == "eu-west-3"
+    assert "s3cret-key" not in store.describe()
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3://UPPER/x", "s3://a/x", "http://bucket/x", "s3://bucket/a/../b",
+                                 "s3://bucket/a//b"])
+def test_a_bad_blob_url_is_refused(url: str) -> None:
+    with pytest.raises(ValidationError, match="CDI_BLOB_URL must be s3://bucket/prefix"):
+        Settings(blob_url=url)
+
+
+def test_production_refuses_a_default_object_store_secret() -> None:
+    server = {"environment": "production", "database_url": "postgresql+psycopg://u:s3cret@db/cdi",
+              "broker_url": "redis://:s3cret@redis:6379/0", "blob_url": "s3://cdi-blobs"}
+    with pytest.raises(ValidationError, match="AWS_SECRET_ACCESS_KEY"):
+        Settings(**server, aws_secret_access_key="minioadmin")
+    Settings(**server, aws_secret_access_key="a-real-secret")
+    Settings(**server)  # no secret: boto3's own chain (an instance role)

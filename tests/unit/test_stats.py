@@ -318,6 +318,31 @@ def test_candidates_are_logged_standardised_group_means_without_labels() -> None
         stats.candidate_matrix(x, ((0, 3),))
 
 
+def test_the_combined_candidate_is_the_mean_of_the_others() -> None:
+    rng = np.random.default_rng(27)
+    x = np.exp(rng.normal(size=(30, 4)))
+    groups = ((0, 1), (2,), (3,))
+    plain = stats.candidate_matrix(x, groups)
+    got = stats.candidate_matrix(x, groups, combined=True)
+    assert got.shape == (30, 4)
+    np.testing.assert_array_equal(got[:, :3], plain)
+    np.testing.assert_allclose(got[:, 3], plain.mean(axis=1), rtol=1e-12)
+    # One candidate has nothing to combine with.
+    assert stats.candidate_matrix(x, ((0, 1),), combined=True).shape == (30, 1)
+
+
+def test_a_signal_spread_thinly_over_candidates_is_found_by_their_mean() -> None:
+    # Each of four independent columns lower by 0.35 sd in P: no single one reaches p < 0.01
+    # at 40 + 40 images, their mean (effect 0.7 sd) does.
+    rng = np.random.default_rng(28)
+    xp, xu = gaussian_sets(rng, 40, 40, shift=-0.35, columns=4)
+    cols = ((0,), (1,), (2,), (3,))
+    alone = stats.directional_test(xp, xu, ProtocolOptions(candidates=cols, combined=False), random_state=0)
+    both = stats.directional_test(xp, xu, ProtocolOptions(candidates=cols), random_state=0)
+    assert not alone.significant
+    assert both.significant and both.selected_column == 4
+
+
 def test_welch_t_columns_equals_scipy() -> None:
     rng = np.random.default_rng(20)
     x = rng.normal(size=(25, 4)) * [1.0, 10.0, 1e-3, 1e4] + [0.0, 1e6, 5.0, -3.0]
@@ -352,7 +377,7 @@ def test_directional_scores_carry_the_statistic_and_recompute() -> None:
     res = stats.directional_test(xp, xu, random_state=5)
     assert [r.index for r in res.rows] == [*range(17), *range(25)]
     assert all(r.role == "test" and r.fold is None for r in res.rows)
-    candidates = stats.candidate_matrix(np.vstack([xp, xu]), None)
+    candidates = stats.candidate_matrix(np.vstack([xp, xu]), None, combined=True)
     column = candidates[:, res.selected_column]
     scores = np.array([r.score for r in res.rows])
     np.testing.assert_allclose(scores, (column - column.mean()) / column.std(), rtol=1e-12)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app import errors as E
 from app.api.deps import AuditServiceDep, BlobsDep, CallerAudit, CurrentCaller, SessionDep, SettingsDep
@@ -99,7 +99,7 @@ def get_audit(audit: CallerAudit) -> AuditStatus:
 def require_done(audit: Any) -> None:
     if audit.deleted_at is not None:
         raise Conflict("the audit was deleted, and its report with it", "audit_deleted")
-    if audit.state == "done" and audit.report is not None:
+    if audit.state == "done":  # the report itself is not loaded here (a deferred column)
         return
     if audit.state == "failed":
         raise Conflict(f"the audit failed ({audit.error_code}): it has no report", "audit_failed")
@@ -115,7 +115,9 @@ def require_done(audit: Any) -> None:
 def get_report(audit: CallerAudit) -> JSONResponse:
     """The library's report (``verdict`` and ``p_value`` at the top level) plus a ``service`` block."""
     require_done(audit)
-    report = dict(audit.report or {})
+    if audit.report is None:
+        raise Conflict("the audit is done but its report is not stored", "report_not_ready")
+    report = dict(audit.report)
     report["service"] = {"audit_id": str(audit.id), "model": audit.model_id, "options": audit.options,
                          "created_at": audit.created_at.isoformat(),
                          "finished_at": audit.finished_at.isoformat() if audit.finished_at else None}
@@ -133,10 +135,11 @@ def get_report_pdf(audit: CallerAudit, blobs: BlobsDep) -> Response:
     if audit.report_pdf_sha256 is None:
         raise Conflict("the report has no PDF", "report_not_ready")
     try:
-        data = blobs.read(audit.report_pdf_sha256)
+        chunks = blobs.iter_chunks(audit.report_pdf_sha256)
     except BlobNotFound:
         raise Conflict("the report's PDF is missing from storage", "report_missing") from None
-    return Response(data, media_type="application/pdf",
+    # Streamed from the store (a local file or an S3 object), never read whole into memory.
+    return StreamingResponse(chunks, media_type="application/pdf",
                     headers={"Content-Disposition": f'attachment; filename="cdi-audit-{audit.id}.pdf"'})
 
 

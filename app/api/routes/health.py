@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.api.deps import QueueDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, QueueDep, SessionDep, SettingsDep
 from app.reconcile import live_workers
 from app.schemas import Health
 
@@ -20,9 +20,9 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health,
-            summary="The database and the broker are reachable, and a worker is alive",
+            summary="The database, the broker and the blob store are reachable, and a worker is alive",
             responses={503: {"model": Health}})
-async def readyz(session: SessionDep, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(session: SessionDep, queue: QueueDep, settings: SettingsDep, blobs: BlobsDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         await run_in_threadpool(lambda: session.execute(text("SELECT 1")).scalar_one())
@@ -41,6 +41,11 @@ async def readyz(session: SessionDep, queue: QueueDep, settings: SettingsDep) ->
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
+    try:
+        await run_in_threadpool(blobs.check)
+        checks["blobs"] = "ok"
+    except Exception as exc:
+        checks["blobs"] = f"unavailable: {exc}"
     ok = all(v.startswith("ok") for v in checks.values())
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
