@@ -24,7 +24,7 @@ from sqlalchemy import text
 from app.client import CdiClient
 from app.storage.db import session_scope
 
-from .conftest import ROOT, Proc, make_tenant, service_env
+from .conftest import ROOT, Proc, S3Server, make_tenant, service_env
 from .test_end_to_end import (  # noqa: F401 - fixtures
     N_PUBLISHED,
     N_UNPUBLISHED,
@@ -70,14 +70,16 @@ def _runs(url: str, audit_id: str) -> list[Any]:
 
 
 def _two_workers(start_worker: Callable[..., Proc], env: dict[str, str], tmp_path: Path, migrated: str,
-                 **extra: str) -> tuple[Proc, Proc]:
-    """Two worker processes, each with its own data directory, both ready before returning
-    (so that the first does not take every shard while the second starts)."""
+                 *, own_blobs: bool = False, **extra: str) -> tuple[Proc, Proc]:
+    """Two worker processes, each with its own data directory (and blob folder, with
+    ``own_blobs``: the blobs are in an object store), both ready before returning (so that the
+    first does not take every shard while the second starts)."""
     procs = []
     for name in ("shardA", "shardB"):
         data = tmp_path / name
         data.mkdir()
-        procs.append(start_worker(env, name, CDI_DATA_DIR=str(data), CDI_SHARD_SIZE=SHARD_SIZE, **extra))
+        own = {"CDI_BLOB_DIR": str(data / "blobs")} if own_blobs else {}
+        procs.append(start_worker(env, name, CDI_DATA_DIR=str(data), CDI_SHARD_SIZE=SHARD_SIZE, **own, **extra))
     deadline = time.monotonic() + 120
     while True:
         with session_scope(migrated) as s:
@@ -128,18 +130,23 @@ def _check_documents(client: CdiClient, audit_id: str, forbidden: list[str], mod
 def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: Callable[[dict[str, str]], str],
                                                start_worker: Callable[..., Proc],
                                                dataset: dict[str, Any], reference: Any,  # noqa: F811
-                                               zoo_model: Any, migrated: str, tmp_path: Path) -> None:  # noqa: F811
-    forbidden = _host_paths(tmp_path, Path(env["CDI_BLOB_DIR"]), Path(str(zoo_model.path)))
+                                               zoo_model: Any, migrated: str, tmp_path: Path,  # noqa: F811
+                                               s3_server: S3Server) -> None:
+    """(b) and (c) keep their blobs in an S3 bucket; the API and every worker have their own
+    data folder, as on separate hosts: they share Postgres, Redis and the bucket only."""
+    bucket = s3_server.new_bucket()
+    env = {**env, **s3_server.env(bucket)}
+    forbidden = _host_paths(tmp_path, Path(str(zoo_model.path)))
     # (a) embedded: the library's report names the shipped model, not where it is installed.
     assert_no_host_paths("library's report", json.dumps(reference.to_dict()), forbidden)
     assert reference.to_dict()["manifest"]["model"]["source"] == zoo_model.name
 
     tenant = make_tenant(migrated, "shards")
-    base = start_api(env)
+    base = start_api(_host(env, tmp_path / "api-host"))
     with CdiClient(base, tenant.key) as client:
         # (b) one worker, the default shard size: one task does the whole audit.
         _cold_cache(migrated)
-        single = start_worker(env, "single")
+        single = start_worker(_host(env, tmp_path / "single-host"), "single")
         one = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
         status = client.wait(one, poll=0.5, timeout=WAIT)
         assert status["state"] == "done", (status, single.output()[-4000:])
@@ -150,7 +157,7 @@ def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: C
 
         # (c) sharded over two workers with their own data directories, the cache cold again.
         _cold_cache(migrated)
-        a, b = _two_workers(start_worker, env, tmp_path, migrated)
+        a, b = _two_workers(start_worker, env, tmp_path, migrated, own_blobs=True)
         sharded = client.submit(model=zoo_model.name, archive=dataset["archive"], seed=SEED)["id"]
         progress: list[tuple[int, int]] = []
         status = client.wait(sharded, poll=0.3, timeout=WAIT,
@@ -172,6 +179,16 @@ def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: C
     assert sum(r.forward_passes for r in shard_runs) == int(reference.forward_passes)
     # Progress counted images across shards.
     assert any(0 < done < TOTAL and total == TOTAL for done, total in progress), progress
+    # Nothing went through a host's disk: the images and PDFs are in the bucket only.
+    for host in ("api-host", "single-host", "shardA", "shardB"):
+        blobs = tmp_path / host / "blobs"
+        assert not blobs.exists() or not [p for p in blobs.rglob("*") if p.is_file()], host
+    assert s3_server.keys(bucket)
+
+
+def _host(env: dict[str, str], root: Path) -> dict[str, str]:
+    """``env`` for a process on its own host: its own data folder, nothing shared on disk."""
+    return {**env, "CDI_DATA_DIR": str(root), "CDI_BLOB_DIR": str(root / "blobs")}
 
 
 def _pool_parent(worker: str) -> int:
