@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.queue import CeleryQueue
     from app.settings import Settings
     from app.storage import migrate
-    from app.storage.blobs import BlobStore
+    from app.storage.blobs import open_blob_store
     from app.storage.db import engine_for, session_scope
     from app.storage.repositories import AuditRepository, TenantRepository
     from cdi import zoo
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         migrate.upgrade(url)
         model = zoo.get(args.model)
         published, unpublished = model.export(tmp / "images", members=args.published, held_out=args.unpublished)
-        blobs = BlobStore(settings.blobs)
+        blobs = open_blob_store(settings)
         rows = []
         for role, paths in (("published", published), ("unpublished", unpublished)):
             for p in paths:
