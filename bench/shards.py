@@ -141,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 final_seconds = sum((r.finished_at - r.started_at).total_seconds() for r in final if r.finished_at)
                 workers = sorted({r.worker.rsplit(":", 1)[0] for r in runs if r.shard is not None})
                 results[n_workers] = (wall, audit.verdict, audit.p_value)
+                timings = ((audit.report or {}).get("manifest") or {}).get("timings_seconds") or {}
             print(f"{n_workers} worker(s): {wall:7.1f} s wall, shards {shard_seconds:7.1f} s summed over "
                   f"{sum(1 for r in runs if r.shard is not None)} shard runs on {len(workers)} worker(s), "
                   f"final step {final_seconds:5.1f} s; verdict {audit.verdict}, p = {audit.p_value:.6g}")
+            print("   final step's library stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                  + f"; the rest (reading images, report, PDF, database) {final_seconds - sum(timings.values()):.1f} s")
             for p in procs:
                 os.killpg(p.pid, 15)
                 p.wait(timeout=60)
