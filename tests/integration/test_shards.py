@@ -229,6 +229,17 @@ def test_sigkill_one_of_two_workers(env: dict[str, str], start_api: Callable[[di
         assert_same_verdict(client.report(audit_id), reference)
 
     runs = _runs(migrated, audit_id)
+    # The operator sees the same records: every shard, its worker, the killed attempt.
+    import os
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "app.cli", "admin", "runs", audit_id], cwd=ROOT,
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()[1:]
+    assert len(lines) == len(runs) and sum("crashed" in line for line in lines) == 1, shown.stdout
+    assert {r.worker for r in runs} <= {line.split()[-1] for line in lines}
     killed = [r for r in runs if r.attempt == victim.attempt]
     assert killed[0].outcome == "crashed", runs  # marked when its shard was taken over
     redone = [r for r in runs if r.shard == victim.shard and r.outcome == "done"]
