@@ -631,8 +631,9 @@ def extract_features(
 
     The features are those :func:`audit` computes for the same images, model, reference and
     options (an image's noise depends on the seed and its SHA-256 only, never on its batch or
-    its neighbours), so an :func:`audit` over all the images with the same store afterwards
-    computes nothing again. Images whose features the store has are skipped. Every image is
+    its neighbours; other batches only round differently, at float precision), so an
+    :func:`audit` over all the images with the same store afterwards computes nothing again.
+    Images whose features the store has are skipped. Every image is
     decoded first: unreadable ones raise one :class:`~cdi.errors.InputError` naming them.
     """
     opts = options or AuditOptions()
