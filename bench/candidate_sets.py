@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((model, n, best[0], power))
             shown = " ".join(f"{k}={v:.2f}" for k, v in power.items() if not k.startswith("single_"))
             print(f"{model} n={n}: best single {best[1][7:]} {best[0]:.2f}; {shown}", flush=True)
-    print(f"\nprocedure           worst gap to the best single (where)        mean gap   ({len(rows)} model × size points)")
+    print(f"\nprocedure           worst gap to the best single (where)        mean gap   "
+          f"({len(rows)} model × size points)")
     for proc in (k for k in rows[0][3] if not k.startswith("single_")):
         gaps = [power[proc] - best for _, _, best, power in rows]
         w = int(np.argmin(gaps))

@@ -261,13 +261,19 @@ def auc(scores_p: np.ndarray, scores_u: np.ndarray) -> float:
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
-    """(mean(a) − mean(b)) / pooled standard deviation (ddof 1); ±inf or 0 if that is 0."""
+    """(mean(a) − mean(b)) / pooled standard deviation (ddof 1); ±inf or 0 if that is 0.
+
+    Differences and spreads within rounding of the values' size count as zero: the mean of
+    copies of one number is not always exactly that number, and a constant column must not
+    read as an effect.
+    """
     xa = np.asarray(a, dtype=np.float64).ravel()
     xb = np.asarray(b, dtype=np.float64).ravel()
     diff = float(xa.mean() - xb.mean())
     pooled = ((xa.size - 1) * xa.var(ddof=1) + (xb.size - 1) * xb.var(ddof=1)) / (xa.size + xb.size - 2)
-    if pooled <= 0:
-        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    rounding = 64.0 * np.finfo(np.float64).eps * float(max(np.abs(xa).max(), np.abs(xb).max()))
+    if math.sqrt(max(pooled, 0.0)) <= rounding:
+        return 0.0 if abs(diff) <= rounding else math.copysign(math.inf, diff)
     return diff / math.sqrt(pooled)
 
 

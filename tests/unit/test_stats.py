@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -88,6 +89,16 @@ def test_auc_and_cohens_d() -> None:
     assert stats.auc(a, b) == pytest.approx(roc_auc_score(y, np.r_[a, b]), abs=1e-12)
     pooled = np.sqrt((39 * a.var(ddof=1) + 29 * b.var(ddof=1)) / 68)
     assert stats.cohens_d(a, b) == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-12)
+
+
+def test_cohens_d_of_a_constant_is_zero_or_infinite_not_rounding() -> None:
+    # The mean of 7 copies of log(1.2) is not exactly log(1.2): a naive d reads ±1.6.
+    x = np.log(24 / 20)
+    for n_a, n_b in [(7, 13), (12, 20), (30, 40)]:
+        assert stats.cohens_d(np.full(n_a, x), np.full(n_b, x)) == 0.0
+    assert stats.cohens_d(np.full(5, 1.0), np.full(6, 2.0)) == -math.inf
+    # A real but small spread is kept.
+    assert abs(stats.cohens_d(np.array([1.0, 1.0 + 1e-9]), np.array([1.0, 1.0 + 1e-9]) + 1e-9)) > 0.5
 
 
 def _welch_stat(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
