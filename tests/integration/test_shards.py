@@ -389,3 +389,114 @@ def test_deleting_a_sharded_audit_stops_every_shard(env: dict[str, str], start_a
     assert left == 0  # the shards went with the audit's data
     for proc in (a, b):
         assert "Traceback" not in proc.output(), proc.output()[-3000:]
+
+
+# --- the completion check in the database -------------------------------------------------------
+
+
+class RecordingQueue:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int | None]] = []
+
+    def enqueue(self, audit_id: uuid.UUID) -> None:
+        self.sent.append((str(audit_id), None))
+
+    def enqueue_shard(self, audit_id: uuid.UUID, shard: int) -> None:
+        self.sent.append((str(audit_id), shard))
+
+
+def _split_audit(migrated: str, n_shards: int) -> uuid.UUID:
+    from datetime import timedelta
+
+    from app.storage.repositories import AuditRepository, ShardRepository
+
+    tenant = make_tenant(migrated, "split")
+    rows = [("published" if i % 3 else "unpublished", f"i{i}.png", f"{i:064x}", 1, None, None)
+            for i in range(2 * n_shards)]
+    with session_scope(migrated) as s:
+        audit = AuditRepository(s).create(tenant_id=tenant.id, model_id="m", model_source="m", model_revision=None,
+                                          options={"seed": 1}, callback_url=None, images=rows)
+        assert AuditRepository(s).claim(audit.id, "splitter", timedelta(seconds=30))
+        ShardRepository(s).ensure(audit.id, 2 * n_shards, 2, passes=1)
+        assert ShardRepository(s).hand_to_shards(audit.id, "splitter", timedelta(seconds=30))
+        return audit.id
+
+
+def test_of_two_shards_finishing_at_once_exactly_the_later_sees_all_done(migrated: str) -> None:
+    """The last two shards complete in overlapping transactions: the audit's row lock orders
+    them, and only the second sends the final step."""
+    import threading
+    from datetime import timedelta
+
+    from app.storage.db import session_factory
+    from app.storage.repositories import ShardRepository
+
+    audit_id = _split_audit(migrated, 2)
+    factory = session_factory(migrated)
+    with session_scope(migrated) as s:
+        assert ShardRepository(s).claim(audit_id, 0, "w0", timedelta(seconds=30))
+        assert ShardRepository(s).claim(audit_id, 1, "w1", timedelta(seconds=30))
+    results: dict[str, tuple[bool, bool]] = {}
+    first = factory()
+    results["first"] = ShardRepository(first).complete(audit_id, 0, "w0")  # not committed yet
+
+    def second() -> None:
+        with factory() as s:
+            results["second"] = ShardRepository(s).complete(audit_id, 1, "w1")
+            s.commit()
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive(), "the second completion did not wait for the first's lock"
+    first.commit()
+    first.close()
+    t.join(10)
+    assert results == {"first": (True, False), "second": (True, True)}
+    with session_scope(migrated) as s:
+        from app.storage.models import Audit
+
+        audit = s.get(Audit, audit_id)
+        assert audit is not None and audit.progress_done == audit.progress_total == 4
+        assert not ShardRepository(s).complete(audit_id, 1, "w1")[0]  # done already: not twice
+
+
+def test_a_redelivered_shard_sends_the_final_step_and_orphans_are_sent_once(migrated: str, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from app.settings import Settings
+    from app.storage.blobs import open_blob_store
+    from app.storage.db import session_factory
+    from app.storage.repositories import AuditRepository, ShardRepository
+    from worker.runner import AuditRunner
+
+    audit_id = _split_audit(migrated, 3)
+    settings = Settings(database_url=migrated, blob_dir=tmp_path / "blobs", worker_device="cpu", lease_seconds=3)
+    queue = RecordingQueue()
+    runner = AuditRunner(settings, session_factory(migrated), open_blob_store(settings),
+                         lambda *_: None, queue=queue)  # type: ignore[arg-type,return-value]
+    with session_scope(migrated) as s:
+        shards = ShardRepository(s)
+        assert shards.claim(audit_id, 0, "dead", timedelta(seconds=-1))  # its lease ran out: it died
+        assert shards.claim(audit_id, 1, "alive", timedelta(seconds=30))
+        assert shards.claim(audit_id, 2, "done", timedelta(seconds=30))
+        assert shards.complete(audit_id, 2, "done") == (True, False)
+    with session_scope(migrated) as s:
+        assert ShardRepository(s).orphans(audit_id) == [0]
+    with session_scope(migrated) as s:
+        assert ShardRepository(s).orphans(audit_id) == []  # released once: sent by one worker only
+    # A shard another live worker holds is busy; a done shard is skipped.
+    assert runner.run_shard(audit_id, 1) == "busy"
+    assert runner.run_shard(audit_id, 2) == "skipped" and queue.sent == []
+    with session_scope(migrated) as s:
+        shards = ShardRepository(s)
+        assert shards.claim(audit_id, 0, "w0", timedelta(seconds=30))
+        assert shards.complete(audit_id, 0, "w0") == (True, False)
+        assert shards.complete(audit_id, 1, "alive") == (True, True)
+    # The worker that completed the last shard died before sending the final step: its
+    # redelivered task sends it.
+    assert runner.run_shard(audit_id, 1) == "skipped"
+    assert queue.sent == [(str(audit_id), None)]
+    # The shards' lease on the audit ran out at once: the final step can take the audit.
+    with session_scope(migrated) as s:
+        assert AuditRepository(s).claim(audit_id, "final", timedelta(seconds=30))
