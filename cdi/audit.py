@@ -602,7 +602,7 @@ def audit(
 
 @dataclass(frozen=True)
 class Extraction:
-    """What :func:`extract_features` did: images, how many found stored, passes, the feature key."""
+    """What :func:`extract_shard` did: images, how many found stored, passes, the feature key."""
 
     images: int
     cached: int
@@ -613,7 +613,7 @@ class Extraction:
     reference_feature_key: str | None = None
 
 
-def extract_features(
+def extract_shard(
     files: Sequence[ImageFile],
     model: str | DiffusionAdapter,
     feature_store: FeatureStore,

@@ -452,7 +452,7 @@ class AuditRunner:
 
     def _execute_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: dict[str, Any],
                        run: RunState, store: DatabaseFeatureStore) -> Outcome:
-        from cdi.audit import AuditOptions, Progress, extract_features
+        from cdi.audit import AuditOptions, Progress, extract_shard
         from cdi.features.layout import FeatureSet
 
         try:
@@ -472,7 +472,7 @@ class AuditRunner:
                 run.check()
 
             files = list(BlobImages(self.blobs, job["published"] + job["unpublished"]))
-            extraction = extract_features(
+            extraction = extract_shard(
                 files, adapter, store, reference_model=reference, captions=job["captions"] or None,
                 labels=job["labels"] or None, options=options, progress=progress)
             run.check()

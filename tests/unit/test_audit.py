@@ -251,19 +251,19 @@ def test_not_detected_report_says_how_many_images_would_detect_the_effect(model,
 
 
 def test_features_extracted_in_shards_are_the_audits(model):
-    """extract_features over two shards, into one store: the audit then computes nothing and
+    """extract_shard over two shards, into one store: the audit then computes nothing and
     gives the p-value and features of an audit that computed everything itself."""
-    from cdi.audit import extract_features
+    from cdi.audit import extract_shard
 
     published = [png(i, model.image_size) for i in model.members[:10]]
     unpublished = [png(i, model.image_size) for i in model.held_out[:20]]
     files = published + unpublished
     options = AuditOptions(seed=5, batch_size=4)
     sharded = MemoryStore()
-    first = extract_features(files[:13], MODEL, sharded, options=options)
-    second = extract_features(files[13:], MODEL, sharded, options=options)
+    first = extract_shard(files[:13], MODEL, sharded, options=options)
+    second = extract_shard(files[13:], MODEL, sharded, options=options)
     assert (first.computed, second.computed, first.cached, second.cached) == (13, 17, 0, 0)
-    assert extract_features(files[:13], MODEL, sharded, options=options).computed == 0  # a redelivered shard
+    assert extract_shard(files[:13], MODEL, sharded, options=options).computed == 0  # a redelivered shard
     result = audit(published, unpublished, MODEL, options=options, feature_store=sharded)
     assert result.forward_passes == 0 and result.cached_images == 30
     assert first.forward_passes + second.forward_passes > 0
@@ -277,12 +277,12 @@ def test_features_extracted_in_shards_are_the_audits(model):
     assert result.model["source"] == MODEL  # a shipped model is named, not located
 
 
-def test_extract_features_names_every_unreadable_image(model):
-    from cdi.audit import extract_features
+def test_extract_shard_names_every_unreadable_image(model):
+    from cdi.audit import extract_shard
     from cdi.errors import InputError
 
     files = [png(i, model.image_size) for i in model.members[:3]]
     files += [ImageFile("broken-1.png", b"not an image"), ImageFile("broken-2.png", b"\x89PNG\r\n")]
     with pytest.raises(InputError, match="2 image") as err:
-        extract_features(files, MODEL, MemoryStore())
+        extract_shard(files, MODEL, MemoryStore())
     assert len(err.value.image_errors) == 2  # type: ignore[attr-defined]
