@@ -12,15 +12,19 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA
+from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, MAX_LOOKS, SequentialOptions
 
-__all__ = ["FEATURE_SETS", "PROTOCOLS", "AuditForm", "AuditOptionsForm", "FeatureSetName", "ProtocolName",
-           "form_schema"]
+__all__ = ["FEATURE_SETS", "PROTOCOLS", "SPENDING_RULES", "AuditForm", "AuditOptionsForm", "FeatureSetName",
+           "ProtocolName", "SpendingName", "form_schema"]
 
 ProtocolName = Literal["directional", "crossfit", "reference"]
 FeatureSetName = Literal["all", "gradient-free"]
 PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
 FEATURE_SETS: tuple[str, ...] = get_args(FeatureSetName)
+#: The values of :class:`cdi.options.Spending` (a test keeps them equal).
+SpendingName = Literal["obrien-fleming", "pocock"]
+SPENDING_RULES: tuple[str, ...] = get_args(SpendingName)
+_SEQUENTIAL = SequentialOptions()
 
 _BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
 
@@ -41,6 +45,19 @@ class AuditOptionsForm(BaseModel):
     features: FeatureSetName = Field(
         "all", description="`gradient-free` skips the two families that need gradients (faster, less power).")
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds every random draw: the same seed, the same report.")
+    sequential: bool = Field(
+        _SEQUENTIAL.enabled,
+        description="Extract and test the images in rounds and stop once the evidence is clear (fewer network "
+                    "passes; the false-positive rate stays at most α). Directional protocol only.")
+    looks: int = Field(_SEQUENTIAL.looks, ge=1, le=MAX_LOOKS,
+                       description="Sequential audits: how many looks (rounds) at most.")
+    spending: SpendingName = Field(
+        _SEQUENTIAL.spending.value,  # type: ignore[arg-type]
+        description="Sequential audits: how α is spent over the looks (`pocock`: about evenly, stops earlier; "
+                    "`obrien-fleming`: mostly at the last look).")
+    futility: bool = Field(_SEQUENTIAL.futility,
+                           description="Sequential audits: also stop `not_detected` at a look where P does not "
+                                       "lean towards used.")
     callback_url: str | None = Field(
         None, max_length=2000, pattern=r"^https?://[^\s/?#]+", json_schema_extra={"format": "uri"},
         description="http(s) URL POSTed the final status JSON when the audit ends.")
@@ -86,7 +103,8 @@ def form_schema() -> dict[str, Any]:
     properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
     # The model first, then the images, then the options: the order a person fills them in.
     order = ["model", "reference_model", "archive", "published", "unpublished", "alpha", "protocol", "features",
-             "seed", "captions", "labels", "callback_url", "retain_images"]
+             "seed", "sequential", "looks", "spending", "futility", "captions", "labels", "callback_url",
+             "retain_images"]
     properties = {k: properties[k] for k in order if k in properties} | properties
     return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
             "required": ["model"],

@@ -18,6 +18,7 @@ from app import errors as E
 from app.api.multipart import ParsedForm
 from app.callbacks import AllowList, check_url
 from app.errors import BadInput, Unavailable
+from app.forms import AuditOptionsForm
 from app.queue import AuditQueue
 from app.quotas import Quotas
 from app.registry import ModelRegistry
@@ -32,8 +33,7 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_FIELDS = frozenset({"archive", "published", "unpublished"})
 FILE_FIELDS = ARCHIVE_FIELDS | {"captions", "labels"}
-TEXT_FIELDS = frozenset({"model", "reference_model", "alpha", "protocol", "features", "seed", "callback_url",
-                         "retain_images"})
+TEXT_FIELDS = frozenset({"model", "reference_model", "retain_images", *AuditOptionsForm.model_fields})
 
 
 def check_conditioning(conditioning: str | None, has_labels: bool) -> None:

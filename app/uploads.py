@@ -24,7 +24,7 @@ import stat
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -65,9 +65,13 @@ class AuditRequestOptions:
     protocol: str
     features: str
     seed: int
+    sequential: bool
+    looks: int
+    spending: str
+    futility: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "protocol": self.protocol, "features": self.features, "seed": self.seed}
+        return asdict(self)
 
 
 def _option_error(exc: ValidationError) -> BadInput:
@@ -96,7 +100,12 @@ def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str |
         form = AuditOptionsForm.model_validate(given)
     except ValidationError as exc:
         raise _option_error(exc) from None
-    options = AuditRequestOptions(alpha=form.alpha, protocol=form.protocol, features=form.features, seed=form.seed)
+    if form.sequential and form.protocol != "directional":
+        raise BadInput(f"sequential: a sequential audit uses the directional protocol, not {form.protocol}",
+                       E.INVALID_OPTIONS)
+    options = AuditRequestOptions(alpha=form.alpha, protocol=form.protocol, features=form.features, seed=form.seed,
+                                  sequential=form.sequential, looks=form.looks, spending=form.spending,
+                                  futility=form.futility)
     return options, form.callback_url
 
 

@@ -81,7 +81,7 @@ def zoo_features(name: str, cache: Path, batch_size: int = 100) -> tuple[np.ndar
 
 def interval(k: int, n: int) -> str:
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+    return f"{k / n:.4f} [{ci.low:.4f}, {ci.high:.4f}]" if n > 20_000 else f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
 @dataclass
@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if DEFAULT_PROTOCOL.value not in args.protocols:
         args.protocols.insert(0, DEFAULT_PROTOCOL.value)
     results = [study(name, args) for name in args.models]
+    pooled = [r["fpr"][DEFAULT_PROTOCOL.value] for r in results if DEFAULT_PROTOCOL.value in r["fpr"]]  # type: ignore[operator]
+    if len(pooled) > 1:
+        for a in ALPHAS:
+            k, n = sum(f[a][0] for f in pooled), sum(f[a][1] for f in pooled)
+            print(f"all {len(pooled)} models, {DEFAULT_PROTOCOL.value}: {k} false positives in {n} null audits "
+                  f"at α = {a}: {interval(k, n)}")
     if args.table:
         args.table.write_text(markdown(results, DEFAULT_PROTOCOL.value))
     return 0

@@ -20,7 +20,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -43,7 +43,9 @@ from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
+from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING, SequentialOptions
 from cdi.planning import Plan, plan_audit
+from cdi.sequential import SequentialResult, control_options, design, sequential_test
 from cdi.stats import (
     DEFAULT_ALPHA,
     DEFAULT_EXCEEDANCES,
@@ -86,6 +88,11 @@ class AuditOptions:
     exceedances: int = DEFAULT_EXCEEDANCES
     duplicate_threshold: float = DEFAULT_DIFFERENCE_THRESHOLD
     feature_config: FeatureConfig = field(default_factory=FeatureConfig)
+    #: A sequential audit (:class:`cdi.options.SequentialOptions`): off by default.
+    sequential: bool = False
+    looks: int = DEFAULT_LOOKS
+    spending: str = DEFAULT_SPENDING.value
+    futility: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
@@ -100,6 +107,14 @@ class AuditOptions:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         self.protocol_options  # noqa: B018 - validates the protocol's options
+        object.__setattr__(self, "spending", self.sequential_options.spending.value)
+        if self.sequential and self.protocol != TestProtocol.DIRECTIONAL.value:
+            raise InputError(f"a sequential audit uses the directional protocol, not {self.protocol}")
+
+    @property
+    def sequential_options(self) -> SequentialOptions:
+        """The sequential design's options (validated; ``enabled`` is :attr:`sequential`)."""
+        return SequentialOptions(bool(self.sequential), self.looks, self.spending, bool(self.futility))  # type: ignore[arg-type]
 
     @property
     def protocol_options(self) -> ProtocolOptions:
@@ -168,6 +183,10 @@ class AuditResult:
     #: The reference model's identity for a reference-calibrated audit (method §10.2).
     reference_model: dict[str, Any] | None = None
     reference_feature_key: str | None = None
+    #: A sequential audit's looks; ``images_p`` and ``images_u`` then hold the images used,
+    #: ``unused`` those never extracted because it stopped first (in the audit's order).
+    sequential: SequentialResult | None = None
+    unused: tuple[AuditImage, ...] = ()
 
     @property
     def calibrated(self) -> bool:
@@ -288,17 +307,21 @@ def _exclusion_message(excl: Exclusion, n_p: int, n_u: int, exc: InputError) -> 
 
 def _extract(
     adapter: DiffusionAdapter, prepared: _Prepared, options: AuditOptions, key: str,
-    store: FeatureStore | None, report: Callable[[str, int, int], None],
+    store: FeatureStore | None, report: Callable[[str, int, int], None], rows: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int, int, int]:
+    """Features ``[n, 26]`` of the prepared images (only ``rows`` of them if given: NaN elsewhere)."""
     from cdi.features import FeatureExtractor
     from cdi.features.extractor import ExtractionInput
 
-    shas = [f.sha256 for f in prepared.files]
+    wanted = range(len(prepared.files)) if rows is None else rows
+    all_shas = [f.sha256 for f in prepared.files]
+    shas = [all_shas[i] for i in wanted]
     known = store.load(key, sorted(set(shas))) if store is not None else {}
-    features = np.full((len(shas), len(FEATURE_NAMES)), np.nan)
+    features = np.full((len(all_shas), len(FEATURE_NAMES)), np.nan)
     todo: list[ExtractionInput] = []
     todo_rows: dict[str, list[int]] = {}
-    for i, (f, sha) in enumerate(zip(prepared.files, shas, strict=True)):
+    for i, sha in zip(wanted, shas, strict=True):
+        f = prepared.files[i]
         if sha in known:
             features[i] = known[sha]
             continue
@@ -531,48 +554,115 @@ def audit(
     n_images = len(prepared.files)
     passes = 1 if reference is None else 2
 
-    def stage(offset: int) -> Callable[[str, int, int], None]:
-        return lambda name, done, _total: report(name, offset + done, passes * n_images)
-
-    features, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, stage(0))
+    if opts.sequential:
+        prepared = _round_order(prepared, opts.seed)
+    features = np.full((n_images, len(FEATURE_NAMES)), np.nan)
+    counts = {"cached": 0, "forward": 0, "backward": 0, "done": 0}
     ref_key = ref_record = None
     if reference is not None:
-        # Each model's raw features are stored under its own key; only their difference is
-        # tested. The same seed and image hashes give the same per-image noise (§10.2).
         ref_key = feature_key(reference.identity.digest, opts)
-        ref_features, ref_cached, ref_fwd, ref_bwd = _extract(
-            reference, prepared, opts, ref_key, feature_store, stage(n_images))
-        features = features - ref_features
-        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
         ref_record = model_record(reference, opts, reference_name)
         ref_record["feature_key"] = ref_key
-    lap("extracting")
+
+    def extract(rows: Sequence[int]) -> None:
+        """Compute the features of ``rows`` (indices into ``prepared``) into ``features``."""
+        rows = [i for i in rows if np.isnan(features[i]).all()]
+        if not rows:
+            return
+        offset = counts["done"]
+        progress_of = lambda name, done, _total: report(name, offset + done, passes * n_images)  # noqa: E731
+        raw, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, progress_of, rows)
+        counts["done"] += len(rows)
+        if reference is not None:
+            # Each model's raw features are stored under its own key; only their difference is
+            # tested. The same seed and image hashes give the same per-image noise (§10.2).
+            assert ref_key is not None
+            offset = counts["done"]
+            ref_raw, ref_cached, ref_fwd, ref_bwd = _extract(
+                reference, prepared, opts, ref_key, feature_store,
+                lambda name, done, _total: report(name, offset + done, passes * n_images), rows)
+            counts["done"] += len(rows)
+            raw = raw - ref_raw
+            cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
+        features[rows] = raw[rows]
+        counts["cached"] += cached
+        counts["forward"] += fwd
+        counts["backward"] += bwd
 
     cols = opts.features.columns
-    is_p = np.array([s == "P" for s in prepared.set_names])
-    xp, xu = features[is_p][:, cols], features[~is_p][:, cols]
-    report("scoring", 0, 1)
-    test = run_test(xp, xu, opts.protocol, opts.protocol_options, alpha=opts.alpha, random_state=opts.seed)
-    report("scoring", 1, 1)
+    is_p_all = np.array([s == "P" for s in prepared.set_names])
+    p_rows, u_rows = np.flatnonzero(is_p_all), np.flatnonzero(~is_p_all)
+    seq: SequentialResult | None = None
+    checked: dict[int, tuple[Any, Any, float, Verdict]] = {}
+
+    def controls(n_p: int, n_u: int, test: Any, options: Any) -> tuple[Any, Any, float, Verdict]:
+        """The negative control, distribution and direction checks on the first images, and the verdict."""
+        used_p, used_u = p_rows[:n_p], u_rows[:n_u]
+        control = negative_control(features[used_u][:, cols], opts.protocol, options, alpha=opts.alpha,
+                                   random_state=opts.seed + 1)
+        dist = distribution_check(prepared.stats[used_p], prepared.stats[used_u], random_state=opts.seed + 2)
+        reversal = direction_check(features[used_p], features[used_u])
+        return control, dist, reversal, decide(test, control, dist, reversal_p=reversal)
+
+    if opts.sequential:
+        plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,
+                       floor=1.0 / (1 + opts.max_permutations))
+        look_opts = control_options(opts.protocol_options)
+
+        def features_for(k: int) -> tuple[np.ndarray, np.ndarray]:
+            look = plan_.looks[k]
+            lap("scoring")
+            extract(np.r_[p_rows[: look.n_p], u_rows[: look.n_u]].tolist())
+            lap("extracting")
+            report("scoring", k, len(plan_.looks))
+            return features[p_rows[: look.n_p]][:, cols], features[u_rows[: look.n_u]][:, cols]
+
+        def look_controls(k: int, test: ProtocolResult) -> bool:
+            # Only a crossing look runs them: a detection must survive its controls on the
+            # very images it rests on, or the audit goes on to the next round.
+            look = plan_.looks[k]
+            checked[k] = controls(look.n_p, look.n_u, test, look_opts)
+            return checked[k][3].outcome.value != "inconclusive"
+
+        seq = sequential_test(np.empty((0, len(cols))), np.empty((0, len(cols))), plan_, opts.protocol_options,
+                              random_state=opts.seed, controls=look_controls, features_for=features_for)
+        report("scoring", len(plan_.looks), len(plan_.looks))
+        n_p, n_u = seq.n_p, seq.n_u
+        test = seq.test
+        control_opts = look_opts
+    else:
+        extract(range(n_images))
+        lap("extracting")
+        n_p, n_u = len(p_rows), len(u_rows)
+        report("scoring", 0, 1)
+        xp, xu = features[p_rows][:, cols], features[u_rows][:, cols]
+        test = run_test(xp, xu, opts.protocol, opts.protocol_options, alpha=opts.alpha, random_state=opts.seed)
+        report("scoring", 1, 1)
+        control_opts = opts.protocol_options
     lap("scoring")
-    report("testing", 0, 2)
-    control = negative_control(xu, opts.protocol, opts.protocol_options, alpha=opts.alpha,
-                               random_state=opts.seed + 1)
-    report("testing", 1, 2)
-    dist = distribution_check(prepared.stats[is_p], prepared.stats[~is_p], random_state=opts.seed + 2)
-    report("testing", 2, 2)
-    reversal = direction_check(features[is_p], features[~is_p])
+    report("testing", 0, 1)
+    # The controls of the stopping look, on the images it tested (run already if it crossed).
+    last = len(seq.looks) - 1 if seq is not None else -1
+    control, dist, reversal, _ = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
     verdict = decide(test, control, dist, reversal_p=reversal)
+    if seq is not None:
+        verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
+    report("testing", 1, 1)
+    xp, xu = features[p_rows[:n_p]][:, cols], features[u_rows[:n_u]][:, cols]
     plan = None
     if verdict.outcome.value == "not_detected":
         plan = plan_audit(xp, xu, opts.features.columns, alpha=opts.alpha, bootstraps=100,
                           random_state=opts.seed)
     lap("testing")
+    used = set(p_rows[:n_p].tolist()) | set(u_rows[:n_u].tolist())
+    cached, fwd, bwd = counts["cached"], counts["forward"], counts["backward"]
 
     images = [
         AuditImage(f.name, f.sha256, s, features[i])
         for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
     ]
+    unused = tuple(im for i, im in enumerate(images) if i not in used)
+    images = [im for i, im in enumerate(images) if i in used]
     model_info = model_record(adapter, opts, model_name)
     mode = "uncalibrated" if reference is None else "reference-calibrated"
     model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
@@ -597,6 +687,38 @@ def audit(
         plan=plan,
         reference_model=ref_record,
         reference_feature_key=ref_key,
+        sequential=seq,
+        unused=unused,
+    )
+
+
+def _sequential_sentence(seq: SequentialResult) -> str:
+    """What a sequential audit's verdict adds: the looks, the boundary, the images used."""
+    last = seq.looks[-1]
+    k, planned = len(seq.looks), len(seq.design.looks)
+    where = (f"Sequential audit ({seq.design.spending.value} spending, {planned} looks): look {k} tested "
+             f"{last.look.n_p} + {last.look.n_u} images (p = {last.test.p_value:.3g}, boundary {last.look.level:.3g})")
+    if seq.stop == "boundary":
+        return where + "; it crossed its boundary and its controls passed, so the audit stopped there."
+    if seq.stop == "futility":
+        return where + "; P did not lean towards used, so the audit stopped for futility."
+    return where + "; no look stopped the audit early."
+
+
+def _round_order(prepared: _Prepared, seed: int) -> _Prepared:
+    """``prepared`` with P's and U's images each in a random order (P first, then U).
+
+    A sequential audit's look k tests the first images of each set; a seeded random order
+    makes every round a random subset of its set, whatever order the images came in.
+    """
+    rng = np.random.default_rng([seed, 3])
+    is_p = np.array([s == "P" for s in prepared.set_names])
+    order = np.r_[rng.permutation(np.flatnonzero(is_p)), rng.permutation(np.flatnonzero(~is_p))]
+    return _Prepared(
+        files=[prepared.files[i] for i in order],
+        set_names=[prepared.set_names[i] for i in order],
+        stats=prepared.stats[order],
+        conditions=[prepared.conditions[i] for i in order],
     )
 
 

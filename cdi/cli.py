@@ -161,10 +161,22 @@ def summary(result: Any) -> str:
     ]
     n_dup = len(result.exclusion.p) + len(result.exclusion.u)
     lines.append(f"duplicates     {len(result.duplicates.groups)} group(s), {n_dup} image(s) excluded")
+    if result.sequential is not None:
+        lines.append(f"sequential     {sequential_summary(result)}")
     lines.append("")
     lines.append(v.reason)
     lines.extend(f"warning: {w}" for w in v.warnings)
     return "\n".join(lines)
+
+
+def sequential_summary(result: Any) -> str:
+    """One line on a sequential audit: the looks taken, why it stopped, the images used."""
+    seq = result.sequential
+    used = seq.n_p + seq.n_u
+    total = used + len(result.unused)
+    why = {"boundary": "a boundary was crossed", "futility": "futility", "final": "the last look"}[seq.stop]
+    return (f"stopped at look {len(seq.looks)} of {len(seq.design.looks)} ({why}); "
+            f"{used} of {total} images used ({used / total:.0%}), {len(result.unused)} never extracted")
 
 
 def _signing_key(path: str | None) -> Any:
@@ -204,6 +216,7 @@ def _audit_options(args: argparse.Namespace) -> Any:
     return AuditOptions(
         alpha=args.alpha, protocol=args.protocol, features=args.features, seed=args.seed,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        sequential=args.sequential, looks=args.looks, spending=args.spending, futility=args.futility,
     )
 
 
@@ -416,6 +429,22 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
                    help=f"significance level, 0 < α < {MAX_ALPHA} (default {DEFAULT_ALPHA})")
     p.add_argument("--protocol", choices=[p.value for p in Protocol], default=DEFAULT_PROTOCOL.value,
                    help=f"statistical test (default {DEFAULT_PROTOCOL.value}; docs/method.md compares them)")
+    _add_sequential_options(p)
+
+
+def _add_sequential_options(p: argparse.ArgumentParser) -> None:
+    from cdi.options import MAX_LOOKS, SequentialOptions, Spending
+
+    default = SequentialOptions()
+    p.add_argument("--sequential", action="store_true", default=default.enabled,
+                   help="extract and test the images in rounds, stopping once the evidence is clear (fewer "
+                        "network passes; the false-positive rate stays ≤ α)")
+    p.add_argument("--looks", type=int, choices=range(1, MAX_LOOKS + 1), default=default.looks, metavar="K",
+                   help=f"sequential: looks, 1 to {MAX_LOOKS} (default {default.looks})")
+    p.add_argument("--spending", choices=[s.value for s in Spending], default=default.spending.value,
+                   help=f"sequential: how α is spent over the looks (default {default.spending.value})")
+    p.add_argument("--futility", action="store_true", default=default.futility,
+                   help="sequential: also stop not_detected at a look where P does not lean towards used")
 
 
 def _add_report_options(p: argparse.ArgumentParser) -> None:

@@ -15,17 +15,24 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_EXCEEDANCES",
     "DEFAULT_FIT_FRACTION",
+    "DEFAULT_LOOKS",
     "DEFAULT_MAX_PERMUTATIONS",
     "DEFAULT_N_FOLDS",
     "DEFAULT_N_PERMUTATIONS",
     "DEFAULT_PROTOCOL",
+    "DEFAULT_SPENDING",
+    "FUTILITY_P",
     "MAX_ALPHA",
+    "MAX_LOOKS",
     "MIN_CROSSFIT_PER_FOLD",
     "MIN_CROSSFIT_SET",
     "MIN_DIRECTIONAL_SET",
+    "MIN_LOOK_SET",
     "MIN_REFERENCE_PART",
     "Protocol",
     "ProtocolOptions",
+    "SequentialOptions",
+    "Spending",
     "check_alpha",
 ]
 
@@ -102,6 +109,9 @@ class ProtocolOptions:
     max_permutations: int = DEFAULT_MAX_PERMUTATIONS
     candidates: tuple[tuple[int, ...], ...] | None = None
     combined: bool = True
+    #: Directional protocol: images per set, at least (``None``: :data:`MIN_DIRECTIONAL_SET`).
+    #: A sequential audit's looks use :data:`MIN_LOOK_SET`.
+    min_set: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fit_fraction < 1.0:
@@ -114,6 +124,8 @@ class ProtocolOptions:
             raise InputError(f"exceedances must be at least 1, got {self.exceedances}")
         if self.max_permutations < 1:
             raise InputError(f"max_permutations must be at least 1, got {self.max_permutations}")
+        if self.min_set is not None and self.min_set < 3:
+            raise InputError(f"min_set must be at least 3, got {self.min_set}")
         if self.candidates is not None:
             groups = tuple(tuple(int(c) for c in group) for group in self.candidates)
             if not groups or any(not g or min(g) < 0 for g in groups):
@@ -133,3 +145,59 @@ def check_alpha(alpha: float) -> float:
     if not 0.0 < value < MAX_ALPHA:
         raise InputError(f"alpha must lie strictly between 0 and {MAX_ALPHA}, got {alpha}")
     return value
+
+
+class Spending(str, Enum):
+    """How a sequential audit spends α over its looks (Lan & DeMets 1983 spending functions).
+
+    ``obrien-fleming``: α(t) = 2 − 2Φ(z₁₋α/₂ / √t), almost nothing early, most of α at the
+    last look. ``pocock``: α(t) = α·ln(1 + (e − 1)t), about evenly, so early looks stop more
+    often and the last look keeps less.
+    """
+
+    OBRIEN_FLEMING = "obrien-fleming"
+    POCOCK = "pocock"
+
+
+#: Looks of a sequential audit, unless chosen: after 25 %, 50 %, 75 % and 100 % of each set.
+DEFAULT_LOOKS = 4
+#: At most this many looks: each costs a permutation test, and more looks spend α thinner.
+MAX_LOOKS = 10
+#: Chosen by measurement (docs/method.md, "Sequential audits").
+DEFAULT_SPENDING = Spending.OBRIEN_FLEMING
+#: A sequential audit's look tests at least this many images per set, and its negative
+#: control halves at least this many: the smallest sets whose permutation p-value can fall
+#: below 0.01 at all (5 + 5 images have 252 labellings, so p ≥ 1/252 ≈ 0.004). Looks that
+#: would hold fewer are merged into the next one.
+MIN_LOOK_SET = 5
+#: With futility stopping, a look before the last whose p-value is at least this ends the
+#: audit ``not_detected``: P does not even lean towards "trained on".
+FUTILITY_P = 0.5
+
+
+@dataclass(frozen=True)
+class SequentialOptions:
+    """A sequential audit's design (method §10, "Sequential audits"); off unless ``enabled``.
+
+    The images are extracted in ``looks`` rounds, P and U interleaved; after each round the
+    directional test runs on the images so far, at the nominal level the ``spending`` rule
+    gives that look; the audit stops ``used`` at the first look below it whose controls pass.
+    With ``futility``, a look before the last with p ≥ :data:`FUTILITY_P` stops it
+    ``not_detected``.
+    """
+
+    enabled: bool = False
+    looks: int = DEFAULT_LOOKS
+    spending: Spending = DEFAULT_SPENDING
+    futility: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.looks, bool) or not isinstance(self.looks, int):
+            raise InputError(f"looks must be an integer, got {self.looks!r}")
+        if not 1 <= self.looks <= MAX_LOOKS:
+            raise InputError(f"looks must lie between 1 and {MAX_LOOKS}, got {self.looks}")
+        try:
+            object.__setattr__(self, "spending", Spending(self.spending))
+        except ValueError:
+            choices = ", ".join(s.value for s in Spending)
+            raise InputError(f"unknown spending rule {self.spending!r}; choose one of: {choices}") from None

@@ -331,7 +331,7 @@ def _fit_count(n: int, fit_fraction: float) -> int:
 
 def _set_size_ok(n: int, protocol: Protocol, options: ProtocolOptions) -> bool:
     if protocol is Protocol.DIRECTIONAL:
-        return n >= MIN_DIRECTIONAL_SET
+        return n >= (MIN_DIRECTIONAL_SET if options.min_set is None else options.min_set)
     if protocol is Protocol.REFERENCE:
         n_fit = _fit_count(n, options.fit_fraction)
         return min(n_fit, n - n_fit) >= MIN_REFERENCE_PART

@@ -329,8 +329,7 @@ class AuditRunner:
             return self._fail(audit_id, owner, attempt, code, message)
 
     def _audit(self, job: dict[str, Any], run: RunState, store: DatabaseFeatureStore) -> Any:
-        from cdi.audit import AuditOptions, Progress
-        from cdi.features.layout import FeatureSet
+        from cdi.audit import Progress
 
         audit_fn = self.audit_fn
         if audit_fn is None:
@@ -340,9 +339,7 @@ class AuditRunner:
 
         opts = job["options"]
         device = resolve_device(self.settings.worker_device)
-        options = AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
-                               features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
-                               batch_size=self.settings.worker_batch_size)
+        options = _options(opts, device, self.settings.worker_batch_size)
         adapter, reference = self._models(job, device)
         run.check()
 
@@ -383,7 +380,9 @@ class AuditRunner:
         to) whose shards are not all done: create its shards if need be, hand the audit's lease
         to them and return the pending ones. None: run the audit here (one shard, or every shard
         done and this is the final step)."""
-        if self.queue is None:
+        if self.queue is None or (audit.options or {}).get("sequential"):
+            # A sequential audit extracts its images look by look and may stop after the
+            # first: shards would compute every image. It runs as one task.
             return None
         shards = ShardRepository(session)
         n_images = int(audit.n_published + audit.n_unpublished)
@@ -452,15 +451,12 @@ class AuditRunner:
 
     def _execute_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: dict[str, Any],
                        run: RunState, store: DatabaseFeatureStore) -> Outcome:
-        from cdi.audit import AuditOptions, Progress, extract_shard
-        from cdi.features.layout import FeatureSet
+        from cdi.audit import Progress, extract_shard
 
         try:
             opts = job["options"]
             device = resolve_device(self.settings.worker_device)
-            options = AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
-                                   features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
-                                   batch_size=self.settings.worker_batch_size)
+            options = _options(opts, device, self.settings.worker_batch_size)
             adapter, reference = self._models(job, device)
             run.check()
 
@@ -638,6 +634,18 @@ class AuditRunner:
         with self.session_factory() as session:
             audit = AuditRepository(session).get(audit_id)
             return "cancelled" if audit is not None and audit.state == AuditState.CANCELLED.value else "lost"
+
+
+def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> Any:
+    """The library's options of an audit, as stored at submission."""
+    from cdi.audit import AuditOptions
+    from cdi.features.layout import FeatureSet
+
+    return AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
+                        features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
+                        batch_size=batch_size,
+                        # Audits queued before sequential audits existed hold no such keys.
+                        **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
 
 
 def _job(session: Session, audit: Any, images: Sequence[Any]) -> dict[str, Any]:

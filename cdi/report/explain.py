@@ -96,6 +96,11 @@ def explain(report: Report, mono: tuple[str, str] = MONO_PDF) -> Explanation:
     ]
     if n_excl:
         tested.append(f"<b>Left out:</b> {n_excl} duplicate image(s) (see the controls below).")
+    seq = report.sequential
+    if seq is not None and seq.unused:
+        tested.append(f"<b>Not needed:</b> {len(seq.unused)} more image(s) were submitted but never run through the "
+                      f"model: the audit looked at the evidence in rounds and stopped once it was clear (see "
+                      f"Sequential audit below).")
     tested.append(f"<b>Method:</b> CDI ({_e(t.protocol)} protocol, one-sided test), report created "
                   f"{report.created_at.strftime('%Y-%m-%d %H:%M UTC')}.")
     means, not_means = meaning(report)

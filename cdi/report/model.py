@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING
 from cdi.report.errors import ReportFormatError
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "ImageRef",
     "ImageRow",
     "Integrity",
+    "LookRecord",
     "Manifest",
     "ModelRecord",
     "NegativeControl",
@@ -64,6 +66,7 @@ __all__ = [
     "ProtocolRun",
     "Report",
     "Seeds",
+    "SequentialRecord",
     "Signature",
     "StatisticDifference",
     "build_report",
@@ -303,6 +306,52 @@ class Controls(_Model):
     excluded: Excluded
 
 
+# --- sequential audits ----------------------------------------------------------------------
+
+
+class LookRecord(_Model):
+    """One look of a sequential audit: the directional test on the first images of each set."""
+
+    n_p: Count = Field(description="P images tested: the report's P rows 0 .. n_p - 1")
+    n_u: Count = Field(description="U images tested: the report's U rows 0 .. n_u - 1")
+    fraction: Probability = Field(description="share of all submitted images looked at (information fraction)")
+    spent_alpha: Probability = Field(description="alpha spent by this look, alpha(fraction)")
+    level: Probability = Field(description="the look's boundary: it crosses when its p-value is below this")
+    test: ProtocolRun = Field(description="the look's directional test, with its own permutation p-value")
+    crossed: bool = Field(description="p < level and P scored higher")
+    controls_passed: bool | None = Field(description="for a crossing look: whether its controls passed on its "
+                                                     "images (a look whose controls fail does not stop the audit)")
+    futile: bool = Field(description="futility stopping is on, this is not the last look, and p >= futility_p")
+
+
+class SequentialRecord(_Model):
+    """How a sequential audit looked, spent alpha and stopped (method §10, sequential audits).
+
+    Each look tests only images extracted by then; the looks' levels sum to alpha, so the
+    false-positive rate is at most alpha however the audit stops (union bound). The report's
+    images are those used; `unused` lists those never extracted.
+    """
+
+    spending: Literal["obrien-fleming", "pocock"]
+    planned_looks: Count = Field(description="looks asked for; looks smaller than min_look_set are merged")
+    min_look_set: Count = Field(description="the fewest images of a set a look tests")
+    futility: bool
+    futility_p: Probability = Field(description="with futility: a look before the last with p >= this stops "
+                                                "the audit not_detected")
+    looks: list[LookRecord] = Field(description="the looks taken, in order; the last one stopped the audit")
+    planned: list[list[Count]] = Field(description="[n_p, n_u] of every planned look")
+    stop: Literal["boundary", "futility", "final"] = Field(
+        description="boundary: a look crossed and its controls passed; futility; final: the last look was reached")
+    p_value: Probability = Field(description="min over the looks of p_k / w_k, w_k = level_k / alpha (weighted "
+                                             "Bonferroni): below alpha exactly when a look crossed")
+    submitted_p: Count = Field(description="P images submitted (after exclusions)")
+    submitted_u: Count
+    order_random_state: list[Count] = Field(description="seed of the random order of each set ([seed, 3])")
+    unused: list[ImageRef] = Field(description="images never extracted because the audit stopped first, "
+                                               "indices continuing the report's rows of their set")
+    unused_sha256: list[Sha256] = Field(description="the SHA-256 of each unused image, in the same order")
+
+
 # --- images --------------------------------------------------------------------------------
 
 
@@ -371,6 +420,11 @@ class AuditOptionsRecord(_Model):
                                                       "observed one after which sampling stops")
     duplicate_threshold: float
     feature_config: dict[str, Any] = Field(description="parameters of the 26 features")
+    sequential: bool = Field(default=False, description="a sequential audit: looks in rounds, may stop early")
+    looks: int = Field(default=DEFAULT_LOOKS, description="sequential: planned looks")
+    spending: Literal["obrien-fleming", "pocock"] = Field(default=DEFAULT_SPENDING.value,
+                                                          description="sequential: alpha-spending rule")
+    futility: bool = Field(default=False, description="sequential: stop not_detected for futility")
 
     def protocol_options(self, **changes: Any) -> ProtocolOptions:
         """The test's options as the audit ran it (``cdi.audit.AuditOptions.protocol_options``)."""
@@ -478,6 +532,8 @@ class Report(_Model):
     planning: Planning | None = Field(
         default=None, description="not_detected audits: the images per set that would detect the effect these "
                                   "images showed (cdi plan)")
+    sequential: SequentialRecord | None = Field(
+        default=None, description="sequential audits: the looks, their boundaries, and the images not used")
     integrity: Integrity | None = None
     service: dict[str, Any] | None = Field(
         default=None, description="delivery metadata a service attaches; not covered by the digest")
@@ -511,6 +567,14 @@ class Report(_Model):
             indices = [r.index for r in self.images if r.set == s]
             if indices != list(range(len(indices))):
                 problems.append(f"the {s} rows are not numbered 0, 1, ... in order")
+        seq = self.sequential
+        if seq is not None:
+            if seq.p_value != t.p_value:
+                problems.append("sequential.p_value differs from test.p_value")
+            if not seq.looks or (seq.looks[-1].n_p, seq.looks[-1].n_u) != (t.n_p, t.n_u):
+                problems.append("the last look did not test the report's images")
+            if len(seq.unused) != len(seq.unused_sha256):
+                problems.append("sequential.unused and unused_sha256 differ in length")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -656,6 +720,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     excl = result.exclusion
 
     model_record = model_record_of(result.model)
+    sequential = None if result.sequential is None else _sequential_record(result, tested_names)
     plan = result.plan
     planning = None if plan is None else Planning(
         n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),
@@ -665,6 +730,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     return Report(
         schema_version=SCHEMA_VERSION,
         planning=planning,
+        sequential=sequential,
         verdict=verdict.outcome.value,  # type: ignore[arg-type]
         p_value=float(test.p_value),
         alpha=float(test.alpha),
@@ -723,6 +789,30 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             passes=Passes(forward=result.forward_passes, backward=result.backward_passes,
                           cached_images=result.cached_images),
         ),
+    )
+
+
+def _sequential_record(result: AuditResult, tested_names: Sequence[str]) -> SequentialRecord:
+    from cdi.options import FUTILITY_P, MIN_LOOK_SET
+
+    seq = result.sequential
+    assert seq is not None
+    counts = {"P": len(result.images_p), "U": len(result.images_u)}
+    unused = []
+    for im in result.unused:
+        unused.append(ImageRef(set=im.set_name, index=counts[im.set_name], name=im.name))  # type: ignore[arg-type]
+        counts[im.set_name] += 1
+    return SequentialRecord(
+        spending=seq.design.spending.value,  # type: ignore[arg-type]
+        planned_looks=seq.design.planned_looks, min_look_set=MIN_LOOK_SET, futility=seq.design.futility,
+        futility_p=FUTILITY_P,
+        looks=[LookRecord(n_p=r.look.n_p, n_u=r.look.n_u, fraction=r.look.fraction, spent_alpha=r.look.spent,
+                          level=r.look.level, test=ProtocolRun.of(r.test, tested_names), crossed=r.crossed,
+                          controls_passed=r.controls_passed, futile=r.futile) for r in seq.looks],
+        planned=[[lk.n_p, lk.n_u] for lk in seq.design.looks], stop=seq.stop,  # type: ignore[arg-type]
+        p_value=float(seq.p_value), submitted_p=counts["P"], submitted_u=counts["U"],
+        order_random_state=[int(result.options.seed), 3],
+        unused=unused, unused_sha256=[im.sha256 for im in result.unused],
     )
 
 

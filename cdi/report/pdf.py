@@ -133,6 +133,9 @@ def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
         flow += [Paragraph("How many images would detect it", st["h2"]),
                  Paragraph(_e(report.planning.summary), st["body"])]
 
+    if report.sequential is not None:
+        flow += _sequential(report, st, width)
+
     flow.append(Paragraph("Checks on the data (controls)", st["h2"]))
     rows = [[Paragraph(f"<b>{c.name}</b>", st["cell"]),
              Paragraph(f"<b>{c.outcome}</b>", st["cell"]), Paragraph(c.text, st["cell"])]
@@ -151,6 +154,35 @@ def _page_one(report: Report, st: dict[str, Any], width: float) -> list[Any]:
     flow.append(Paragraph("How to check this report", st["h2"]))
     flow.append(Paragraph(text.check, st["small"]))
     return flow
+
+
+def _sequential(report: Report, st: dict[str, Any], width: float) -> list[Any]:
+    """A sequential audit's looks: images tested, boundary, p-value, what each decided."""
+    from reportlab.lib.colors import HexColor
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    seq = report.sequential
+    assert seq is not None
+    used = report.test.n_p + report.test.n_u
+    total = seq.submitted_p + seq.submitted_u
+    why = {"boundary": "a look crossed its boundary and its controls passed",
+           "futility": "P did not lean towards used (futility)", "final": "the last look was reached"}[seq.stop]
+    text = (f"The images were extracted and tested in rounds ({seq.spending} α-spending, at most "
+            f"{len(seq.planned)} looks); each look's boundary is its share of α = {report.alpha}, and the shares "
+            f"sum to α, so the chance of a false detection stays at most α however the audit stopped. It stopped "
+            f"after look {len(seq.looks)} because {why}: {used} of {total} images were used; "
+            f"{len(seq.unused)} were never run through the model.")
+    head = ["look", "P + U tested", "boundary", "p-value", "outcome"]
+    rows = [[Paragraph(f"<b>{h}</b>", st["cell"]) for h in head]]
+    for k, lk in enumerate(seq.looks):
+        outcome = ("crossed" + ("" if lk.controls_passed else ", controls failed") if lk.crossed
+                   else "futile" if lk.futile else "continue")
+        rows.append([Paragraph(_e(v), st["cell"]) for v in
+                     (k + 1, f"{lk.n_p} + {lk.n_u}", _p(lk.level), _p(lk.test.p_value), outcome)])
+    table = Table(rows, colWidths=[0.1 * width, 0.22 * width, 0.2 * width, 0.2 * width, 0.28 * width])
+    table.setStyle(TableStyle([("LINEBELOW", (0, 0), (-1, -2), 0.4, HexColor("#cccccc")),
+                               ("LEFTPADDING", (0, 0), (-1, -1), 3), ("TOPPADDING", (0, 0), (-1, -1), 2)]))
+    return [Paragraph("Sequential audit", st["h2"]), Paragraph(_e(text), st["body"]), table]
 
 
 # --- statistics and figures -----------------------------------------------------------------

@@ -118,9 +118,13 @@ def recompute_report(report: Report) -> Recomputation:
         Check("scores", "mean_score_u", test.mean_score_u, float(su.mean())),
     ]
 
-    # 2. The protocol rerun on the features.
+    # 2. The protocol rerun on the features (a sequential audit: every look it took).
     xp, xu = report.used_features()
-    rerun = run_test(xp, xu, test.protocol, options, alpha=test.alpha, random_state=test.random_state)
+    if report.sequential is not None:
+        rerun = _sequential_checks(report, xp, xu, options, out)
+        options = _control_options(options)
+    else:
+        rerun = run_test(xp, xu, test.protocol, options, alpha=test.alpha, random_state=test.random_state)
     out.checks += _protocol_checks("features", test, rerun)
     rerun_rows = {(r.set_name, r.index): r for r in rerun.rows}
     mismatched = [r.name for r in report.images
@@ -176,6 +180,49 @@ def recompute_report(report: Report) -> Recomputation:
         out.notes.append("recomputed with other library versions than the report's (" + ", ".join(differing)
                          + "): the last digits of some numbers may differ")
     return out
+
+
+def _control_options(options: Any) -> Any:
+    from cdi.sequential import control_options
+
+    return control_options(options)
+
+
+def _sequential_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options: Any, out: Recomputation) -> Any:
+    """Rerun a sequential audit's looks on the report's features; returns the stopping test.
+
+    The design follows from the submitted set sizes and the options. A crossing look's
+    controls decided whether it stopped the audit: the last look's are recomputed below;
+    an earlier crossing look's outcome (it did not stop) is taken from the report.
+    """
+    from cdi.options import SequentialOptions, Spending
+    from cdi.sequential import design, sequential_test
+
+    seq = report.sequential
+    assert seq is not None
+    opts = report.manifest.options
+    plan = design(seq.submitted_p, seq.submitted_u,
+                  SequentialOptions(True, opts.looks, Spending(opts.spending), opts.futility), report.alpha,
+                  floor=1.0 / (1 + opts.max_permutations))
+    out.checks.append(Check("sequential", "planned looks [n_p, n_u]", seq.planned,
+                            [[lk.n_p, lk.n_u] for lk in plan.looks]))
+    recorded = seq.looks
+    result = sequential_test(
+        xp, xu, plan, options, random_state=report.test.random_state,
+        controls=lambda k, _test: bool(recorded[k].controls_passed) if k < len(recorded) else True)
+    out.checks.append(Check("sequential", "looks taken", len(recorded), len(result.looks)))
+    for k, (rec, look) in enumerate(zip(recorded, result.looks, strict=False)):
+        out.checks += [
+            Check("sequential", f"look {k + 1} level", rec.level, float(look.look.level)),
+            Check("sequential", f"look {k + 1} statistic", rec.test.statistic, float(look.test.statistic)),
+            Check("sequential", f"look {k + 1} p_value", rec.test.p_value, float(look.test.p_value)),
+            Check("sequential", f"look {k + 1} crossed", rec.crossed, look.crossed),
+        ]
+    out.checks += [Check("sequential", "stop", seq.stop, result.stop),
+                   Check("sequential", "p_value", seq.p_value, float(result.p_value))]
+    if len(recorded) > 1 and any(r.crossed for r in recorded[:-1]):
+        out.notes.append("an earlier look crossed but its controls failed: that outcome is taken from the report")
+    return result.test
 
 
 def _control_rows(nc: Any) -> list[Any]:

@@ -115,7 +115,7 @@ def test_submit_poll_list_and_isolation(service: Service, model_id: str) -> None
 
     archive = synthetic_archive(offset=random.randrange(10**6, 10**9))  # images no other test uploads
     r = submit(service, service.alice, {"archive": ("a.zip", archive, "application/zip")},
-               model=model_id, alpha=0.05, seed=3)
+               model=model_id, alpha=0.05, seed=3, sequential="true", looks=3)
     assert r.status_code == 202, r.text
     body = r.json()
     audit_id = body["id"]
@@ -129,7 +129,8 @@ def test_submit_poll_list_and_isolation(service: Service, model_id: str) -> None
 
     status = service.client.get(f"/v1/audits/{audit_id}", headers=service.headers(service.alice)).json()  # type: ignore[attr-defined]
     assert status["state"] == "queued" and status["model"] == model_id
-    assert status["options"] == {"alpha": 0.05, "protocol": "directional", "features": "all", "seed": 3}
+    assert status["options"] == {"alpha": 0.05, "protocol": "directional", "features": "all", "seed": 3,
+                                 "sequential": True, "looks": 3, "spending": "obrien-fleming", "futility": False}
     assert status["progress"] == {"stage": None, "done": 0, "total": 0}
     assert status["n_published"] == 10 and status["n_unpublished"] == 20
     assert status["error"] is None and status["created_at"] and status["updated_at"]
@@ -235,6 +236,9 @@ BAD_CASES: list[tuple[str, dict[str, Any], dict[str, Any], int, str]] = [
     ("bad protocol", {"archive": ("a.zip", GOOD)}, {"protocol": "nope"}, 422, "invalid_options"),
     ("bad features", {"archive": ("a.zip", GOOD)}, {"features": "most"}, 422, "invalid_options"),
     ("bad seed", {"archive": ("a.zip", GOOD)}, {"seed": "x"}, 422, "invalid_options"),
+    ("bad looks", {"archive": ("a.zip", GOOD)}, {"sequential": "true", "looks": "11"}, 422, "invalid_options"),
+    ("sequential crossfit", {"archive": ("a.zip", GOOD)}, {"sequential": "true", "protocol": "crossfit"}, 422,
+     "invalid_options"),
     ("bad callback", {"archive": ("a.zip", GOOD)}, {"callback_url": "file:///etc/passwd"}, 422, "invalid_options"),
     ("no model", {"archive": ("a.zip", GOOD)}, {"model": ""}, 422, "invalid_options"),
     ("no images", {}, {}, 422, "malformed_upload"),

@@ -44,6 +44,10 @@ def _fresh_archive(n_p: int = 10, n_u: int = 20) -> bytes:
     return synthetic_archive(n_p, n_u, offset=random.randrange(10**6, 10**9))
 
 
+#: A fixed id: test ids must be the same in every test process (pytest-xdist compares them).
+_SOME_ID = uuid.UUID("9e2f1638-1176-4b92-a636-69e497043e4d")
+
+
 def _cursor(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
@@ -51,9 +55,9 @@ def _cursor(text: str) -> str:
 @pytest.mark.parametrize("url,code", [
     ("/v1/audits?state=%00", "invalid_characters"),
     ("/v1/audits?state=bogus", "invalid_state"),
-    ("/v1/audits?cursor=" + _cursor(f"0001-01-01T00:00:00+14:00|{uuid.uuid4()}"), "invalid_cursor"),
-    ("/v1/audits?cursor=" + _cursor(f"0001-01-01T00:00:00|{uuid.uuid4()}"), "invalid_cursor"),
-    ("/v1/audits?cursor=" + _cursor(f"9999-12-31T23:59:59-14:00|{uuid.uuid4()}"), "invalid_cursor"),
+    ("/v1/audits?cursor=" + _cursor(f"0001-01-01T00:00:00+14:00|{_SOME_ID}"), "invalid_cursor"),
+    ("/v1/audits?cursor=" + _cursor(f"0001-01-01T00:00:00|{_SOME_ID}"), "invalid_cursor"),
+    ("/v1/audits?cursor=" + _cursor(f"9999-12-31T23:59:59-14:00|{_SOME_ID}"), "invalid_cursor"),
     ("/v1/audits?cursor=" + _cursor("2026-01-01T00:00:00+00:00|not-a-uuid"), "invalid_cursor"),
     ("/v1/audits?cursor=%FF%FE", "invalid_cursor"),
     ("/v1/audits/%00", "invalid_characters"),

@@ -39,6 +39,10 @@ class Options:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
+    sequential: bool = False
+    looks: int = 4
+    spending: str = "obrien-fleming"
+    futility: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def world(migrated: str, tmp_path: Path, fake_library: None) -> Iterator[dict[st
 
 
 def new_audit(world: dict[str, Any], n_p: int = 4, n_u: int = 4, seed: int | None = None,
-              captions: bool = False) -> uuid.UUID:
+              captions: bool = False, options: dict[str, Any] | None = None) -> uuid.UUID:
     blobs: BlobStore = world["blobs"]
     offset = seed if seed is not None else uuid.uuid4().int % 10_000
     rows = []
@@ -135,7 +139,7 @@ def new_audit(world: dict[str, Any], n_p: int = 4, n_u: int = 4, seed: int | Non
     with session_scope(world["url"]) as s:
         audit = AuditRepository(s).create(
             tenant_id=world["tenant"].id, model_id="m", model_source="/models/m", model_revision=None,
-            options={"alpha": 0.01, "protocol": "crossfit", "features": "all", "seed": offset},
+            options={"alpha": 0.01, "protocol": "crossfit", "features": "all", "seed": offset, **(options or {})},
             callback_url=None, images=rows)
         return audit.id
 
@@ -184,6 +188,20 @@ def test_a_run_stores_report_pdf_progress_and_run_record(world: dict[str, Any]) 
     # Idempotent: a second delivery of the same task does nothing.
     assert r.run(audit_id) == "skipped"
     assert len(fn.calls) == 1
+
+
+def test_a_sequential_audit_reaches_the_library_with_its_design(world: dict[str, Any]) -> None:
+    audit_id = new_audit(world, options={"protocol": "directional", "sequential": True, "looks": 3,
+                                         "spending": "pocock", "futility": True})
+    fn = ScriptedAudit()
+    assert runner(world, fn).run(audit_id) == "done"
+    got = fn.calls[0]["options"]
+    assert (got.sequential, got.looks, got.spending, got.futility) == (True, 3, "pocock", True)
+    # An audit stored before sequential audits existed runs as a fixed one.
+    older = new_audit(world)
+    fn = ScriptedAudit()
+    assert runner(world, fn).run(older) == "done"
+    assert fn.calls[0]["options"].sequential is False
 
 
 def test_a_held_audit_is_not_run_twice(world: dict[str, Any]) -> None:

@@ -298,7 +298,9 @@ def test_labels_must_be_integers_and_cover_every_image(tmp_path: Path, settings:
 
 def test_options_defaults_and_values() -> None:
     opts, cb = parse_options({})
-    assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "all", "seed": 0} and cb is None
+    assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "all", "seed": 0,
+                              "sequential": False, "looks": 4, "spending": "obrien-fleming", "futility": False}
+    assert cb is None
     opts, cb = parse_options({"alpha": "0.05", "protocol": "reference", "features": "gradient-free",
                               "seed": "7", "callback_url": "https://example.org/hook"})
     assert (opts.alpha, opts.protocol, opts.features, opts.seed) == (0.05, "reference", "gradient-free", 7)
@@ -309,7 +311,8 @@ def test_options_defaults_and_values() -> None:
     "fields",
     [{"alpha": "x"}, {"alpha": "0"}, {"alpha": "0.5"}, {"alpha": "1.5"}, {"alpha": "nan"}, {"protocol": "magic"},
      {"features": "some"}, {"seed": "1.5"}, {"seed": "-1"}, {"callback_url": "ftp://x"},
-     {"callback_url": "not a url"}],
+     {"callback_url": "not a url"}, {"sequential": "maybe"}, {"looks": "0"}, {"looks": "11"},
+     {"spending": "haybittle"}, {"futility": "2"}, {"sequential": "true", "protocol": "crossfit"}],
 )
 def test_malformed_options(fields: dict[str, str]) -> None:
     with pytest.raises(BadInput) as info:

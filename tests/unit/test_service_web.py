@@ -89,7 +89,10 @@ def test_the_submit_form_is_described_from_its_typed_model(client: Any) -> None:
     assert all("anyOf" not in p for p in props.values())
     # The parser reads the same model: its defaults are the schema's.
     options, callback = parse_options({})
-    assert options.to_dict() == {k: props[k]["default"] for k in ("alpha", "protocol", "features", "seed")}
+    assert options.to_dict() == {k: props[k]["default"] for k in ("alpha", "protocol", "features", "seed",
+                                                                   "sequential", "looks", "spending", "futility")}
+    assert props["sequential"]["type"] == "boolean" and props["sequential"]["default"] is False
+    assert (props["looks"]["minimum"], props["looks"]["maximum"]) == (1, 10)
     assert callback is None
 
 
