@@ -377,10 +377,15 @@ def test_deleting_a_sharded_audit_stops_every_shard(env: dict[str, str], start_a
             assert time.monotonic() < deadline, (a.output()[-3000:], b.output()[-3000:])
             time.sleep(0.05)
         client.cancel(audit_id)  # DELETE
-        time.sleep(4)  # a heartbeat of each shard, at most one batch each to finish
-        settled = _features(migrated)
-        time.sleep(4)
-        assert _features(migrated) == settled < TOTAL
+        # Each shard stops at its next heartbeat, after at most the batch it is computing.
+        settled, since = _features(migrated), time.monotonic()
+        deadline = time.monotonic() + 60
+        while time.monotonic() - since < 4:
+            assert time.monotonic() < deadline, "the shards kept computing after the DELETE"
+            time.sleep(0.2)
+            if (now := _features(migrated)) != settled:
+                settled, since = now, time.monotonic()
+        assert settled < TOTAL
         status = client.status(audit_id)
     assert status["state"] == "cancelled" and status["verdict"] is None and status["deleted_at"]
     with session_scope(migrated) as s:
