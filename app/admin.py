@@ -108,6 +108,36 @@ def cmd_audits(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace, settings: Any) -> int:
+    """An audit's attempts: which worker ran which shard (or the whole audit, or its final
+    step), with what outcome, what it computed and reused, and its pass counts."""
+    import uuid
+
+    from app.storage.db import session_factory
+    from app.storage.repositories import AuditRepository, ShardRepository
+
+    try:
+        audit_id = uuid.UUID(args.audit_id)
+    except ValueError:
+        return _err(f"{args.audit_id!r} is not an audit id")
+    with session_factory(settings.database_url)() as session:
+        repo = AuditRepository(session)
+        if repo.get(audit_id) is None:
+            return _err(f"no audit {audit_id}")
+        shards = {s.shard: s for s in ShardRepository(session).all(audit_id)}
+        print(f"{'attempt':>7}  {'shard':>9}  {'outcome':10s}  {'computed':>8}  {'reused':>6}  {'forward':>8}  "
+              f"{'backward':>8}  worker")
+        for r in repo.runs(audit_id):
+            if r.shard is None:
+                what = "-"
+            else:
+                s = shards.get(r.shard)
+                what = f"{r.shard} ({s.first}+{s.count})" if s is not None else str(r.shard)
+            print(f"{r.attempt:>7}  {what:>9}  {r.outcome or 'running':10s}  {r.features_computed:>8}  "
+                  f"{r.features_reused:>6}  {r.forward_passes:>8}  {r.backward_passes:>8}  {r.worker}")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace, settings: Any) -> int:
     """Delete every ended audit older than ``--older-than`` the way DELETE does."""
     from sqlalchemy import select
@@ -165,6 +195,9 @@ def register(admin: Any, run: Any) -> None:
     q.add_argument("--state", default=None)
     q.add_argument("--limit", type=int, default=50)
     q.set_defaults(func=run(cmd_audits))
+    q = admin.add_parser("runs", help="an audit's attempts: worker, shard, outcome, features and passes")
+    q.add_argument("audit_id")
+    q.set_defaults(func=run(cmd_runs))
     q = admin.add_parser("purge", help="delete ended audits older than a duration (images, reports, runs)")
     q.add_argument("--older-than", type=parse_duration, required=True, metavar="DURATION",
                    help="e.g. 90d, 12h, 2w")

@@ -216,7 +216,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
                     for m in registry.list():
                         print(f"{m.id:24s} {m.family or '?':16s} {m.origin:10s} {m.source}")
                     return 0
-                info = registry.register(args.model_id, args.source, args.revision, args.description)
+                info = registry.register(args.model_id, args.source, args.revision, args.description,
+                                         hash_weights=True)
                 print(f"registered {info.id}: {info.family}, conditioning {info.conditioning}")
                 return 0
     except ServiceError as exc:

@@ -11,6 +11,8 @@ import uuid
 from typing import Protocol
 
 RUN_AUDIT = "worker.tasks.run_audit"
+#: One shard of a sharded audit's feature extraction (sent by the worker that split the audit).
+RUN_SHARD = "worker.tasks.run_shard"
 DELIVER_CALLBACK = "worker.tasks.deliver_callback"
 RECONCILE = "worker.tasks.reconcile"
 
@@ -36,6 +38,10 @@ class CeleryQueue:
     def enqueue(self, audit_id: uuid.UUID) -> None:
         # The task id is the audit id: revoking, and reading the broker, need no lookup table.
         self.celery.send_task(RUN_AUDIT, args=[str(audit_id)], task_id=str(audit_id), queue=self.audit_queue)
+
+    def enqueue_shard(self, audit_id: uuid.UUID, shard: int) -> None:
+        self.celery.send_task(RUN_SHARD, args=[str(audit_id), shard], task_id=f"{audit_id}:{shard}",
+                              queue=self.audit_queue)
 
     def enqueue_callback(self, audit_id: uuid.UUID) -> None:
         self.celery.send_task(DELIVER_CALLBACK, args=[str(audit_id)], queue=self.callback_queue)

@@ -1,6 +1,11 @@
 """The models this deployment can audit: those registered in the database, and the shipped
 test models of :mod:`cdi.zoo` (unless ``CDI_REGISTER_ZOO_MODELS=false``).
 
+A model is stored as what names it on every host: a shipped model by its name (each worker
+resolves it in its own installed package), a hub id with its revision, or a path (the same
+mount on every worker) with its weight files' SHA-256s, which a worker checks before it
+audits. Accepting an audit reads this registry only: no weight is opened by the API.
+
 A database entry with the same id as a shipped model takes precedence. Nothing here imports
 torch: family detection reads the model's JSON configs only (:mod:`cdi.models.detect`).
 """
@@ -41,7 +46,7 @@ def zoo_models() -> list[ModelInfo]:
         return []
     out = []
     for m in list_models():
-        out.append(ModelInfo(id=str(m.name), source=str(m.path), revision=None,
+        out.append(ModelInfo(id=str(m.name), source=str(m.name), revision=None,
                              family=getattr(m, "family", None), conditioning=getattr(m, "conditioning", None),
                              description=str(getattr(m, "description", "")), origin="zoo"))
     try:
@@ -49,7 +54,7 @@ def zoo_models() -> list[ModelInfo]:
     except ImportError:
         return out
     for lora in list_loras():  # shipped LoRA fine-tunes: a folder naming base and LoRA
-        out.append(ModelInfo(id=lora.name, source=str(lora.path), revision=None,
+        out.append(ModelInfo(id=lora.name, source=str(lora.name), revision=None,
                              family=lora.manifest.get("family"), conditioning=lora.manifest.get("conditioning"),
                              description=lora.description, origin="zoo"))
     return out
@@ -89,8 +94,11 @@ class ModelRegistry:
         return info
 
     def register(self, model_id: str, source: str, revision: str | None = None,
-                 description: str = "") -> ModelInfo:
-        """Register (or update) a model after checking its configs name a supported family."""
+                 description: str = "", *, hash_weights: bool = False) -> ModelInfo:
+        """Register (or update) a model after checking its configs name a supported family.
+
+        With ``hash_weights`` (the operator's command), the SHA-256 of every weight file of a
+        local model is stored too, and workers refuse other weights under the same path."""
         from cdi.errors import ModelError
         from cdi.models.detect import detect_family
 
@@ -98,10 +106,17 @@ class ModelRegistry:
             raise BadInput("a model id is 1-200 characters without spaces", "invalid_model_id")
         try:
             info = detect_family(source, revision=revision)
+            hashes = None
+            if hash_weights and info.reference.is_local:
+                # The operator's command only (it may import torch); a request never hashes.
+                from cdi.models.loading import weight_hashes
+
+                hashes = weight_hashes(info)
         except ModelError as exc:
             raise BadInput(str(exc), exc.code) from None
         row = self.repo.upsert(model_id, source=source, revision=revision, family=str(info.family),
-                               conditioning=str(info.conditioning), description=description)
+                               conditioning=str(info.conditioning), description=description,
+                               weight_sha256=hashes)
         return ModelInfo(row.id, row.source, row.revision, row.family, row.conditioning, row.description,
                          "registered")
 

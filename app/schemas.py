@@ -35,6 +35,16 @@ class AuditLinks(BaseModel):
     report_pdf: str
 
 
+def public_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The audit's options as its status shows them: a reference model by its registered id
+    (where a worker finds its weights is the deployment's business)."""
+    out = dict(options)
+    ref = out.get("reference_model")
+    if isinstance(ref, dict):
+        out["reference_model"] = {"id": ref.get("id")}
+    return out
+
+
 class AuditStatus(BaseModel):
     """An audit's state. ``error`` is present when ``state`` is ``failed``."""
 
@@ -67,7 +77,7 @@ class AuditStatus(BaseModel):
             id=audit.id, state=audit.state,  # type: ignore[arg-type]
             progress=Progress(stage=audit.progress_stage, done=audit.progress_done, total=audit.progress_total),
             created_at=audit.created_at, updated_at=audit.updated_at, started_at=audit.started_at,
-            finished_at=audit.finished_at, model=audit.model_id, options=dict(audit.options),
+            finished_at=audit.finished_at, model=audit.model_id, options=public_options(audit.options),
             n_published=audit.n_published, n_unpublished=audit.n_unpublished, callback_url=audit.callback_url,
             verdict=audit.verdict, p_value=audit.p_value,
             error=ErrorInfo(code=audit.error_code, message=audit.error_message or "")

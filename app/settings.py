@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     #: torch device of the worker: "cpu", "cuda", "cuda:1", "auto" (cuda when available).
     worker_device: str = "auto"
     worker_batch_size: int = Field(default=32, ge=1)
+    #: Images per shard: an audit with more images has its feature extraction split into
+    #: shards that any worker can take (each a task of its own), then scored by one final task.
+    #: The default keeps small audits to one task.
+    shard_size: int = Field(default=500, ge=1)
 
     # --- upload limits -------------------------------------------------------------------
     #: Largest request body (all uploaded files together), bytes.

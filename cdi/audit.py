@@ -418,14 +418,53 @@ def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> No
                          "the same per-image noise needs the same latent shape")
 
 
-def model_record(adapter: DiffusionAdapter, opts: AuditOptions) -> dict[str, Any]:
-    """What a report records of a model: reference, weight hashes (and a LoRA's), facts."""
+def portable_source(reference: Any) -> str:
+    """How a report names a model's source: a shipped model by its name (the same on every
+    host), a hub id as it is, a directory as given."""
+    source = str(reference.source)
+    if getattr(reference, "is_local", False):
+        from pathlib import Path
+
+        try:
+            from cdi import zoo
+        except ImportError:  # pragma: no cover - the zoo is part of the package
+            return source
+        path = Path(source).resolve()
+        for root in (zoo.MODELS_DIR, zoo.LORAS_DIR):
+            if path.parent == Path(root).resolve() and (path / "manifest.json").is_file():
+                return path.name
+    return source
+
+
+def _portable_lora(source: str, name: str | None) -> str:
+    """How a report names a LoRA's files: a shipped LoRA by its name; under ``name`` (a
+    registered model) by the file's name only; else as given."""
+    from pathlib import Path
+
+    path = Path(source)
+    try:
+        from cdi import zoo
+
+        rel = path.resolve().relative_to(Path(zoo.LORAS_DIR).resolve())
+        return rel.parts[0]
+    except (ImportError, ValueError, IndexError):
+        pass
+    return f"{name}: {path.name}" if name else source
+
+
+def model_record(adapter: DiffusionAdapter, opts: AuditOptions, name: str | None = None) -> dict[str, Any]:
+    """What a report records of a model: its name (``name``, e.g. a service's registered id,
+    else :func:`portable_source`), weight hashes (and a LoRA's), facts."""
+    facts = adapter.describe(opts.feature_config.timesteps())
+    lora = facts.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("source"), str):
+        facts["lora"] = {**lora, "source": _portable_lora(lora["source"], name)}
     return {
-        "source": adapter.identity.reference.source,
+        "source": name or portable_source(adapter.identity.reference),
         "revision": adapter.identity.reference.revision,
         "digest": adapter.identity.digest,
         "weight_sha256": dict(adapter.identity.weight_sha256),
-        **adapter.describe(opts.feature_config.timesteps()),
+        **facts,
     }
 
 
@@ -459,6 +498,8 @@ def audit(
     options: AuditOptions | None = None,
     progress: Callable[[Progress], None] | None = None,
     feature_store: FeatureStore | None = None,
+    model_name: str | None = None,
+    reference_name: str | None = None,
 ) -> AuditResult:
     """Run CDI on published images P and unpublished images U against ``model``.
 
@@ -470,7 +511,9 @@ def audit(
     and the controls see the differences. Pickled weights are refused unless
     ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). A model (or reference) given as one
     single-file checkpoint needs ``config`` (``reference_config``): a local diffusers folder
-    of its configs. Raises
+    of its configs. ``model_name`` and ``reference_name`` name the models in the report (a
+    service's registered ids; default: the shipped model's name, the hub id or the
+    directory). Raises
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
@@ -520,7 +563,7 @@ def audit(
     ref_key = ref_record = None
     if reference is not None:
         ref_key = feature_key(reference.identity.digest, opts)
-        ref_record = model_record(reference, opts)
+        ref_record = model_record(reference, opts, reference_name)
         ref_record["feature_key"] = ref_key
 
     def extract(rows: Sequence[int]) -> None:
@@ -622,7 +665,7 @@ def audit(
     ]
     unused = tuple(im for i, im in enumerate(images) if i not in used)
     images = [im for i, im in enumerate(images) if i in used]
-    model_info = model_record(adapter, opts)
+    model_info = model_record(adapter, opts, model_name)
     mode = "uncalibrated" if reference is None else "reference-calibrated"
     model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
                                  **({"reference_model": ref_record} if ref_record is not None else {})}
@@ -679,6 +722,88 @@ def _round_order(prepared: _Prepared, seed: int) -> _Prepared:
         stats=prepared.stats[order],
         conditions=[prepared.conditions[i] for i in order],
     )
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What :func:`extract_shard` did: images, how many found stored, passes, the feature key."""
+
+    images: int
+    cached: int
+    computed: int
+    forward_passes: int
+    backward_passes: int
+    feature_key: str
+    reference_feature_key: str | None = None
+
+
+def extract_shard(
+    files: Sequence[ImageFile],
+    model: str | DiffusionAdapter,
+    feature_store: FeatureStore,
+    *,
+    revision: str | None = None,
+    reference_model: str | DiffusionAdapter | None = None,
+    reference_revision: str | None = None,
+    allow_pickle: bool | None = None,
+    captions: Mapping[str, str] | None = None,
+    labels: Mapping[str, int] | None = None,
+    options: AuditOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> Extraction:
+    """Compute into ``feature_store`` the features of some of an audit's images (one shard).
+
+    The features are those :func:`audit` computes for the same images, model, reference and
+    options (an image's noise depends on the seed and its SHA-256 only, never on its batch or
+    its neighbours; other batches only round differently, at float precision), so an
+    :func:`audit` over all the images with the same store afterwards computes nothing again.
+    Images whose features the store has are skipped. Every image is
+    decoded first: unreadable ones raise one :class:`~cdi.errors.InputError` naming them.
+    """
+    opts = options or AuditOptions()
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(stage, done, total))
+
+    from cdi.models.detect import detect_family
+
+    conditioning = detect_family(model, revision).conditioning if isinstance(model, str) else model.conditioning
+    conds = _conditions(files, conditioning, captions, labels)
+    errors: list[ImageError] = []
+    for i, f in enumerate(files):
+        try:
+            open_image(f.data, f.name)
+        except ImageError as exc:
+            errors.append(exc)
+        report("validating", i + 1, len(files))
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+        failure.image_errors = errors  # type: ignore[attr-defined]
+        raise failure
+    prepared = _Prepared(files=list(files), set_names=[""] * len(files), stats=np.empty((0,)), conditions=conds)
+    adapter = _load(model, revision, opts, None, 1.0, allow_pickle)
+    reference = None
+    if reference_model is not None:
+        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle)
+        check_reference(adapter, reference)
+    n = len(files)
+    passes = 1 if reference is None else 2
+
+    def stage(offset: int) -> Callable[[str, int, int], None]:
+        return lambda name, done, _total: report(name, offset + done, passes * n)
+
+    key = feature_key(adapter.identity.digest, opts)
+    _, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, stage(0))
+    ref_key = None
+    if reference is not None:
+        ref_key = feature_key(reference.identity.digest, opts)
+        _, ref_cached, ref_fwd, ref_bwd = _extract(reference, prepared, opts, ref_key, feature_store, stage(n))
+        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
+    return Extraction(images=n, cached=cached, computed=passes * n - cached, forward_passes=fwd,
+                      backward_passes=bwd, feature_key=key, reference_feature_key=ref_key)
 
 
 def result_to_dict(result: AuditResult) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_routing_key": settings.audit_queue,
         "task_routes": {
             "worker.tasks.run_audit": {"queue": settings.audit_queue},
+            "worker.tasks.run_shard": {"queue": settings.audit_queue},
             "worker.tasks.deliver_callback": {"queue": settings.callback_queue},
             "worker.tasks.reconcile": {"queue": settings.callback_queue},
         },

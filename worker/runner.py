@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
@@ -42,7 +42,7 @@ from app.settings import Settings
 from app.storage.blobs import BlobNotFound, BlobStore
 from app.storage.ledger import BlobLedger, release
 from app.storage.models import AuditState
-from app.storage.repositories import AuditRepository, FeatureRepository
+from app.storage.repositories import AuditRepository, FeatureRepository, ModelRepository, ShardRepository
 from cdi.report import seal_document, signing_key_from_env
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["done", "failed", "cancelled", "busy", "skipped", "lost", "missing"]
+Outcome = Literal["done", "failed", "cancelled", "busy", "skipped", "lost", "missing", "dispatched"]
 
 #: The library's progress stages → the audit's state.
 STAGE_STATE: dict[str, AuditState] = {
@@ -179,11 +179,25 @@ ModelLoader = Callable[[str, "str | None", str], "DiffusionAdapter"]
 AuditFunction = Callable[..., Any]
 
 
+class ShardQueue(Protocol):
+    """Where a worker sends a sharded audit's tasks (:class:`app.queue.CeleryQueue`)."""
+
+    def enqueue(self, audit_id: uuid.UUID) -> None: ...
+
+    def enqueue_shard(self, audit_id: uuid.UUID, shard: int) -> None: ...
+
+
+class ModelChanged(Exception):
+    """The weights found on this worker are not those registered under the model's id."""
+
+
 class AuditRunner:
     def __init__(self, settings: Settings, session_factory: Callable[[], Session], blobs: BlobStore,
                  load_model: ModelLoader, audit_fn: AuditFunction | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, queue: ShardQueue | None = None) -> None:
         self.settings = settings
+        #: Sends shard tasks and the final step; without one, audits are never split.
+        self.queue = queue
         self.session_factory = session_factory
         self.blobs = blobs
         self.load_model = load_model
@@ -212,19 +226,20 @@ class AuditRunner:
             session.refresh(audit)
             attempt = audit.attempts
             repo.start_run(audit_id, attempt, owner)
+            pending = self._shards_to_run(session, audit, owner)
+            if pending is not None:
+                repo.update_run(audit_id, attempt, outcome="dispatched", finished_at=_now())
+                session.commit()
+                assert self.queue is not None
+                for shard in pending:
+                    self.queue.enqueue_shard(audit_id, shard)
+                log.info("audit split into shards", extra={"audit_id": str(audit_id), "shards": pending})
+                return "dispatched"
             repo.heartbeat(audit_id, owner, self.lease, state=AuditState.VALIDATING.value,
                            progress_stage="validating", progress_done=0,
                            progress_total=audit.n_published + audit.n_unpublished)
             session.commit()
-            images = repo.images(audit_id)
-            job: dict[str, Any] = {
-                "model_source": audit.model_source, "model_revision": audit.model_revision,
-                "options": dict(audit.options),
-                "published": [(im.name, im.sha256) for im in images if im.role == "published"],
-                "unpublished": [(im.name, im.sha256) for im in images if im.role == "unpublished"],
-                "captions": {im.name: im.caption for im in images if im.caption is not None},
-                "labels": {im.name: im.label for im in images if im.label is not None},
-            }
+            job = _job(session, audit, repo.images(audit_id))
         log.info("audit started", extra={"audit_id": str(audit_id), "attempt": attempt, "worker": owner})
 
         run = RunState(stage="validating", total=len(job["published"]) + len(job["unpublished"]))
@@ -314,8 +329,7 @@ class AuditRunner:
             return self._fail(audit_id, owner, attempt, code, message)
 
     def _audit(self, job: dict[str, Any], run: RunState, store: DatabaseFeatureStore) -> Any:
-        from cdi.audit import AuditOptions, Progress
-        from cdi.features.layout import FeatureSet
+        from cdi.audit import Progress
 
         audit_fn = self.audit_fn
         if audit_fn is None:
@@ -325,14 +339,8 @@ class AuditRunner:
 
         opts = job["options"]
         device = resolve_device(self.settings.worker_device)
-        options = AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
-                               features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
-                               batch_size=self.settings.worker_batch_size,
-                               # Audits queued before sequential audits existed hold no such keys.
-                               **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
-        adapter = self.load_model(job["model_source"], job["model_revision"], device)
-        ref = opts.get("reference_model")
-        reference = self.load_model(ref["source"], ref.get("revision"), device) if ref else None
+        options = _options(opts, device, self.settings.worker_batch_size)
+        adapter, reference = self._models(job, device)
         run.check()
 
         def progress(p: Progress) -> None:
@@ -349,7 +357,216 @@ class AuditRunner:
             captions=job["captions"] or None, labels=job["labels"] or None, options=options,
             progress=progress, feature_store=store,
             **({"reference_model": reference} if reference is not None else {}),  # type: ignore[arg-type]
+            # Reports name models by their registered ids, never by where a host keeps them.
+            **({"model_name": job["model_id"], "reference_name": job["reference_id"]}
+               if self.audit_fn is None else {}),
         )
+
+    def _models(self, job: dict[str, Any], device: str) -> tuple[DiffusionAdapter, DiffusionAdapter | None]:
+        """The audit's model (and reference), checked against the weights registered for them."""
+        adapter = self.load_model(job["model_source"], job["model_revision"], device)
+        _check_weights(adapter, job["model_id"], job["model_weights"])
+        ref = job["options"].get("reference_model")
+        if not ref:
+            return adapter, None
+        reference = self.load_model(ref["source"], ref.get("revision"), device)
+        _check_weights(reference, job["reference_id"], job["reference_weights"])
+        return adapter, reference
+
+    # --- sharded audits -------------------------------------------------------------------
+
+    def _shards_to_run(self, session: Session, audit: Any, owner: str) -> list[int] | None:
+        """For an audit to split (more images than ``CDI_SHARD_SIZE``, and a queue to send shards
+        to) whose shards are not all done: create its shards if need be, hand the audit's lease
+        to them and return the pending ones. None: run the audit here (one shard, or every shard
+        done and this is the final step)."""
+        if self.queue is None or (audit.options or {}).get("sequential"):
+            # A sequential audit extracts its images look by look and may stop after the
+            # first: shards would compute every image. It runs as one task.
+            return None
+        shards = ShardRepository(session)
+        n_images = int(audit.n_published + audit.n_unpublished)
+        existing = shards.all(audit.id)
+        if not existing and n_images <= self.settings.shard_size:
+            return None
+        passes = 2 if (audit.options or {}).get("reference_model") else 1
+        rows = existing or shards.ensure(audit.id, n_images, self.settings.shard_size, passes)
+        pending = [r.shard for r in rows if r.state != "done"]
+        if not pending:
+            return None
+        if not shards.hand_to_shards(audit.id, owner, self.lease):
+            return []
+        return pending
+
+    def run_shard(self, audit_id: uuid.UUID, shard: int) -> Outcome:
+        """Extract one shard's features into the feature store; the last shard to finish sends
+        the final step (:meth:`run`, which then finds every feature stored)."""
+        owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        with self.session_factory() as session:
+            repo, shards = AuditRepository(session), ShardRepository(session)
+            audit = repo.get(audit_id)
+            row = shards.get(audit_id, shard)
+            if audit is None or row is None:
+                return "missing"
+            if AuditState(audit.state).is_terminal:
+                return "skipped"
+            if row.state == "done":
+                # A redelivered task whose worker died after finishing: the final step may never
+                # have been sent.
+                complete = shards.all_done(audit_id)
+                session.commit()
+                if complete:
+                    self._finalise(audit_id)
+                return "skipped"
+            if not shards.claim(audit_id, shard, owner, self.lease):
+                session.rollback()
+                return "busy"
+            attempt = repo.next_attempt(audit_id)
+            if attempt is None:
+                session.rollback()
+                return "skipped"
+            repo.start_run(audit_id, attempt, owner, shard=shard)
+            session.commit()
+            session.refresh(row)
+            images = repo.images(audit_id)[row.first:row.first + row.count]
+            job = _job(session, audit, images)
+            total = int(row.progress_total)
+        log.info("shard started", extra={"audit_id": str(audit_id), "shard": shard, "attempt": attempt,
+                                         "worker": owner})
+        run = RunState(state=AuditState.EXTRACTING, stage="extracting", total=total)
+        stop_heartbeat = threading.Event()
+        beat = threading.Thread(target=self._shard_heartbeat, args=(audit_id, shard, owner, run, stop_heartbeat),
+                                name=f"heartbeat-{audit_id}-{shard}", daemon=True)
+        beat.start()
+        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run)
+        try:
+            outcome = self._execute_shard(audit_id, shard, owner, attempt, job, run, store)
+        finally:
+            stop_heartbeat.set()
+            beat.join(timeout=10)
+        log.info("shard ended", extra={"audit_id": str(audit_id), "shard": shard, "attempt": attempt,
+                                       "outcome": outcome, "features_computed": store.computed,
+                                       "features_reused": store.reused})
+        return outcome
+
+    def _execute_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: dict[str, Any],
+                       run: RunState, store: DatabaseFeatureStore) -> Outcome:
+        from cdi.audit import Progress, extract_shard
+
+        try:
+            opts = job["options"]
+            device = resolve_device(self.settings.worker_device)
+            options = _options(opts, device, self.settings.worker_batch_size)
+            adapter, reference = self._models(job, device)
+            run.check()
+
+            def progress(p: Progress) -> None:
+                if p.stage == "extracting":
+                    with run.lock:
+                        run.done, run.total = int(p.done), int(p.total)
+                    run.changed.set()
+                run.check()
+
+            files = list(BlobImages(self.blobs, job["published"] + job["unpublished"]))
+            extraction = extract_shard(
+                files, adapter, store, reference_model=reference, captions=job["captions"] or None,
+                labels=job["labels"] or None, options=options, progress=progress)
+            run.check()
+            run.finishing = True
+            with self.session_factory() as session:
+                marked, complete = ShardRepository(session).complete(audit_id, shard, owner)
+                AuditRepository(session).update_run(
+                    audit_id, attempt, outcome="done" if marked else "superseded", finished_at=_now(),
+                    forward_passes=extraction.forward_passes, backward_passes=extraction.backward_passes)
+                session.commit()
+            if complete:
+                self._finalise(audit_id)
+            else:
+                with self.session_factory() as session:
+                    orphans = ShardRepository(session).orphans(audit_id)
+                    session.commit()
+                self._resend(audit_id, orphans)
+            return "done" if marked else "lost"
+        except AuditStopped as stop:
+            self._record_run(audit_id, attempt, stop.reason)
+            return stop.reason
+        except OperationalError:
+            log.exception("database error in shard %s of audit %s; it will be retried", shard, audit_id)
+            try:
+                with self.session_factory() as session:
+                    ShardRepository(session).release(audit_id, shard, owner)
+                    session.commit()
+            except OperationalError:
+                pass
+            raise
+        except Exception as exc:
+            if run.stop is not None:
+                self._record_run(audit_id, attempt, run.stop.reason)
+                return run.stop.reason
+            if isinstance(exc, BlobNotFound):
+                code, message = "images_missing", (f"an uploaded image is missing from storage ({exc}); "
+                                                   "submit the audit again")
+            else:
+                code, message = _classify(exc)
+                if code == "internal_error":
+                    log.exception("shard %s of audit %s failed unexpectedly", shard, audit_id)
+            # A shard's failure is the audit's: its images or its model cannot be used.
+            run.finishing = True
+            with self.session_factory() as session:
+                repo = AuditRepository(session)
+                failed = repo.fail_unleased(audit_id, code, message)
+                repo.update_run(audit_id, attempt, outcome="failed", finished_at=_now())
+                session.commit()
+            if failed:
+                self.retire_images(audit_id)
+                return "failed"
+            return self._stopped_outcome(audit_id)
+
+    def _resend(self, audit_id: uuid.UUID, shards: Sequence[int]) -> None:
+        """Send again the tasks of shards whose worker died (the broker would, but only after
+        its visibility timeout)."""
+        assert self.queue is not None
+        for shard in shards:
+            log.warning("audit %s: shard %s lost its worker; sending it again", audit_id, shard)
+            self.queue.enqueue_shard(audit_id, shard)
+
+    def _finalise(self, audit_id: uuid.UUID) -> None:
+        """Send the final step: scoring, test, controls and report over the stored features. Sent
+        by every worker that finds all shards done; the audit's lease keeps it to one run."""
+        assert self.queue is not None
+        self.queue.enqueue(audit_id)
+
+    def _shard_heartbeat(self, audit_id: uuid.UUID, shard: int, owner: str, run: RunState,
+                         stop: threading.Event) -> None:
+        interval = max(0.5, min(self.settings.lease_seconds / 3.0, 5.0))
+        while not stop.is_set():
+            run.changed.wait(timeout=interval)
+            run.changed.clear()
+            if stop.is_set() or run.finishing:
+                return
+            with run.lock:
+                done, total = run.done, run.total
+            try:
+                with self.session_factory() as session:
+                    shards = ShardRepository(session)
+                    state = shards.heartbeat(audit_id, shard, owner, self.lease, done, total)
+                    orphans = shards.orphans(audit_id)
+                    session.commit()
+                self._resend(audit_id, orphans)
+            except OperationalError:
+                log.warning("heartbeat of shard %s of audit %s failed (database unreachable); retrying",
+                            shard, audit_id)
+                continue
+            if stop.is_set() or run.finishing:
+                return
+            if state == AuditState.CANCELLED.value:
+                run.stop = AuditStopped("cancelled")
+                log.info("audit %s was cancelled; shard %s stops", audit_id, shard)
+                return
+            if state is None or AuditState(state).is_terminal:
+                run.stop = AuditStopped("lost")
+                log.warning("audit %s: shard %s was taken over or the audit ended; stopping", audit_id, shard)
+                return
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -419,6 +636,53 @@ class AuditRunner:
             return "cancelled" if audit is not None and audit.state == AuditState.CANCELLED.value else "lost"
 
 
+def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> Any:
+    """The library's options of an audit, as stored at submission."""
+    from cdi.audit import AuditOptions
+    from cdi.features.layout import FeatureSet
+
+    return AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
+                        features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
+                        batch_size=batch_size,
+                        # Audits queued before sequential audits existed hold no such keys.
+                        **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
+
+
+def _job(session: Session, audit: Any, images: Sequence[Any]) -> dict[str, Any]:
+    """What a worker needs of an audit (or of one shard's ``images``), read in one transaction."""
+    models = ModelRepository(session)
+    options = dict(audit.options)
+    ref = options.get("reference_model") or {}
+
+    def registered(model_id: str | None) -> dict[str, str] | None:
+        row = models.get(model_id) if model_id else None
+        return dict(row.weight_sha256) if row is not None and row.weight_sha256 else None
+
+    return {
+        "model_id": audit.model_id, "model_source": audit.model_source, "model_revision": audit.model_revision,
+        "model_weights": registered(audit.model_id),
+        "reference_id": ref.get("id"), "reference_weights": registered(ref.get("id")),
+        "options": options,
+        "published": [(im.name, im.sha256) for im in images if im.role == "published"],
+        "unpublished": [(im.name, im.sha256) for im in images if im.role == "unpublished"],
+        "captions": {im.name: im.caption for im in images if im.caption is not None},
+        "labels": {im.name: im.label for im in images if im.label is not None},
+    }
+
+
+def _check_weights(adapter: Any, model_id: str | None, expected: Mapping[str, str] | None) -> None:
+    """Refuse weights other than those registered under ``model_id`` (a path names a file on
+    each host; the hashes say whether it is the same file)."""
+    identity = getattr(adapter, "identity", None)
+    if not expected or identity is None:
+        return
+    found = dict(identity.weight_sha256)
+    if found != dict(expected):
+        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise ModelChanged(f"the weights of model {model_id!r} on this worker differ from those registered "
+                           f"({', '.join(differ[:5])}); register the model again or fix the worker's copy")
+
+
 def _now() -> Any:
     from app.storage.models import utcnow
 
@@ -465,6 +729,8 @@ def _classify(exc: Exception) -> tuple[str, str]:
             codes = {e.code for e in image_errors}
             return (codes.pop() if len(codes) == 1 else "image_corrupt"), str(exc)
         return exc.code, str(exc)
+    if isinstance(exc, ModelChanged):
+        return "model_changed", str(exc)
     if type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory", ("the model ran out of accelerator memory; the operator can lower "
                                  "CDI_WORKER_BATCH_SIZE")

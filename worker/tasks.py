@@ -3,6 +3,11 @@
 * ``run_audit(audit_id)``: runs the audit (:class:`worker.runner.AuditRunner`). Running it
   again after it finished does nothing; running it while another worker holds the audit
   re-queues it for later; running it after a crash resumes from the stored features.
+  An audit with more images than ``CDI_SHARD_SIZE`` is split: this task sends one
+  ``run_shard`` per shard and returns; the last shard to finish sends ``run_audit`` again,
+  which then finds every feature stored and scores, tests and reports.
+* ``run_shard(audit_id, shard)``: extracts one shard's features into the database (only
+  those not stored yet); any worker can take it, and a redelivered one resumes.
 * ``deliver_callback(audit_id)``: POSTs the audit's final status to its callback URL,
   retrying with exponential backoff.
 """
@@ -42,7 +47,7 @@ def settings() -> Settings:
 @lru_cache(maxsize=1)
 def runner() -> AuditRunner:
     s = settings()
-    return AuditRunner(s, session_factory(s.database_url), open_blob_store(s), get_model)
+    return AuditRunner(s, session_factory(s.database_url), open_blob_store(s), get_model, queue=_queue(s))
 
 
 @worker_process_init.connect
@@ -60,6 +65,18 @@ def run_audit(self: Task, audit_id: str) -> str:
         # lease would have run out, so that the audit survives that worker dying too.
         raise self.retry(countdown=settings().lease_seconds, max_retries=None)
     if outcome in ("done", "failed"):
+        queue_callback(uuid.UUID(audit_id))
+    return outcome
+
+
+@celery.task(name="worker.tasks.run_shard", bind=True, acks_late=True, reject_on_worker_lost=True,
+             autoretry_for=(OperationalError,), retry_backoff=5, retry_backoff_max=300, max_retries=20)
+def run_shard(self: Task, audit_id: str, shard: int) -> str:
+    outcome = runner().run_shard(uuid.UUID(audit_id), int(shard))
+    if outcome == "busy":
+        # Another live worker holds the shard: look again when its lease would have run out.
+        raise self.retry(countdown=settings().lease_seconds, max_retries=None)
+    if outcome == "failed":
         queue_callback(uuid.UUID(audit_id))
     return outcome
 

@@ -123,6 +123,10 @@ class RegisteredModel(Base):
     conditioning: Mapped[str | None] = mapped_column(String(20), default=None)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: SHA-256 of every weight file (relative path → hash), when the registry could read them:
+    #: a worker refuses weights that differ (a path is the same name on every host, not the
+    #: same file).
+    weight_sha256: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Audit(Base):
@@ -231,8 +235,32 @@ class AuditRun(Base):
     #: The library's pass counts for this attempt (``AuditResult.passes``), when it finished.
     forward_passes: Mapped[int] = mapped_column(BigInteger, default=0)
     backward_passes: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: The shard this attempt extracted; None for the whole audit or its final step.
+    shard: Mapped[int | None] = mapped_column(Integer, default=None)
 
     audit: Mapped[Audit] = relationship(back_populates="runs")
+
+
+class AuditShard(Base):
+    """A slice of an audit's images (positions ``first`` … ``first + count - 1``) whose features
+    one worker extracts. ``state`` is ``pending`` until all its features are stored, then
+    ``done``; its lease works like the audit's."""
+
+    __tablename__ = "audit_shards"
+
+    audit_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(12), default="pending")
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Blob(Base):

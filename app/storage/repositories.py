@@ -28,6 +28,7 @@ from app.storage.models import (
     Audit,
     AuditImage,
     AuditRun,
+    AuditShard,
     AuditState,
     FeatureRow,
     RegisteredModel,
@@ -119,13 +120,15 @@ class ModelRepository:
         return list(self.session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)))
 
     def upsert(self, model_id: str, *, source: str, revision: str | None, family: str | None,
-               conditioning: str | None, description: str = "") -> RegisteredModel:
+               conditioning: str | None, description: str = "",
+               weight_sha256: dict[str, str] | None = None) -> RegisteredModel:
         row = self.session.get(RegisteredModel, model_id)
         if row is None:
             row = RegisteredModel(id=model_id, source=source)
             self.session.add(row)
         row.source, row.revision, row.family = source, revision, family
         row.conditioning, row.description = conditioning, description
+        row.weight_sha256 = dict(weight_sha256) if weight_sha256 else None
         self.session.flush()
         return row
 
@@ -359,6 +362,8 @@ class AuditRepository:
             select(func.count()).select_from(AuditImage).where(AuditImage.audit_id == audit.id)) or 0)
         self.session.execute(delete(AuditImage).where(AuditImage.audit_id == audit.id)
                              .execution_options(synchronize_session=False))
+        self.session.execute(delete(AuditShard).where(AuditShard.audit_id == audit.id)
+                             .execution_options(synchronize_session=False))
         n_runs = self.session.execute(delete(AuditRun).where(AuditRun.audit_id == audit.id)
                                       .execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
         n_features = 0
@@ -385,22 +390,168 @@ class AuditRepository:
 
     # --- runs ---------------------------------------------------------------------------
 
-    def start_run(self, audit_id: uuid.UUID, attempt: int, worker: str) -> AuditRun:
-        # Earlier attempts that never recorded an outcome died with their worker.
+    def start_run(self, audit_id: uuid.UUID, attempt: int, worker: str, shard: int | None = None) -> AuditRun:
+        # Earlier attempts (at the whole audit, or at this shard) that never recorded an outcome
+        # died with their worker. Other shards' attempts may be running on other workers.
+        same = AuditRun.shard.is_(None) if shard is None else AuditRun.shard == shard
         self.session.execute(
             update(AuditRun).where(AuditRun.audit_id == audit_id, AuditRun.attempt < attempt,
-                                   AuditRun.outcome.is_(None))
+                                   AuditRun.outcome.is_(None), same)
             .values(outcome="crashed", finished_at=utcnow()).execution_options(synchronize_session=False))
         run = self.session.get(AuditRun, (audit_id, attempt))
         if run is None:
-            run = AuditRun(audit_id=audit_id, attempt=attempt, worker=worker)
+            run = AuditRun(audit_id=audit_id, attempt=attempt, worker=worker, shard=shard)
             self.session.add(run)
         self.session.flush()
         return run
 
+    def next_attempt(self, audit_id: uuid.UUID) -> int | None:
+        """A new attempt number for a shard's run (None if the audit is gone or final)."""
+        value = self.session.scalar(
+            update(Audit).where(Audit.id == audit_id, Audit.state.not_in(TERMINAL_STATES))
+            .values(attempts=Audit.attempts + 1).returning(Audit.attempts)
+            .execution_options(synchronize_session=False))
+        return None if value is None else int(value)
+
     def update_run(self, audit_id: uuid.UUID, attempt: int, **values: Any) -> None:
         self.session.execute(update(AuditRun).where(AuditRun.audit_id == audit_id, AuditRun.attempt == attempt)
                              .values(**values).execution_options(synchronize_session=False))
+
+
+#: The audit's lease owner while its shards run: any shard's heartbeat renews it.
+SHARDS_OWNER = "shards"
+
+
+class ShardRepository:
+    """An audit's shards: their creation, leases, progress and completion."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def all(self, audit_id: uuid.UUID) -> list[AuditShard]:
+        return list(self.session.scalars(
+            select(AuditShard).where(AuditShard.audit_id == audit_id).order_by(AuditShard.shard)))
+
+    def get(self, audit_id: uuid.UUID, shard: int) -> AuditShard | None:
+        return self.session.get(AuditShard, (audit_id, shard))
+
+    def ensure(self, audit_id: uuid.UUID, n_images: int, shard_size: int, passes: int) -> list[AuditShard]:
+        """The audit's shards, created on first call (later calls keep the first split, even if
+        the configured size changed since)."""
+        existing = self.all(audit_id)
+        if existing:
+            return existing
+        for i, first in enumerate(range(0, n_images, shard_size)):
+            count = min(shard_size, n_images - first)
+            self.session.add(AuditShard(audit_id=audit_id, shard=i, first=first, count=count, state="pending",
+                                        attempts=0, progress_done=0, progress_total=passes * count))
+        self.session.flush()
+        return self.all(audit_id)
+
+    def hand_to_shards(self, audit_id: uuid.UUID, owner: str, lease: timedelta) -> bool:
+        """Move the audit's lease from ``owner`` (the worker that split it) to its shards."""
+        now = utcnow()
+        done, total = self._progress(audit_id)
+        result = self.session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.lease_owner == owner, Audit.state.not_in(TERMINAL_STATES))
+            .values(lease_owner=SHARDS_OWNER, lease_expires_at=now + lease, state=AuditState.EXTRACTING.value,
+                    progress_stage="extracting", progress_done=done, progress_total=total, updated_at=now)
+            .execution_options(synchronize_session=False))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def claim(self, audit_id: uuid.UUID, shard: int, owner: str, lease: timedelta) -> bool:
+        """Take a pending shard unless another live worker holds it."""
+        now = utcnow()
+        result = self.session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard == shard, AuditShard.state == "pending",
+                   or_(AuditShard.lease_owner.is_(None), AuditShard.lease_expires_at < now,
+                       AuditShard.lease_owner == owner))
+            .values(lease_owner=owner, lease_expires_at=now + lease, attempts=AuditShard.attempts + 1)
+            .execution_options(synchronize_session=False))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def heartbeat(self, audit_id: uuid.UUID, shard: int, owner: str, lease: timedelta, done: int,
+                  total: int) -> str | None:
+        """Renew the shard's lease (and the audit's, while its shards hold it), record progress.
+
+        Returns the audit's state, or None if the audit is gone or another worker took the shard."""
+        now = utcnow()
+        result = self.session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard == shard, AuditShard.lease_owner == owner,
+                   AuditShard.state == "pending")
+            .values(lease_expires_at=now + lease, progress_done=done, progress_total=total)
+            .execution_options(synchronize_session=False))
+        held = bool(result.rowcount)  # type: ignore[attr-defined]
+        sums = self._progress(audit_id)
+        self.session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.lease_owner == SHARDS_OWNER,
+                                Audit.state.not_in(TERMINAL_STATES))
+            .values(lease_expires_at=now + lease, progress_done=sums[0], progress_total=sums[1], updated_at=now)
+            .execution_options(synchronize_session=False))
+        state = self.session.scalar(select(Audit.state).where(Audit.id == audit_id))
+        if state is None or (not held and state != AuditState.CANCELLED.value):
+            return None
+        return str(state)
+
+    def release(self, audit_id: uuid.UUID, shard: int, owner: str) -> None:
+        self.session.execute(
+            update(AuditShard).where(AuditShard.audit_id == audit_id, AuditShard.shard == shard,
+                                     AuditShard.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None).execution_options(synchronize_session=False))
+
+    def complete(self, audit_id: uuid.UUID, shard: int, owner: str) -> tuple[bool, bool]:
+        """Mark the shard done; returns (whether this call did, whether every shard is done now).
+
+        The audit's row is locked first, so that of two shards finishing at once exactly the
+        later one sees all shards done. When all are, the shards' lease on the audit is made
+        to run out at once: the final step (or the reconciler, if that step is never sent)
+        takes the audit over."""
+        self.session.execute(select(Audit.id).where(Audit.id == audit_id).with_for_update())
+        now = utcnow()
+        result = self.session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard == shard, AuditShard.lease_owner == owner,
+                   AuditShard.state == "pending")
+            .values(state="done", lease_owner=None, lease_expires_at=None, finished_at=now,
+                    progress_done=AuditShard.progress_total)
+            .execution_options(synchronize_session=False))
+        marked = bool(result.rowcount)  # type: ignore[attr-defined]
+        complete = self.all_done(audit_id)
+        done, total = self._progress(audit_id)
+        values: dict[str, Any] = {"progress_done": done, "progress_total": total, "updated_at": now}
+        if complete:
+            values["lease_expires_at"] = now
+        self.session.execute(
+            update(Audit).where(Audit.id == audit_id, Audit.lease_owner == SHARDS_OWNER,
+                                Audit.state.not_in(TERMINAL_STATES))
+            .values(**values).execution_options(synchronize_session=False))
+        return marked, complete
+
+    def orphans(self, audit_id: uuid.UUID) -> list[int]:
+        """Pending shards whose worker's lease ran out (it died): released, so that the caller
+        sends their tasks again. Each orphan is returned to one caller only."""
+        now = utcnow()
+        rows = self.session.scalars(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.state == "pending",
+                   AuditShard.lease_owner.is_not(None), AuditShard.lease_expires_at < now)
+            .values(lease_owner=None, lease_expires_at=None).returning(AuditShard.shard)
+            .execution_options(synchronize_session=False))
+        return sorted(int(r) for r in rows)
+
+    def all_done(self, audit_id: uuid.UUID) -> bool:
+        pending = self.session.scalar(select(func.count()).select_from(AuditShard).where(
+            AuditShard.audit_id == audit_id, AuditShard.state != "done"))
+        return not pending
+
+    def _progress(self, audit_id: uuid.UUID) -> tuple[int, int]:
+        row = self.session.execute(
+            select(func.coalesce(func.sum(AuditShard.progress_done), 0),
+                   func.coalesce(func.sum(AuditShard.progress_total), 0))
+            .where(AuditShard.audit_id == audit_id)).one()
+        return int(row[0]), int(row[1])
 
 
 def hash_cache_key(key: str) -> str:
@@ -465,5 +616,6 @@ __all__ = [
     "InvalidCursor",
     "ModelRepository",
     "Page",
+    "ShardRepository",
     "TenantRepository",
 ]

@@ -380,7 +380,8 @@ class ImageRow(_Model):
 class ModelRecord(_Model):
     """The audited model: where it came from and the exact weights."""
 
-    source: str = Field(description="directory, hub id or shipped model name")
+    source: str = Field(description="the model's name: the service's registered id, a shipped model's name, a hub id "
+                                    "or a directory (as given to the library)")
     revision: str | None
     digest: Sha256 = Field(description="SHA-256 over the family and the sorted weight hashes")
     weight_sha256: dict[str, Sha256] = Field(description="SHA-256 of every weight file")

@@ -313,7 +313,11 @@ def test_register_a_model_directory(service: Service, zoo_model: Any) -> None:
     shipped = {m["id"]: m for m in service.client.get(  # type: ignore[attr-defined]
         "/v1/models", headers=service.headers(service.alice)).json()["items"]}
     assert shipped[zoo_model.id]["origin"] == "zoo"
-    body = {"id": "copy-of-zoo", "source": zoo_model.source, "description": "the same weights"}
+    from cdi import zoo
+
+    # A shipped model is registered by its name (portable); a directory by its path.
+    assert zoo_model.source == zoo_model.id
+    body = {"id": "copy-of-zoo", "source": str(zoo.get(zoo_model.id).path), "description": "the same weights"}
     r = service.client.put("/v1/models/copy-of-zoo", headers=service.headers(service.admin), json=body)  # type: ignore[attr-defined]
     assert r.status_code == 200, r.text
     assert r.json()["family"] == shipped[zoo_model.id]["family"] and r.json()["origin"] == "registered"

@@ -321,3 +321,8 @@ def test_reference_calibrated_audit_matches_the_library(pg_env: dict[str, str],
         report = client.report(accepted["id"])
     assert_same_verdict(report, library)
     assert report["manifest"]["model"]["details"]["calibration"]["mode"] == "reference-calibrated"
+    # Both models, and the LoRA's files, are named without a path of the worker's host.
+    text = json.dumps(report)
+    for path in (str(lora.path.parent), str(zoo.get(lora.base).path.parent), "site-packages", str(tmp_path)):
+        assert path not in text, path
+    assert report["manifest"]["model"]["source"] == lora.name

@@ -16,7 +16,7 @@ from .conftest import PG_ADMIN, _pg_connect
 pytestmark = pytest.mark.integration
 
 TABLES = {"tenants", "api_keys", "models", "audits", "audit_images", "audit_runs", "features", "blobs",
-          "blob_claims", "worker_heartbeats"}
+          "blob_claims", "worker_heartbeats", "audit_shards"}
 
 
 @pytest.fixture

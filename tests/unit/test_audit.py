@@ -248,3 +248,41 @@ def test_not_detected_report_says_how_many_images_would_detect_the_effect(model,
     assert planning["power"] == 0.9 and planning["summary"].startswith(("About", "The pilot shows no"))
     # Held-out against held-out: no real effect, so the planned size is large or unreachable.
     assert planning["n_per_set"] is None or planning["n_per_set"] > N
+
+
+def test_features_extracted_in_shards_are_the_audits(model):
+    """extract_shard over two shards, into one store: the audit then computes nothing and
+    gives the p-value and features of an audit that computed everything itself."""
+    from cdi.audit import extract_shard
+
+    published = [png(i, model.image_size) for i in model.members[:10]]
+    unpublished = [png(i, model.image_size) for i in model.held_out[:20]]
+    files = published + unpublished
+    options = AuditOptions(seed=5, batch_size=4)
+    sharded = MemoryStore()
+    first = extract_shard(files[:13], MODEL, sharded, options=options)
+    second = extract_shard(files[13:], MODEL, sharded, options=options)
+    assert (first.computed, second.computed, first.cached, second.cached) == (13, 17, 0, 0)
+    assert extract_shard(files[:13], MODEL, sharded, options=options).computed == 0  # a redelivered shard
+    result = audit(published, unpublished, MODEL, options=options, feature_store=sharded)
+    assert result.forward_passes == 0 and result.cached_images == 30
+    assert first.forward_passes + second.forward_passes > 0
+    whole = audit(published, unpublished, MODEL, options=options, feature_store=MemoryStore())
+    assert whole.forward_passes == first.forward_passes + second.forward_passes
+    assert result.outcome == whole.outcome
+    assert result.p_value == pytest.approx(whole.p_value, rel=1e-6, abs=1e-12)
+    # Equal to float32 rounding: other batches sum in another order (the same as a resumed run).
+    np.testing.assert_allclose(np.array([im.features for im in result.images_p + result.images_u]),
+                               np.array([im.features for im in whole.images_p + whole.images_u]), rtol=1e-5)
+    assert result.model["source"] == MODEL  # a shipped model is named, not located
+
+
+def test_extract_shard_names_every_unreadable_image(model):
+    from cdi.audit import extract_shard
+    from cdi.errors import InputError
+
+    files = [png(i, model.image_size) for i in model.members[:3]]
+    files += [ImageFile("broken-1.png", b"not an image"), ImageFile("broken-2.png", b"\x89PNG\r\n")]
+    with pytest.raises(InputError, match="2 image") as err:
+        extract_shard(files, MODEL, MemoryStore())
+    assert len(err.value.image_errors) == 2  # type: ignore[attr-defined]
