@@ -102,8 +102,12 @@ def test_cuda_on_a_build_without_it_says_use_cpu(digits: Path, tmp_path: Path) -
 
 
 def test_ctrl_c_ends_quietly() -> None:
+    # The child must take Ctrl-C as a terminal's process does: a test runner's worker process
+    # may ignore SIGINT, and an ignored SIGINT is inherited (Python then never raises
+    # KeyboardInterrupt).
     proc = subprocess.Popen([*CDI, "demo", "--members", "40", "--held-out", "40"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Wait until the demo is under way (it prints its first line), then interrupt it.
         assert proc.stdout is not None
