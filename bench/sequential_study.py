@@ -13,7 +13,8 @@ taken to pass, as the fixed design's rate is measured without them too). It prin
 false-positive rate with its 95 % Clopper–Pearson interval, the power, and the average share
 of the images a design used (extracted before it stopped), all at α = ``--alpha``.
 
-    python bench/sequential_study.py --cache .cdi/study-cache [--models ...] [--sizes 10 20 30 50]
+    python bench/sequential_study.py --cache .cdi/study-cache [--models ...] [--sizes 10 20 30 50] [--table T]
+    python bench/sequential_study.py --compact T      # one line per model and size, pooled rates
 """
 
 from __future__ import annotations
@@ -123,6 +124,35 @@ def study(name: str, args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def compact(lines: list[str], null_audits: int) -> str:
+    """The rows of ``--table`` as one line per model and size (power · share of images used,
+    per design), followed by each design's false-positive rate pooled over all the rows."""
+    cells: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = {}
+    designs: list[str] = []
+    pooled: dict[str, int] = {}
+    for line in lines:
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(parts) != 7 or not parts[1].isdigit():
+            continue
+        model, n, d, fpr, power, used_p, used_n = parts
+        if d not in designs:
+            designs.append(d)
+        cells.setdefault((model, n), {})[d] = (power, used_p, used_n)
+        pooled[d] = pooled.get(d, 0) + round(float(fpr.split()[0]) * null_audits)
+    out = ["| model | n per set | " + " | ".join(designs) + " |", "|---|---|" + "---|" * len(designs)]
+    for (model, n), row in cells.items():
+        shown = []
+        for d in designs:
+            power, used_p, used_n = row.get(d, ("–", "–", "–"))
+            cell = power if d == "fixed" else f"{power} · {used_p}"
+            shown.append(cell + (f" (null {used_n})" if "futility" in d else ""))
+        out.append(f"| {model} | {n} | " + " | ".join(shown) + " |")
+    total = null_audits * len(cells)
+    out.append("")
+    out += [f"- {d}: {k}/{total} = {interval(k, total)}" for d, k in pooled.items()]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     from cdi import zoo
 
@@ -138,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path(".cdi/study-cache"))
     ap.add_argument("--table", type=Path, help="append the Markdown table here")
+    ap.add_argument("--compact", type=Path, metavar="TABLE",
+                    help="only summarise a --table file: power · images used per model and size, pooled rates")
     args = ap.parse_args(argv)
+    if args.compact:
+        print(compact(args.compact.read_text().splitlines(), args.null))
+        return 0
     head = ["| model | n per set | design | FPR [95 % CI] | power | images used (positive) | images used (null) |",
             "|---|---|---|---|---|---|---|"]
     print("\n".join(head))

@@ -271,9 +271,10 @@ def test_features_extracted_in_shards_are_the_audits(model):
     assert whole.forward_passes == first.forward_passes + second.forward_passes
     assert result.outcome == whole.outcome
     assert result.p_value == pytest.approx(whole.p_value, rel=1e-6, abs=1e-12)
-    # Equal to float32 rounding: other batches sum in another order (the same as a resumed run).
+    # Equal to float32 rounding: other batches sum in another order (the same as a resumed run);
+    # a small feature that is a difference of larger ones (SecMI) keeps ~1e-5 of it.
     np.testing.assert_allclose(np.array([im.features for im in result.images_p + result.images_u]),
-                               np.array([im.features for im in whole.images_p + whole.images_u]), rtol=1e-5)
+                               np.array([im.features for im in whole.images_p + whole.images_u]), rtol=1e-4)
     assert result.model["source"] == MODEL  # a shipped model is named, not located
 
 
