@@ -337,11 +337,7 @@ class AuditRunner:
 
             audit_fn = audit_module.audit
 
-        opts = job["options"]
-        device = resolve_device(self.settings.worker_device)
-        options = _options(opts, device, self.settings.worker_batch_size)
-        adapter, reference = self._models(job, device)
-        run.check()
+        options, adapter, reference = self._prepare(job, run)
 
         def progress(p: Progress) -> None:
             state = STAGE_STATE.get(p.stage, run.state)
@@ -361,6 +357,14 @@ class AuditRunner:
             **({"model_name": job["model_id"], "reference_name": job["reference_id"]}
                if self.audit_fn is None else {}),
         )
+
+    def _prepare(self, job: dict[str, Any], run: RunState) -> tuple[Any, DiffusionAdapter, DiffusionAdapter | None]:
+        """The audit's options on this worker's device, and its model (and reference), loaded."""
+        device = resolve_device(self.settings.worker_device)
+        options = _options(job["options"], device, self.settings.worker_batch_size)
+        adapter, reference = self._models(job, device)
+        run.check()
+        return options, adapter, reference
 
     def _models(self, job: dict[str, Any], device: str) -> tuple[DiffusionAdapter, DiffusionAdapter | None]:
         """The audit's model (and reference), checked against the weights registered for them."""
@@ -454,11 +458,7 @@ class AuditRunner:
         from cdi.audit import Progress, extract_shard
 
         try:
-            opts = job["options"]
-            device = resolve_device(self.settings.worker_device)
-            options = _options(opts, device, self.settings.worker_batch_size)
-            adapter, reference = self._models(job, device)
-            run.check()
+            options, adapter, reference = self._prepare(job, run)
 
             def progress(p: Progress) -> None:
                 if p.stage == "extracting":

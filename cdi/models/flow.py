@@ -40,6 +40,11 @@ class FlowAdapter(DiffusersAdapter):
         self.transformer = load_component(info, "transformer", dtype).to(self.device)
         self.scaling_factor = float(self.autoencoder.config.get("scaling_factor") or 1.0)
         self.shift_factor = float(self.autoencoder.config.get("shift_factor") or 0.0)
+        # SD3 and Flux both read captions with a CLIP encoder and a second encoder (CLIP, T5).
+        self.text_encoder = load_component(info, "text_encoder", dtype).to(self.device)
+        self.text_encoder_2 = load_component(info, "text_encoder_2", dtype).to(self.device)
+        self.tokenizer = load_component(info, "tokenizer")
+        self.tokenizer_2 = load_component(info, "tokenizer_2")
 
     @staticmethod
     def vae_factor(info: ModelInfo) -> int:

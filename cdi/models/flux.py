@@ -12,7 +12,6 @@ from cdi.errors import InputError
 from cdi.models.base import ImageCondition
 from cdi.models.detect import ModelInfo
 from cdi.models.flow import FlowAdapter
-from cdi.models.loading import load_component
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
 #: T5 tokens FluxPipeline encodes by default (``max_sequence_length``); a tokenizer whose own
@@ -51,10 +50,6 @@ class FluxAdapter(FlowAdapter):
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(info, device, dtype)
-        self.text_encoder = load_component(info, "text_encoder", dtype).to(self.device)
-        self.text_encoder_2 = load_component(info, "text_encoder_2", dtype).to(self.device)
-        self.tokenizer = load_component(info, "tokenizer")
-        self.tokenizer_2 = load_component(info, "tokenizer_2")
         config = self.transformer.config
         self.guidance = GUIDANCE if config.get("guidance_embeds") else None
         self.t5_tokens = min(T5_TOKENS, int(self.tokenizer_2.model_max_length))

@@ -27,10 +27,6 @@ class SD3Adapter(FlowAdapter):
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(info, device, dtype)
-        self.text_encoder = load_component(info, "text_encoder", dtype).to(self.device)
-        self.text_encoder_2 = load_component(info, "text_encoder_2", dtype).to(self.device)
-        self.tokenizer = load_component(info, "tokenizer")
-        self.tokenizer_2 = load_component(info, "tokenizer_2")
         # Without a T5 encoder the pipeline puts zeros in the place of its states.
         self.text_encoder_3 = load_component(info, "text_encoder_3", dtype).to(self.device) \
             if "text_encoder_3" in info.components else None
