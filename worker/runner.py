@@ -287,7 +287,7 @@ class AuditRunner:
                 repo = AuditRepository(session)
                 finished = repo.finish(audit_id, owner, state=AuditState.DONE, report=report,
                                        verdict=str(report.get("verdict")), p_value=_float(report.get("p_value")),
-                                       pdf_sha256=pdf_sha)
+                                       pdf_sha256=pdf_sha, progress_stage="reporting")
                 release(session, claim_id, 1)
                 repo.update_run(audit_id, attempt, outcome="done" if finished else "superseded",
                                 finished_at=_now(), forward_passes=forward, backward_passes=backward)

@@ -281,15 +281,21 @@ class AuditRepository:
 
     def finish(self, audit_id: uuid.UUID, owner: str, *, state: AuditState, report: dict[str, Any] | None = None,
                verdict: str | None = None, p_value: float | None = None, pdf_sha256: str | None = None,
-               error_code: str | None = None, error_message: str | None = None) -> bool:
-        """Move the audit to a final state, if ``owner`` still holds it and it is not final yet."""
+               error_code: str | None = None, error_message: str | None = None,
+               progress_stage: str | None = None) -> bool:
+        """Move the audit to a final state, if ``owner`` still holds it and it is not final yet.
+
+        ``progress_stage``: the stage the audit ended in, written with it (the heartbeat that
+        would have written it may not have run since the stage began).
+        """
         now = utcnow()
+        stage = {} if progress_stage is None else {"progress_stage": progress_stage}
         result = self.session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.lease_owner == owner, Audit.state.not_in(TERMINAL_STATES))
             .values(state=state.value, report=report, verdict=verdict, p_value=p_value,
                     report_pdf_sha256=pdf_sha256, error_code=error_code, error_message=error_message,
-                    finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None)
+                    finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None, **stage)
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
