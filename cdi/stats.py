@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from scipy import stats as sps
@@ -174,6 +174,16 @@ class ProtocolResult:
     selected_column: int | None = None
     exceedances: int | None = None
     max_permutations: int | None = None
+
+    @classmethod
+    def of_scores(cls, sp: np.ndarray, su: np.ndarray, **fields: Any) -> ProtocolResult:
+        """The result whose test scores are ``sp`` (P) and ``su`` (U): the direction, effect
+        sizes, mean scores and test counts follow from them and ``fields["statistic"]``."""
+        return cls(
+            alternative="greater", direction=_direction(fields["statistic"]), auc=auc(sp, su),
+            cohens_d=cohens_d(sp, su), mean_score_p=float(sp.mean()), mean_score_u=float(su.mean()),
+            n_test_p=len(sp), n_test_u=len(su), **fields,
+        )
 
     @property
     def significant(self) -> bool:
@@ -469,24 +479,17 @@ def reference_test(
                 rows.append(ScoredImage(set_name, i, "test", None, by_index[i]))
             else:
                 rows.append(ScoredImage(set_name, i, "fit", None, None))
-    return ProtocolResult(
+    return ProtocolResult.of_scores(
+        sp, su,
         protocol=Protocol.REFERENCE,
         statistic_name="welch_t",
         statistic=t,
         df=df,
         p_value=p,
-        alternative="greater",
-        direction=_direction(t),
-        auc=auc(sp, su),
-        cohens_d=cohens_d(sp, su),
-        mean_score_p=float(sp.mean()),
-        mean_score_u=float(su.mean()),
         n_p=n_p,
         n_u=n_u,
         n_fit_p=len(fit_p),
         n_fit_u=len(fit_u),
-        n_test_p=len(test_p),
-        n_test_u=len(test_u),
         alpha=alpha,
         fit_fraction=opts.fit_fraction,
         n_folds=None,
@@ -578,24 +581,17 @@ def crossfit_test(
     sp, su = s0[:n_p], s0[n_p:]
     rows = [ScoredImage("P", i, "test", int(rep.folds[0, i]), float(s0[i])) for i in range(n_p)]
     rows += [ScoredImage("U", i, "test", int(rep.folds[0, n_p + i]), float(s0[n_p + i])) for i in range(n_u)]
-    return ProtocolResult(
+    return ProtocolResult.of_scores(
+        sp, su,
         protocol=Protocol.CROSSFIT,
         statistic_name="welch_t",
         statistic=observed,
         df=None,
         p_value=p,
-        alternative="greater",
-        direction=_direction(observed),
-        auc=auc(sp, su),
-        cohens_d=cohens_d(sp, su),
-        mean_score_p=float(sp.mean()),
-        mean_score_u=float(su.mean()),
         n_p=n_p,
         n_u=n_u,
         n_fit_p=n_p,
         n_fit_u=n_u,
-        n_test_p=n_p,
-        n_test_u=n_u,
         alpha=alpha,
         fit_fraction=None,
         n_folds=opts.n_folds,
@@ -782,24 +778,17 @@ def directional_test(
     t = float(welch_t_rows(scores[None, :], (np.arange(n_p + n_u) < n_p)[None, :])[0])
     rows = [ScoredImage("P", i, "test", None, float(sp[i])) for i in range(n_p)]
     rows += [ScoredImage("U", i, "test", None, float(su[i])) for i in range(n_u)]
-    return ProtocolResult(
+    return ProtocolResult.of_scores(
+        sp, su,
         protocol=Protocol.DIRECTIONAL,
         statistic_name="max_welch_t",
         statistic=t,
         df=None,
         p_value=seq.p_value,
-        alternative="greater",
-        direction=_direction(t),
-        auc=auc(sp, su),
-        cohens_d=cohens_d(sp, su),
-        mean_score_p=float(sp.mean()),
-        mean_score_u=float(su.mean()),
         n_p=n_p,
         n_u=n_u,
         n_fit_p=0,
         n_fit_u=0,
-        n_test_p=n_p,
-        n_test_u=n_u,
         alpha=alpha,
         fit_fraction=None,
         n_folds=None,
