@@ -311,13 +311,6 @@ class AuditRunner:
             except OperationalError:
                 pass
             raise
-        except BlobNotFound as exc:
-            if run.stop is not None:
-                self._record_run(audit_id, attempt, run.stop.reason)
-                return run.stop.reason
-            run.finishing = True
-            return self._fail(audit_id, owner, attempt, "images_missing",
-                              f"an uploaded image is missing from storage ({exc}); submit the audit again")
         except Exception as exc:
             if run.stop is not None:
                 self._record_run(audit_id, attempt, run.stop.reason)
@@ -503,13 +496,9 @@ class AuditRunner:
             if run.stop is not None:
                 self._record_run(audit_id, attempt, run.stop.reason)
                 return run.stop.reason
-            if isinstance(exc, BlobNotFound):
-                code, message = "images_missing", (f"an uploaded image is missing from storage ({exc}); "
-                                                   "submit the audit again")
-            else:
-                code, message = _classify(exc)
-                if code == "internal_error":
-                    log.exception("shard %s of audit %s failed unexpectedly", shard, audit_id)
+            code, message = _classify(exc)
+            if code == "internal_error":
+                log.exception("shard %s of audit %s failed unexpectedly", shard, audit_id)
             # A shard's failure is the audit's: its images or its model cannot be used.
             run.finishing = True
             with self.session_factory() as session:
@@ -731,6 +720,8 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return exc.code, str(exc)
     if isinstance(exc, ModelChanged):
         return "model_changed", str(exc)
+    if isinstance(exc, BlobNotFound):
+        return "images_missing", f"an uploaded image is missing from storage ({exc}); submit the audit again"
     if type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory", ("the model ran out of accelerator memory; the operator can lower "
                                  "CDI_WORKER_BATCH_SIZE")

@@ -5,7 +5,7 @@ The race test runs two tenants against the same images: one stores audits throug
 service's storing path (claim, write the blobs, commit the references) and checks after each
 commit that every blob its audit references exists; the other stores and deletes audits of
 the same images as fast as it can. Before the ledger, the deleter removed blobs between the
-uploader's write and its commit (issue: "the new audit then fails with images_missing").
+uploader's write and its commit, and the new audit then failed with images_missing.
 
 Every test runs against both blob backends: the local folder and an S3 bucket on a real S3
 server (moto's server mode), where a write and a delete are HTTP requests that take longer and
