@@ -144,6 +144,7 @@ class FeatureExtractor:
         if memory_budget is not None and memory_budget < 1:
             raise InputError("memory_budget must be a positive number of bytes")
         self.auto_batch = batch_size is None
+        self._sized = False
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         self.share_work = share_work
         self.max_fused = max_fused
@@ -239,15 +240,22 @@ class FeatureExtractor:
                              max_fused=self.runner.budget.counts[False], runner=self.runner)
 
     def _auto_batch_size(self, first: ExtractionInput) -> None:
-        """Size batches by the memory a gradient pass takes per sample (accelerators only)."""
-        if self.runner.budget.bytes is None:
+        """Size batches by the memory a gradient pass takes per sample (accelerators only),
+        once per extractor: later calls (an audit's rounds, its second set) keep the size."""
+        if self.runner.budget.bytes is None or self._sized:
             return
+        self._sized = True
         z0 = self._encode(torch.from_numpy(first.pixels[None]).to(self.adapter.device))
         z = torch.cat([z0, z0])
         t = torch.full((2,), self.config.no_t, dtype=torch.long, device=z.device)
         cond = self._condition([first, first])
         self.runner.run(z, t, cond, torch.zeros_like(z))
-        self.batch_size = max(1, min(MAX_AUTO_BATCH_SIZE, self.runner.budget.limit(True)))
+        budget = self.runner.budget
+        cost = budget.per_sample.get(True)
+        # What the memory holds, not the count limits (set from the default batch size, they
+        # would only ever let the batch shrink); an out-of-memory back-off still caps it.
+        fits = int(budget.bytes // cost) if cost else self.batch_size
+        self.batch_size = max(1, min(MAX_AUTO_BATCH_SIZE, fits, budget.backoff.get(True, 1 << 30)))
         self._set_counts()
 
     def extract(

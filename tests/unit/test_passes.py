@@ -94,6 +94,24 @@ def test_gradient_passes_fit_the_memory_budget():
     assert MemoryBudget(bytes=10, per_sample={True: 30.0}).limit(True) == 1
 
 
+def test_automatic_batch_size_follows_the_memory_budget_and_is_set_once():
+    from cdi.features.extractor import DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH_SIZE
+
+    sizes, passes = [], []
+    for budget in (1_500, 3_000, 10**9):
+        adapter = OutOfMemoryAbove(10**6)
+        ex = FeatureExtractor(adapter, seed=1, batch_size=None, memory_budget=budget)
+        first = ex.extract(_items(5))
+        calls = len(adapter.sizes)
+        np.testing.assert_array_equal(ex.extract(_items(5)), first)
+        sizes.append(ex.batch_size)
+        passes.append(calls - (len(adapter.sizes) - calls))  # the sizing pass, in the first call only
+    per_sample = ex.runner.budget.per_sample[True]
+    assert sizes == [int(1_500 // per_sample), int(3_000 // per_sample), MAX_AUTO_BATCH_SIZE]
+    assert sizes[1] > DEFAULT_BATCH_SIZE  # larger than the default where the memory allows
+    assert passes == [1, 1, 1]
+
+
 def test_precision_defaults_to_float32_on_the_cpu_and_rejects_unknown_names():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None
