@@ -242,7 +242,8 @@ class FeatureExtractor:
     def _auto_batch_size(self, first: ExtractionInput) -> None:
         """Size batches by the memory a gradient pass takes per sample (accelerators only),
         once per extractor: later calls (an audit's rounds, its second set) keep the size."""
-        if self.runner.budget.bytes is None or self._sized:
+        budget = self.runner.budget
+        if budget.bytes is None or self._sized:
             return
         self._sized = True
         z0 = self._encode(torch.from_numpy(first.pixels[None]).to(self.adapter.device))
@@ -250,7 +251,6 @@ class FeatureExtractor:
         t = torch.full((2,), self.config.no_t, dtype=torch.long, device=z.device)
         cond = self._condition([first, first])
         self.runner.run(z, t, cond, torch.zeros_like(z))
-        budget = self.runner.budget
         cost = budget.per_sample.get(True)
         # What the memory holds, not the count limits (set from the default batch size, they
         # would only ever let the batch shrink); an out-of-memory back-off still caps it.
