@@ -318,19 +318,24 @@ def _extract(
     shas = [all_shas[i] for i in wanted]
     known = store.load(key, sorted(set(shas))) if store is not None else {}
     features = np.full((len(all_shas), len(FEATURE_NAMES)), np.nan)
-    todo: list[ExtractionInput] = []
+    todo: list[int] = []  # the first row of each image still to compute
     todo_rows: dict[str, list[int]] = {}
     for i, sha in zip(wanted, shas, strict=True):
-        f = prepared.files[i]
         if sha in known:
             features[i] = known[sha]
             continue
         if sha not in todo_rows:
-            img = open_image(f.data, f.name)
-            pixels = to_model_array(img, adapter.image_size, adapter.image_channels)
-            todo.append(ExtractionInput(sha, pixels, prepared.conditions[i], displayed_size(img)))
+            todo.append(i)
             todo_rows[sha] = []
         todo_rows[sha].append(i)
+
+    def load(i: int) -> ExtractionInput:
+        # Decoded batch by batch, in the extractor's prefetch thread: never all at once.
+        f = prepared.files[i]
+        img = open_image(f.data, f.name)
+        pixels = to_model_array(img, adapter.image_size, adapter.image_channels)
+        return ExtractionInput(f.sha256, pixels, prepared.conditions[i], displayed_size(img))
+
     cached = len(shas) - sum(len(v) for v in todo_rows.values())
     # Passes run in the model's own dtype, never under autocast: stored features are keyed by
     # that dtype (feature_key), and bfloat16 autocast's verdicts are not yet measured on a GPU.
@@ -349,7 +354,7 @@ def _extract(
     report("extracting", cached, len(shas))
     extractor.extract(
         todo, progress=lambda done, _total: report("extracting", cached + done, len(shas)),
-        on_batch=on_batch,
+        on_batch=on_batch, load=load,
     )
     return features, cached, extractor.passes.forward, extractor.passes.backward
 

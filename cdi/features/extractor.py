@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,22 +261,30 @@ class FeatureExtractor:
 
     def extract(
         self,
-        items: Sequence[ExtractionInput],
+        items: Sequence[Any],
         progress: Callable[[int, int], None] | None = None,
         on_batch: Callable[[Sequence[ExtractionInput], np.ndarray], None] | None = None,
+        load: Callable[[Any], ExtractionInput] | None = None,
     ) -> np.ndarray:
         """Features ``[N, 26]`` float64 of ``items``, in order.
 
+        ``items`` are :class:`ExtractionInput` s, or anything ``load`` turns into one: then
+        each batch is loaded (decoded, preprocessed) in the prefetch thread while the previous
+        one computes, and only the batches in flight are held in memory.
         ``progress(done, total)`` is called after each batch; ``on_batch(items, values)``
-        receives each batch's rows as soon as they exist (to store them).
+        receives each batch's inputs and rows as soon as they exist (to store them).
         """
         total = len(items)
         out = np.empty((total, len(FEATURE_NAMES)), dtype=np.float64)
         if total and self.auto_batch:
-            self._auto_batch_size(items[0])
+            self._auto_batch_size(items[0] if load is None else load(items[0]))
         chunks = [items[s : s + self.batch_size] for s in range(0, total, self.batch_size)]
+
+        def prepare(chunk: Sequence[Any]) -> _Prepared:
+            return self._prepare(chunk if load is None else [load(item) for item in chunk])
+
         done = 0
-        for prepared in prefetched(chunks, self._prepare, enabled=self.prefetch):
+        for prepared in prefetched(chunks, prepare, enabled=self.prefetch):
             values = self._batch(prepared)
             n = len(prepared.items)
             out[done : done + n] = values

@@ -159,6 +159,32 @@ def test_prefetch_keeps_order_bounds_the_queue_and_raises_where_it_failed():
     assert list(prefetched([1, 2], lambda i: i, enabled=False)) == [1, 2]
 
 
+def test_inputs_are_loaded_batch_by_batch_in_order_and_give_the_same_features():
+    items = _items(10, seed=4)
+    reference = FeatureExtractor(AnalyticAdapter(), seed=3, batch_size=2).extract(items)
+    loaded: list[int] = []
+    lock = threading.Lock()
+
+    def load(i: int) -> ExtractionInput:
+        with lock:
+            loaded.append(i)
+        return items[i]
+
+    in_flight = []
+
+    def on_batch(batch, values):
+        with lock:
+            in_flight.append(max(loaded) - items.index(batch[-1]))
+
+    got = FeatureExtractor(AnalyticAdapter(), seed=3, batch_size=2).extract(list(range(10)), on_batch=on_batch,
+                                                                            load=load)
+    np.testing.assert_array_equal(got, reference)
+    assert sorted(loaded) == list(range(10))
+    # When a batch is done, at most the queued batch and the one being prepared are loaded
+    # beyond it: never the whole set up front.
+    assert max(in_flight) <= 4 and in_flight[0] < 9
+
+
 def test_gm_isolates_its_gradient_passes_once_most_masks_are_near_ties():
     from cdi.features.passes import PassRunner
 
