@@ -271,11 +271,7 @@ def _validate(
         prints.append(fingerprint(f.name, f.data, img))
         report("validating", i + 1, len(files))
     if errors:
-        listed = "; ".join(str(e) for e in errors[:5])
-        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
-        failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
-        failure.image_errors = errors  # type: ignore[attr-defined]  # each with its own stable code
-        raise failure
+        raise _unusable(errors)
     n_p = len(published)
     dups = find_duplicates(prints[:n_p], prints[n_p:], options.duplicate_threshold)
     excl = duplicates_to_exclude(dups)
@@ -294,6 +290,15 @@ def _validate(
         conditions=[conds[i] for i in keep],
     )
     return prepared, dups, excl
+
+
+def _unusable(errors: Sequence[ImageError]) -> InputError:
+    """One error naming the images that cannot be decoded (the first five, and how many more)."""
+    listed = "; ".join(str(e) for e in errors[:5])
+    more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+    failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
+    failure.image_errors = list(errors)  # type: ignore[attr-defined]  # each with its own stable code
+    return failure
 
 
 def _exclusion_message(excl: Exclusion, n_p: int, n_u: int, exc: InputError) -> str:
@@ -783,11 +788,7 @@ def extract_shard(
             errors.append(exc)
         report("validating", i + 1, len(files))
     if errors:
-        listed = "; ".join(str(e) for e in errors[:5])
-        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
-        failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
-        failure.image_errors = errors  # type: ignore[attr-defined]
-        raise failure
+        raise _unusable(errors)
     prepared = _Prepared(files=list(files), set_names=[""] * len(files), stats=np.empty((0,)), conditions=conds)
     adapter = _load(model, revision, opts, None, 1.0, allow_pickle)
     reference = None
