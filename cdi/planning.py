@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdi.errors import InputError
-from cdi.options import DEFAULT_ALPHA, MIN_DIRECTIONAL_SET, check_alpha
+from cdi.options import DEFAULT_ALPHA, MIN_DIRECTIONAL_SET, ProtocolOptions, check_alpha
 
 __all__ = ["DEFAULT_POWER", "MAX_PLANNED_SET", "Plan", "plan_audit", "power_at"]
 
@@ -171,7 +171,8 @@ def _pilot(
     if not (np.all(np.isfinite(xp)) and np.all(np.isfinite(xu))):
         raise InputError("the pilot's features hold non-finite values")
     names, groups = member_candidates(list(columns))
-    x = candidate_matrix(np.vstack([xp, xu]), groups, combined=True)
+    # The candidates the audit's test looks at, the combined one included where it does.
+    x = candidate_matrix(np.vstack([xp, xu]), groups, combined=ProtocolOptions().combined)
     return x[: len(xp)], x[len(xp):], names
 
 
