@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from cdi import __version__
+from cdi.assess import Assessment, assess
+from cdi.calibration import ShiftCheckResult, image_descriptors
 from cdi.controls import (
     DEFAULT_DIFFERENCE_THRESHOLD,
     DistributionCheckResult,
     DuplicateReport,
     Exclusion,
     NegativeControlResult,
-    distribution_check,
     duplicates_to_exclude,
     find_duplicates,
     fingerprint,
     image_statistics,
-    negative_control,
 )
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
@@ -59,10 +59,9 @@ from cdi.stats import (
     check_alpha,
     check_sizes,
     run_test,
-    welch_greater,
 )
 from cdi.stats import Protocol as TestProtocol
-from cdi.verdict import Verdict, decide
+from cdi.verdict import Verdict
 
 if TYPE_CHECKING:
     from cdi.models.base import DiffusionAdapter
@@ -152,12 +151,17 @@ class FeatureStore(Protocol):
 
 @dataclass(frozen=True)
 class AuditImage:
-    """One image of the audit: its name, file hash, set and 26 features (NaN if not computed)."""
+    """One image of the audit: its name, file hash, set and 26 features (NaN if not computed).
+
+    ``descriptors``: its model-free descriptors as the model sees it
+    (:func:`cdi.calibration.image_descriptors`), which the calibration and the shift control read.
+    """
 
     name: str
     sha256: str
     set_name: str
     features: np.ndarray
+    descriptors: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,9 @@ class AuditResult:
     #: ``unused`` those never extracted because it stopped first (in the audit's order).
     sequential: SequentialResult | None = None
     unused: tuple[AuditImage, ...] = ()
+    #: The difficulty-calibrated test and the shift control (:mod:`cdi.calibration`).
+    calibrated_test: ProtocolResult | None = None
+    shift: ShiftCheckResult | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -198,7 +205,8 @@ class AuditResult:
 
     @property
     def p_value(self) -> float:
-        return self.test.p_value
+        """The verdict's p-value: the larger of the test's and the calibrated test's."""
+        return self.verdict.p_value
 
     def to_dict(self) -> dict[str, Any]:
         """The sealed report (schema ``cdi-report/1``) as JSON data; ``verdict`` and ``p_value`` at the top."""
@@ -292,6 +300,14 @@ def _validate(
     return prepared, dups, excl
 
 
+def descriptors_of(files: Sequence[ImageFile], size: int, channels: int) -> np.ndarray:
+    """:func:`cdi.calibration.image_descriptors` of each file as a model of that resolution sees it."""
+    out = np.empty((len(files), 7))
+    for i, f in enumerate(files):
+        out[i] = image_descriptors(to_model_array(open_image(f.data, f.name), size, channels))
+    return out
+
+
 def _unusable(errors: Sequence[ImageError]) -> InputError:
     """One error naming the images that cannot be decoded (the first five, and how many more)."""
     listed = "; ".join(str(e) for e in errors[:5])
@@ -362,25 +378,6 @@ def _extract(
         on_batch=on_batch, load=load,
     )
     return features, cached, extractor.passes.forward, extractor.passes.backward
-
-
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
-
-
-def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
-    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
-
-    The index is the mean of the pooled-standardised loss-type features; its direction is
-    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
-    """
-    cols = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
-    x = np.vstack([features_p[:, cols], features_u[:, cols]])
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    index = z.mean(axis=1)
-    n_p = len(features_p)
-    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
 
 
 #: What the report says about each mode (method §10.2).
@@ -605,16 +602,17 @@ def audit(
     is_p_all = np.array([s == "P" for s in prepared.set_names])
     p_rows, u_rows = np.flatnonzero(is_p_all), np.flatnonzero(~is_p_all)
     seq: SequentialResult | None = None
-    checked: dict[int, tuple[Any, Any, float, Verdict]] = {}
+    checked: dict[int, Assessment] = {}
 
-    def controls(n_p: int, n_u: int, test: Any, options: Any) -> tuple[Any, Any, float, Verdict]:
-        """The negative control, distribution and direction checks on the first images, and the verdict."""
+    descriptors = descriptors_of(prepared.files, adapter.image_size, adapter.image_channels)
+
+    def controls(n_p: int, n_u: int, test: ProtocolResult, options: ProtocolOptions) -> Assessment:
+        """The controls and the verdict of the test on the first images of each set (:func:`cdi.assess.assess`)."""
         used_p, used_u = p_rows[:n_p], u_rows[:n_u]
-        control = negative_control(features[used_u][:, cols], opts.protocol, options, alpha=opts.alpha,
-                                   random_state=opts.seed + 1)
-        dist = distribution_check(prepared.stats[used_p], prepared.stats[used_u], random_state=opts.seed + 2)
-        reversal = direction_check(features[used_p], features[used_u])
-        return control, dist, reversal, decide(test, control, dist, reversal_p=reversal)
+        return assess(features[used_p], features[used_u], descriptors[used_p], descriptors[used_u],
+                      prepared.stats[used_p], prepared.stats[used_u], columns=cols, protocol=opts.protocol,
+                      options=opts.protocol_options, alpha=opts.alpha, seed=opts.seed,
+                      control_options=options, test=test)
 
     if opts.sequential:
         plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,
@@ -634,7 +632,7 @@ def audit(
             # very images it rests on, or the audit goes on to the next round.
             look = plan_.looks[k]
             checked[k] = controls(look.n_p, look.n_u, test, look_opts)
-            return checked[k][3].outcome.value != "inconclusive"
+            return checked[k].verdict.outcome.value != "inconclusive"
 
         seq = sequential_test(np.empty((0, len(cols))), np.empty((0, len(cols))), plan_, opts.protocol_options,
                               random_state=opts.seed, controls=look_controls, features_for=features_for)
@@ -655,8 +653,8 @@ def audit(
     report("testing", 0, 1)
     # The controls of the stopping look, on the images it tested (run already if it crossed).
     last = len(seq.looks) - 1 if seq is not None else -1
-    control, dist, reversal, _ = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
-    verdict = decide(test, control, dist, reversal_p=reversal)
+    assessment = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
+    control, dist, verdict = assessment.negative_control, assessment.distribution, assessment.verdict
     if seq is not None:
         verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
     report("testing", 1, 1)
@@ -670,7 +668,7 @@ def audit(
     cached, fwd, bwd = counts["cached"], counts["forward"], counts["backward"]
 
     images = [
-        AuditImage(f.name, f.sha256, s, features[i])
+        AuditImage(f.name, f.sha256, s, features[i], descriptors[i])
         for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
     ]
     unused = tuple(im for i, im in enumerate(images) if i not in used)
@@ -701,6 +699,8 @@ def audit(
         reference_feature_key=ref_key,
         sequential=seq,
         unused=unused,
+        calibrated_test=assessment.calibrated,
+        shift=assessment.shift,
     )
 
 

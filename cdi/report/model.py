@@ -48,6 +48,7 @@ __all__ = [
     "ControlRow",
     "Controls",
     "Decision",
+    "DescriptorDifference",
     "DirectionCheck",
     "DistributionCheck",
     "DuplicateGroup",
@@ -67,6 +68,7 @@ __all__ = [
     "Report",
     "Seeds",
     "SequentialRecord",
+    "ShiftControl",
     "Signature",
     "StatisticDifference",
     "build_report",
@@ -184,10 +186,14 @@ class ProtocolRun(_Model):
 class Decision(_Model):
     """How the verdict follows from the test and the controls (method §8)."""
 
-    rule: Literal["cdi-verdict/1"] = Field(
-        description="inconclusive if the negative control is significant (p < alpha), the direction check "
-                    "fails (p < alpha) or the distribution check finds a shift (p < alpha_control and AUC >= "
-                    "auc_threshold); else used if p < alpha and P scored higher; else not_detected")
+    rule: Literal["cdi-verdict/1", "cdi-verdict/2"] = Field(
+        description="cdi-verdict/2: inconclusive if the negative control is significant (p < alpha) or the "
+                    "direction check fails (p < alpha), or if the test is significant and either the shift "
+                    "control (p < alpha_shift) or the distribution check (p < alpha_control and AUC >= "
+                    "auc_threshold) finds that P and U differ; else used if the test and the difficulty-"
+                    "calibrated test are both significant; else not_detected. cdi-verdict/1 (older reports): "
+                    "the distribution check alone could make any audit inconclusive, and there was no "
+                    "calibrated test or shift control")
     alpha: FiniteFloat = Field(gt=0.0, lt=1.0, description="significance level of the test")
     alpha_control: FiniteFloat = Field(gt=0.0, lt=1.0, description="significance level of the distribution check")
     auc_threshold: FiniteFloat = Field(ge=0.5, le=1.0,
@@ -196,6 +202,11 @@ class Decision(_Model):
     negative_control_failed: bool
     direction_check_failed: bool
     distribution_shift: bool
+    calibrated_significant: bool | None = Field(
+        default=None, description="the difficulty-calibrated test's p < alpha with P higher; null where it did "
+                                  "not run")
+    shift_failed: bool = Field(default=False, description="the test is significant and the shift control found "
+                                                          "that the way P and U differ predicts it")
 
 
 # --- controls ------------------------------------------------------------------------------
@@ -298,12 +309,41 @@ class Excluded(_Model):
     reasons: list[str]
 
 
+class DescriptorDifference(_Model):
+    name: str = Field(description="the descriptor (cdi.calibration.DESCRIPTOR_NAMES)")
+    mean_p: FiniteFloat
+    mean_u: FiniteFloat
+    cohens_d: FiniteFloat = Field(description="P minus U")
+    contribution: FiniteFloat = Field(description="its part of the predicted member-likeness difference, P minus "
+                                                  "U, in standard deviations; positive: it makes P look used")
+    words: str = Field(description="the difference in plain words")
+
+
+class ShiftControl(_Model):
+    """Does the way P and U differ predict that P looks more like training data? (method §8.2)
+
+    The combined member-likeness candidate is regressed (ridge, no labels) on the images'
+    model-free descriptors; Welch's t compares the predictions of P and U, one-sided.
+    """
+
+    p_value: Probability = Field(description="one-sided p-value of \"the descriptors predict P more member-like\"")
+    statistic: ExtendedFloat = Field(description="Welch's t of the predictions, P minus U")
+    alpha_shift: FiniteFloat = Field(gt=0.0, lt=1.0, description="the control's level")
+    ridge: FiniteFloat = Field(gt=0.0, description="ridge penalty per image on the standardised descriptors")
+    failed: bool = Field(description="p < alpha_shift while the test is significant: the verdict is inconclusive")
+    descriptor_names: list[str]
+    differences: list[DescriptorDifference] = Field(description="largest contribution first")
+    words: str = Field(description="how P and U differ, in plain words")
+    fix: str = Field(description="what would make P and U comparable")
+
+
 class Controls(_Model):
     negative_control: NegativeControl
     direction_check: DirectionCheck
     distribution_check: DistributionCheck
     duplicates: Duplicates
     excluded: Excluded
+    shift_control: ShiftControl | None = Field(default=None, description="null in reports before cdi-verdict/2")
 
 
 # --- sequential audits ----------------------------------------------------------------------
@@ -372,6 +412,9 @@ class ImageRow(_Model):
     fold: int | None = Field(description="crossfit: the fold that scored it")
     score: FiniteFloat | None = Field(description="the scoring model's probability of P; null if only fitted on")
     features: list[FiniteFloat | None] = Field(description="the 26 features in layout order; null where not computed")
+    descriptors: list[FiniteFloat] | None = Field(
+        default=None, description="model-free descriptors of the image as the model saw it "
+                                  "(cdi.calibration.DESCRIPTOR_NAMES); null in reports before cdi-verdict/2")
 
 
 # --- manifest ------------------------------------------------------------------------------
@@ -518,12 +561,17 @@ class Report(_Model):
 
     schema_version: Literal["cdi-report/1"]
     verdict: Outcome = Field(description="used | not_detected (never proof of non-use) | inconclusive")
-    p_value: Probability = Field(description="the test's one-sided p-value (equal to test.p_value)")
+    p_value: Probability = Field(description="the verdict's one-sided p-value: the larger of test.p_value and "
+                                             "calibrated_test.p_value (test.p_value where there is none)")
     alpha: FiniteFloat = Field(gt=0.0, lt=1.0, description="significance level")
     reason: str = Field(description="one paragraph saying why, with the numbers")
     warnings: list[str]
     created_at: datetime = Field(description="when the report was built (UTC)")
     test: ProtocolRun
+    calibrated_test: ProtocolRun | None = Field(
+        default=None, description="the directional test on what the images' descriptors cannot explain of each "
+                                  "candidate (cdi.assess.calibrated_test); null for other protocols and older "
+                                  "reports")
     decision: Decision
     controls: Controls
     feature_layout: FeatureLayout
@@ -542,8 +590,16 @@ class Report(_Model):
     def _consistent(self) -> Report:
         problems = []
         t, d = self.test, self.decision
-        if self.p_value != t.p_value:
-            problems.append("p_value differs from test.p_value")
+        expected_p = t.p_value if self.calibrated_test is None else max(t.p_value, self.calibrated_test.p_value)
+        if self.p_value != expected_p:
+            problems.append("p_value differs from the larger of test.p_value and calibrated_test.p_value")
+        c = self.calibrated_test
+        if (d.calibrated_significant is not None and c is not None
+                and d.calibrated_significant != (c.p_value < c.alpha and c.statistic > 0)):
+            problems.append("decision.calibrated_significant does not follow from the calibrated test")
+        shift_control = self.controls.shift_control
+        if d.shift_failed != (shift_control is not None and shift_control.failed):
+            problems.append("decision.shift_failed differs from the shift control")
         if not self.alpha == t.alpha == d.alpha:
             problems.append("alpha differs between the report, its test and its decision")
         if d.test_significant != (t.p_value < t.alpha and t.statistic > 0):
@@ -622,9 +678,11 @@ class Report(_Model):
 
 def expected_outcome(decision: Decision) -> Outcome:
     """The verdict the decision rule gives for these flags."""
-    if decision.negative_control_failed or decision.direction_check_failed or decision.distribution_shift:
+    if (decision.negative_control_failed or decision.direction_check_failed or decision.distribution_shift
+            or decision.shift_failed):
         return "inconclusive"
-    return "used" if decision.test_significant else "not_detected"
+    confirmed = decision.calibrated_significant is not False
+    return "used" if decision.test_significant and confirmed else "not_detected"
 
 
 def json_schema() -> dict[str, Any]:
@@ -688,7 +746,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
 
     ``created_at`` defaults to now (UTC).
     """
-    from cdi.audit import DIRECTION_FEATURES
+    from cdi.assess import DIRECTION_FEATURES
     from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, member_candidates
 
     test, verdict, options = result.test, result.verdict, result.options
@@ -705,6 +763,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
                 name=im.name, sha256=im.sha256, set=set_name, index=i, role=row.role, fold=row.fold,
                 score=None if row.score is None else float(row.score),
                 features=[_finite_or_none(v) for v in im.features],
+                descriptors=None if im.descriptors is None else [float(v) for v in im.descriptors],
             ))
 
     nc = result.negative_control
@@ -715,6 +774,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             u_index=positions[r.index], plays=r.set_name, role=r.role, fold=r.fold,
             score=None if r.score is None else float(r.score)))
     dist = result.distribution
+    cal = result.calibrated_test
     significant_shift = dist.p_value < verdict.alpha_control
     dups = result.duplicates
     excl = result.exclusion
@@ -732,19 +792,22 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
         planning=planning,
         sequential=sequential,
         verdict=verdict.outcome.value,  # type: ignore[arg-type]
-        p_value=float(test.p_value),
+        p_value=float(verdict.p_value),
         alpha=float(test.alpha),
         reason=verdict.reason,
         warnings=list(verdict.warnings),
         created_at=created_at or datetime.now(timezone.utc).replace(microsecond=0),
         test=ProtocolRun.of(test, tested_names),
+        calibrated_test=None if cal is None else ProtocolRun.of(cal, tested_names),
         decision=Decision(
-            rule="cdi-verdict/1", alpha=float(verdict.alpha), alpha_control=float(verdict.alpha_control),
+            rule="cdi-verdict/2", alpha=float(verdict.alpha), alpha_control=float(verdict.alpha_control),
             auc_threshold=float(verdict.auc_threshold),
             test_significant=bool(test.p_value < test.alpha and test.statistic > 0),
             negative_control_failed=bool(verdict.negative_control_failed),
             direction_check_failed=bool(verdict.reversal_failed),
             distribution_shift=bool(verdict.distribution_shift),
+            calibrated_significant=None if cal is None else bool(cal.p_value < cal.alpha and cal.statistic > 0),
+            shift_failed=bool(verdict.shift_failed),
         ),
         controls=Controls(
             negative_control=NegativeControl(
@@ -773,6 +836,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
                 groups=[DuplicateGroup(kind=g.kind, scope=g.scope, members=_refs(g.members)) for g in dups.groups],
             ),
             excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),
+            shift_control=None if result.shift is None else shift_control_record(result.shift, verdict),
         ),
         feature_layout=FeatureLayout(version=LAYOUT_VERSION, names=list(FEATURE_NAMES),
                                      used=[FEATURE_NAMES[c] for c in options.features.columns]),
@@ -789,6 +853,19 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             passes=Passes(forward=result.forward_passes, backward=result.backward_passes,
                           cached_images=result.cached_images),
         ),
+    )
+
+
+def shift_control_record(shift: Any, verdict: Any) -> ShiftControl:
+    """The report's record of a :class:`cdi.calibration.ShiftCheckResult` and the verdict it fed."""
+    from cdi.calibration import DESCRIPTOR_NAMES
+
+    return ShiftControl(
+        p_value=float(shift.p_value), statistic=float(shift.statistic), alpha_shift=float(shift.alpha_shift),
+        ridge=float(shift.ridge), failed=bool(verdict.shift_failed), descriptor_names=list(DESCRIPTOR_NAMES),
+        differences=[DescriptorDifference(name=d.name, mean_p=d.mean_p, mean_u=d.mean_u, cohens_d=d.cohens_d,
+                                          contribution=d.contribution, words=d.words) for d in shift.differences],
+        words=shift.words(), fix=verdict.fix or "",
     )
 
 

@@ -93,7 +93,8 @@ def _protocol_checks(group: str, recorded: ProtocolRun, result: Any) -> list[Che
 
 def recompute_report(report: Report) -> Recomputation:
     """Recompute ``report``'s test, negative control and verdict (see the module docstring)."""
-    from cdi.audit import _versions, direction_check
+    from cdi.assess import direction_check
+    from cdi.audit import _versions
     from cdi.controls import DistributionCheckResult, StatisticDifference, negative_control
     from cdi.stats import auc, cohens_d, recompute, run_test
     from cdi.verdict import decide
@@ -163,8 +164,10 @@ def recompute_report(report: Report) -> Recomputation:
         random_state=d.random_state, statistic_names=tuple(d.statistic_names),
         largest_differences=tuple(StatisticDifference(s.name, s.cohens_d, s.auc) for s in d.largest_differences),
     )
+    calibrated, shift = _calibration_checks(report, xp, xu, options, out)
     verdict = decide(rerun, control, dist, alpha_control=report.decision.alpha_control,
-                     auc_threshold=report.decision.auc_threshold, reversal_p=reversal)
+                     auc_threshold=report.decision.auc_threshold, reversal_p=reversal,
+                     calibrated=calibrated, shift=shift)
     out.checks += [
         Check("verdict", "p_value", report.p_value, float(verdict.p_value)),
         Check("verdict", "verdict", report.verdict, verdict.outcome.value),
@@ -180,6 +183,34 @@ def recompute_report(report: Report) -> Recomputation:
         out.notes.append("recomputed with other library versions than the report's (" + ", ".join(differing)
                          + "): the last digits of some numbers may differ")
     return out
+
+
+def _calibration_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options: Any,
+                        out: Recomputation) -> tuple[Any, Any]:
+    """Rerun the difficulty-calibrated test and the shift control from the features and descriptors."""
+    from cdi.assess import calibrated_test, member_likeness
+    from cdi.calibration import shift_check
+
+    recorded_cal, recorded_shift = report.calibrated_test, report.controls.shift_control
+    if recorded_cal is None and recorded_shift is None:
+        return None, None
+    rows = report.rows("P") + report.rows("U")
+    if any(r.descriptors is None for r in rows):
+        raise ReportFormatError("the report has a calibrated test or a shift control but an image lacks its "
+                                "descriptors")
+    d = np.array([r.descriptors for r in rows], dtype=np.float64)
+    dp, du = d[: len(xp)], d[len(xp):]
+    calibrated = shift = None
+    if recorded_cal is not None:
+        calibrated = calibrated_test(xp, xu, dp, du, options, alpha=recorded_cal.alpha,
+                                     random_state=recorded_cal.random_state)
+        out.checks += _protocol_checks("calibrated test", recorded_cal, calibrated)
+    if recorded_shift is not None:
+        likeness = member_likeness(np.vstack([xp, xu]), options)
+        shift = shift_check(likeness, d, len(xp), alpha_shift=recorded_shift.alpha_shift, ridge=recorded_shift.ridge)
+        out.checks += [Check("shift control", "statistic", recorded_shift.statistic, float(shift.statistic)),
+                       Check("shift control", "p_value", recorded_shift.p_value, float(shift.p_value))]
+    return calibrated, shift
 
 
 def _control_options(options: Any) -> Any:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cdi.audit import DIRECTION_FEATURES, AuditImage, AuditOptions, AuditResult, _versions, direction_check
+from cdi.assess import DIRECTION_FEATURES, direction_check
+from cdi.audit import AuditImage, AuditOptions, AuditResult, _versions
 from cdi.cli import main
 from cdi.controls import (
     IMAGE_STATISTIC_NAMES,

@@ -1,0 +1,145 @@
+"""The audit's test, controls and verdict on features already extracted (method §6–§8).
+
+:func:`assess` is everything :func:`cdi.audit.audit` does after the features and the image
+descriptors are known: the test, its difficulty-calibrated twin, the negative control, the
+direction check, the shift control, the distribution check, and the verdict. It is pure
+(every draw comes from ``seed``), so the shift study (``bench/shift_study.py``) runs exactly
+what an audit runs, on cached features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdi.calibration import DEFAULT_ALPHA_SHIFT, DEFAULT_RIDGE, ShiftCheckResult, calibrate, shift_check
+from cdi.controls import DistributionCheckResult, NegativeControlResult, distribution_check, negative_control
+from cdi.errors import InputError
+from cdi.features.layout import FEATURE_NAMES
+from cdi.options import Protocol, ProtocolOptions
+from cdi.stats import ProtocolResult, candidate_matrix, directional_test, run_test, welch_greater
+from cdi.verdict import Verdict, decide
+
+__all__ = ["DIRECTION_FEATURES", "Assessment", "assess", "calibrated_test", "direction_check", "member_likeness"]
+
+#: Loss-type features computed in both feature sets, lower for training images (method §4).
+DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The test, the controls and the verdict of one audit (or one sequential look)."""
+
+    test: ProtocolResult
+    #: The directional test on what the descriptors cannot explain (``None``: other protocols).
+    calibrated: ProtocolResult | None
+    negative_control: NegativeControlResult
+    distribution: DistributionCheckResult
+    shift: ShiftCheckResult
+    reversal_p: float
+    verdict: Verdict
+
+
+def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
+    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
+
+    The index is the mean of the pooled-standardised loss-type features; its direction is
+    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
+    ``features_*`` are rows of all 26 layout columns.
+    """
+    cols = [FEATURE_NAMES.index(f) for f in DIRECTION_FEATURES]
+    x = np.vstack([features_p[:, cols], features_u[:, cols]])
+    sd = x.std(axis=0)
+    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    index = z.mean(axis=1)
+    n_p = len(features_p)
+    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
+
+
+def _member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
+    """Each pooled image's candidate statistics ``[n, m]`` (larger: more member-like)."""
+    return candidate_matrix(x, options.candidates, options.combined)
+
+
+def member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
+    """What the shift control predicts: each pooled image's combined candidate ``[n]``.
+
+    The directional candidates' mean (:func:`cdi.stats.candidate_matrix`), larger meaning
+    more like a training image; the last candidate where the options define several.
+    """
+    return _member_likeness(x, options)[:, -1]
+
+
+def calibrated_test(
+    features_p: np.ndarray, features_u: np.ndarray, descriptors_p: np.ndarray, descriptors_u: np.ndarray,
+    options: ProtocolOptions, *, alpha: float, random_state: int, ridge: float = DEFAULT_RIDGE,
+) -> ProtocolResult:
+    """The directional test on each candidate statistic less its label-free descriptor fit.
+
+    The candidates (and their mean) are computed on the pooled images as the test computes
+    them, each is regressed on the pooled descriptors without labels
+    (:func:`cdi.calibration.calibrate`), and the residuals are tested with the same max-T
+    permutation test: the residuals are the same for every relabelling, so the p-value is
+    exact under exchangeability.
+    """
+    x = np.vstack([features_p, features_u])
+    values = _member_likeness(x, options)
+    residual = calibrate(values, np.vstack([descriptors_p, descriptors_u]), ridge)
+    n_p = len(features_p)
+    # Each residual column is one candidate; candidate_matrix negates, so hand it the negation.
+    single = ProtocolOptions(
+        options.fit_fraction, options.n_folds, options.n_permutations, exceedances=options.exceedances,
+        max_permutations=options.max_permutations, candidates=tuple((j,) for j in range(residual.shape[1])),
+        combined=False, min_set=options.min_set,
+    )
+    return directional_test(-residual[:n_p], -residual[n_p:], single, alpha=alpha, random_state=random_state)
+
+
+def assess(
+    features_p: np.ndarray,
+    features_u: np.ndarray,
+    descriptors_p: np.ndarray,
+    descriptors_u: np.ndarray,
+    stats_p: np.ndarray,
+    stats_u: np.ndarray,
+    *,
+    columns: Sequence[int],
+    protocol: Protocol | str,
+    options: ProtocolOptions,
+    alpha: float,
+    seed: int,
+    control_options: ProtocolOptions | None = None,
+    test: ProtocolResult | None = None,
+    alpha_shift: float = DEFAULT_ALPHA_SHIFT,
+) -> Assessment:
+    """Test, controls and verdict of P against U.
+
+    ``features_*``: rows of all 26 layout columns (NaN where not computed); ``columns``: the
+    tested ones. ``descriptors_*``: :func:`cdi.calibration.image_descriptors` of each image;
+    ``stats_*``: :func:`cdi.controls.image_statistics` of each file. ``test``: the test's
+    result where it already ran (a sequential look), else it runs here with ``options``;
+    the controls use ``control_options`` (default ``options``). Seeds: the test ``seed``,
+    the negative control ``seed + 1``, the distribution check ``seed + 2``, the calibrated
+    test ``seed + 3``.
+    """
+    protocol = Protocol(protocol)
+    cols = list(columns)
+    xp, xu = np.asarray(features_p)[:, cols], np.asarray(features_u)[:, cols]
+    dp, du = np.asarray(descriptors_p, dtype=np.float64), np.asarray(descriptors_u, dtype=np.float64)
+    if len(dp) != len(xp) or len(du) != len(xu):
+        raise InputError("one descriptor row per image is needed")
+    if test is None:
+        test = run_test(xp, xu, protocol, options, alpha=alpha, random_state=seed)
+    copts = control_options or options
+    control = negative_control(xu, protocol, copts, alpha=alpha, random_state=seed + 1)
+    dist = distribution_check(stats_p, stats_u, random_state=seed + 2)
+    reversal = direction_check(features_p, features_u)
+    likeness = member_likeness(np.vstack([xp, xu]), copts)
+    shift = shift_check(likeness, np.vstack([dp, du]), len(xp), alpha_shift=alpha_shift)
+    calibrated = None
+    if protocol is Protocol.DIRECTIONAL:
+        calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3)
+    verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
+    return Assessment(test, calibrated, control, dist, shift, reversal, verdict)

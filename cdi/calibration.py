@@ -1,0 +1,256 @@
+"""Difficulty calibration of the directional test, and the shift control (method §8.2).
+
+Published and unpublished images are seldom exchangeable: darker, flatter or simpler images
+have lower denoising losses whether or not a model trained on them, so a P darker than U
+can look "used" to a model that never saw either. Three pieces guard the verdict:
+
+1. **Descriptors.** Each image, as the model sees it (its model input, at the model's
+   resolution and channels), is summarised by a few model-free numbers
+   (:data:`DESCRIPTOR_NAMES`): mean and spread of luminance, edge energy, the shares of
+   dark and bright pixels, colourfulness and compressed bytes per pixel.
+2. **The calibrated test.** Every candidate statistic of the directional test is regressed
+   (ridge, standardised descriptors) on the descriptors of the *pooled* images, without
+   their labels, and the directional test runs on the residuals: what the descriptors
+   cannot explain. The fit depends on the pooled set only, so every label permutation sees
+   the same residuals and the permutation p-value stays exact under exchangeability. The
+   verdict's ``used`` needs both the raw and the calibrated test to reject (an
+   intersection–union test, valid whenever either is): a calibration that mispredicts one
+   kind of image cannot create a ``used`` the raw test would not give, nor a shift the
+   descriptors explain one the calibrated test would not.
+3. **The shift control.** Does the way P and U differ *predict* a lower loss for P? The
+   same label-free fit's predictions of the combined candidate are compared, P against U,
+   by a one-sided Welch test. When it is significant and the raw test fires, the audit is
+   ``inconclusive``, naming the descriptors that carry the difference and what would fix it.
+
+:data:`CALIBRATION_READS` names the features all of this reads: those the directional test
+reads already, so the calibration costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdi.errors import InputError
+from cdi.features.layout import FEATURE_NAMES, MEMBER_CANDIDATES
+
+__all__ = [
+    "CALIBRATION_READS",
+    "DEFAULT_ALPHA_SHIFT",
+    "DEFAULT_RIDGE",
+    "DESCRIPTOR_NAMES",
+    "DescriptorDifference",
+    "ShiftCheckResult",
+    "calibrate",
+    "descriptor_differences",
+    "image_descriptors",
+    "shift_check",
+]
+
+#: The per-image descriptors, in column order.
+DESCRIPTOR_NAMES: tuple[str, ...] = (
+    "brightness",
+    "contrast",
+    "edge_energy",
+    "dark_share",
+    "bright_share",
+    "colourfulness",
+    "bytes_per_pixel",
+)
+
+#: Layout features the calibration and the shift control read: the directional test's own.
+CALIBRATION_READS: tuple[str, ...] = tuple(
+    dict.fromkeys(name for _, group in MEMBER_CANDIDATES for name in group)
+)
+assert all(name in FEATURE_NAMES for name in CALIBRATION_READS)
+
+#: Ridge penalty on the standardised descriptors, as a multiple of the number of images.
+DEFAULT_RIDGE = 0.1
+#: Level of the shift control (one-sided Welch p-value of the predicted difference).
+DEFAULT_ALPHA_SHIFT = 0.01
+
+#: How each descriptor reads in a photographer's words: (higher in P, lower in P).
+_WORDS: dict[str, tuple[str, str]] = {
+    "brightness": ("P's images are brighter than U's", "P's images are darker than U's"),
+    "contrast": ("P's images have more contrast than U's", "P's images have less contrast than U's"),
+    "edge_energy": ("P's images are sharper or busier than U's", "P's images are softer or plainer than U's"),
+    "dark_share": ("P's images have more deep shadow than U's", "P's images have less deep shadow than U's"),
+    "bright_share": ("P's images have more bright highlight or ink than U's",
+                     "P's images have less bright highlight or ink than U's"),
+    "colourfulness": ("P's images are more colourful than U's", "P's images are less colourful than U's"),
+    "bytes_per_pixel": ("P's images hold more fine detail or noise than U's (they compress less)",
+                        "P's images are simpler than U's (they compress better)"),
+}
+
+
+def image_descriptors(pixels: np.ndarray) -> np.ndarray:
+    """Model-free descriptors ``[len(DESCRIPTOR_NAMES)]`` of one model input.
+
+    ``pixels``: float ``[C, H, W]`` in [-1, 1], C = 1 or 3 (:func:`cdi.images.to_model_array`).
+    Luminance (ITU-R 601-2 for colour) in [0, 1]: its mean and standard deviation, the mean
+    absolute difference of neighbouring pixels (edge energy), the shares of pixels below 0.1
+    and above 0.9; Hasler–Süsstrunk colourfulness (0 for grey); and the zlib-compressed size
+    of the 8-bit pixels in bytes per pixel.
+    """
+    x = np.asarray(pixels, dtype=np.float64)
+    if x.ndim != 3 or x.shape[0] not in (1, 3) or min(x.shape[1:]) < 2:
+        raise InputError(f"descriptors need a [1 or 3, H, W] image of at least 2 × 2 pixels, got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise InputError("descriptors need finite pixel values")
+    u = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    luma = u[0] if u.shape[0] == 1 else 0.299 * u[0] + 0.587 * u[1] + 0.114 * u[2]
+    edges = 0.5 * (np.abs(np.diff(luma, axis=0)).mean() + np.abs(np.diff(luma, axis=1)).mean())
+    if u.shape[0] == 3:
+        rg, yb = u[0] - u[1], 0.5 * (u[0] + u[1]) - u[2]
+        colour = float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    else:
+        colour = 0.0
+    q = np.rint(u * 255.0).astype(np.uint8)
+    bpp = len(zlib.compress(q.tobytes(), 9)) / float(luma.size)
+    return np.array([luma.mean(), luma.std(), edges, (luma < 0.1).mean(), (luma > 0.9).mean(), colour, bpp])
+
+
+def _design(descriptors: np.ndarray) -> np.ndarray:
+    """Standardised descriptors of the pooled images; columns without spread dropped."""
+    d = np.asarray(descriptors, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] != len(DESCRIPTOR_NAMES):
+        raise InputError(f"descriptors must be [n, {len(DESCRIPTOR_NAMES)}], got {d.shape}")
+    if not np.all(np.isfinite(d)):
+        raise InputError("descriptors must be finite")
+    sd = d.std(axis=0)
+    keep = sd > 1e-12 * np.maximum(1.0, np.abs(d).max(axis=0))
+    return (d[:, keep] - d[:, keep].mean(axis=0)) / sd[keep]
+
+
+def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float) -> np.ndarray:
+    """The ridge fit's predictions ``[n, m]`` of each column of ``values`` from the descriptors."""
+    z = _design(descriptors)
+    y = np.asarray(values, dtype=np.float64)
+    centred = y - y.mean(axis=0)
+    if z.shape[1] == 0:
+        return np.broadcast_to(y.mean(axis=0), y.shape).copy()
+    n = len(z)
+    gram = z.T @ z + ridge * n * np.eye(z.shape[1])
+    beta = np.linalg.solve(gram, z.T @ centred)
+    return y.mean(axis=0) + z @ beta
+
+
+def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """``values`` ``[n, m]`` less what the pooled images' descriptors ``[n, d]`` predict of them.
+
+    A label-free ridge fit per column; the result depends on the pooled rows only, not on
+    which of them are P, and a reordering of the rows reorders it alike.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    if y.ndim != 2 or len(y) != len(descriptors):
+        raise InputError(f"{len(y)} rows of values but {len(descriptors)} of descriptors")
+    if ridge <= 0 or not math.isfinite(ridge):
+        raise InputError(f"ridge must be positive, got {ridge}")
+    return y - _fit(y, descriptors, ridge)
+
+
+@dataclass(frozen=True)
+class DescriptorDifference:
+    """How one descriptor differs, P minus U, and its share of the predicted difference."""
+
+    name: str
+    mean_p: float
+    mean_u: float
+    cohens_d: float
+    #: The descriptor's part of the predicted member-likeness difference (P minus U), in
+    #: standard deviations of the predicted statistic; positive: it makes P look member-like.
+    contribution: float
+    words: str
+
+
+@dataclass(frozen=True)
+class ShiftCheckResult:
+    """Does the way P and U differ predict that P looks more like training data?
+
+    ``statistic``: Welch's t of the descriptors' label-free prediction of the combined
+    member-likeness candidate, P minus U; ``p_value`` its one-sided p-value (H1: P predicted
+    more member-like). ``differences``: the descriptors that drive the prediction, largest
+    first.
+    """
+
+    statistic: float
+    p_value: float
+    alpha_shift: float
+    n_p: int
+    n_u: int
+    ridge: float
+    differences: tuple[DescriptorDifference, ...]
+
+    @property
+    def shifted(self) -> bool:
+        return self.p_value < self.alpha_shift
+
+    def words(self, limit: int = 2) -> str:
+        """How P and U differ, in a photographer's words (the leading descriptors)."""
+        leading = [d.words for d in self.differences if d.contribution > 0][:limit]
+        return "; ".join(leading) if leading else "no single property stands out"
+
+
+def _welch_greater(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from scipy import stats as sps
+
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return 0.0, 1.0
+    t = float((a.mean() - b.mean()) / se)
+    df = (va + vb) ** 2 / ((va**2) / (len(a) - 1) + (vb**2) / (len(b) - 1))
+    return t, float(sps.t.sf(t, df))
+
+
+def shift_check(
+    member_likeness: np.ndarray, descriptors: np.ndarray, n_p: int, *,
+    alpha_shift: float = DEFAULT_ALPHA_SHIFT, ridge: float = DEFAULT_RIDGE,
+) -> ShiftCheckResult:
+    """The shift control on the pooled images (P's ``n_p`` rows first).
+
+    ``member_likeness`` ``[n]``: one statistic per image, larger meaning more member-like
+    (the combined candidate); ``descriptors`` ``[n, d]``. The ridge fit sees no labels.
+    """
+    y = np.asarray(member_likeness, dtype=np.float64).reshape(-1)
+    d = np.asarray(descriptors, dtype=np.float64)
+    n = len(y)
+    if len(d) != n or not 2 <= n_p <= n - 2:
+        raise InputError(f"the shift control needs at least 2 images per set and one descriptor row each "
+                         f"(got {n} values, {len(d)} rows, P = {n_p})")
+    if not 0.0 < alpha_shift < 1.0:
+        raise InputError(f"alpha_shift must lie strictly between 0 and 1, got {alpha_shift}")
+    predicted = _fit(y[:, None], d, ridge)[:, 0]
+    t, p = _welch_greater(predicted[:n_p], predicted[n_p:])
+    return ShiftCheckResult(t, p, alpha_shift, n_p, n - n_p, ridge, descriptor_differences(y, d, n_p, ridge))
+
+
+def descriptor_differences(
+    member_likeness: np.ndarray, descriptors: np.ndarray, n_p: int, ridge: float = DEFAULT_RIDGE,
+) -> tuple[DescriptorDifference, ...]:
+    """Each descriptor's difference between P and U and its part in the predicted difference."""
+    y = np.asarray(member_likeness, dtype=np.float64).reshape(-1)
+    d = np.asarray(descriptors, dtype=np.float64)
+    sd = d.std(axis=0)
+    keep = sd > 1e-12 * np.maximum(1.0, np.abs(d).max(axis=0))
+    z = (d[:, keep] - d[:, keep].mean(axis=0)) / np.where(sd[keep] > 0, sd[keep], 1.0)
+    spread = y.std()
+    out = []
+    if z.shape[1] and spread > 0:
+        beta = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+        gap = z[:n_p].mean(axis=0) - z[n_p:].mean(axis=0)
+        parts = beta * gap / spread
+    else:
+        parts = np.zeros(int(keep.sum()))
+    for k, j in enumerate(np.flatnonzero(keep)):
+        name = DESCRIPTOR_NAMES[j]
+        a, b = d[:n_p, j], d[n_p:, j]
+        pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if n_p > 1 and len(b) > 1 else 0.0
+        cd = float((a.mean() - b.mean()) / pooled) if pooled > 0 else 0.0
+        words = _WORDS[name][0 if a.mean() > b.mean() else 1]
+        out.append(DescriptorDifference(name, float(a.mean()), float(b.mean()), cd, float(parts[k]), words))
+    out.sort(key=lambda x: -x.contribution)
+    return tuple(out)
