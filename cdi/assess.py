@@ -36,7 +36,8 @@ class Assessment:
     #: The directional test on what the descriptors cannot explain (``None``: other protocols).
     calibrated: ProtocolResult | None
     negative_control: NegativeControlResult
-    distribution: DistributionCheckResult
+    #: ``None`` where :func:`assess` was asked to run it only where it could matter.
+    distribution: DistributionCheckResult | None
     shift: ShiftCheckResult
     reversal_p: float
     verdict: Verdict
@@ -113,6 +114,7 @@ def assess(
     control_options: ProtocolOptions | None = None,
     test: ProtocolResult | None = None,
     alpha_shift: float = DEFAULT_ALPHA_SHIFT,
+    distribution: bool = True,
 ) -> Assessment:
     """Test, controls and verdict of P against U.
 
@@ -122,7 +124,9 @@ def assess(
     result where it already ran (a sequential look), else it runs here with ``options``;
     the controls use ``control_options`` (default ``options``). Seeds: the test ``seed``,
     the negative control ``seed + 1``, the distribution check ``seed + 2``, the calibrated
-    test ``seed + 3``.
+    test ``seed + 3``. ``distribution=False`` runs the distribution check (the costliest
+    step) only where the verdict would otherwise be ``used``, the one outcome it can change:
+    the verdict is the same, and ``Assessment.distribution`` is ``None`` where it did not run.
     """
     protocol = Protocol(protocol)
     cols = list(columns)
@@ -134,7 +138,7 @@ def assess(
         test = run_test(xp, xu, protocol, options, alpha=alpha, random_state=seed)
     copts = control_options or options
     control = negative_control(xu, protocol, copts, alpha=alpha, random_state=seed + 1)
-    dist = distribution_check(stats_p, stats_u, random_state=seed + 2)
+    dist = distribution_check(stats_p, stats_u, random_state=seed + 2) if distribution else None
     reversal = direction_check(features_p, features_u)
     likeness = member_likeness(np.vstack([xp, xu]), copts)
     shift = shift_check(likeness, np.vstack([dp, du]), len(xp), alpha_shift=alpha_shift)
@@ -142,4 +146,7 @@ def assess(
     if protocol is Protocol.DIRECTIONAL:
         calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3)
     verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
+    if dist is None and verdict.outcome.value == "used":
+        dist = distribution_check(stats_p, stats_u, random_state=seed + 2)
+        verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
     return Assessment(test, calibrated, control, dist, shift, reversal, verdict)

@@ -655,6 +655,7 @@ def audit(
     last = len(seq.looks) - 1 if seq is not None else -1
     assessment = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
     control, dist, verdict = assessment.negative_control, assessment.distribution, assessment.verdict
+    assert dist is not None  # the audit always runs it, for the report
     if seq is not None:
         verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
     report("testing", 1, 1)

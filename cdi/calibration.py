@@ -68,7 +68,7 @@ CALIBRATION_READS: tuple[str, ...] = tuple(
 assert all(name in FEATURE_NAMES for name in CALIBRATION_READS)
 
 #: Ridge penalty on the standardised descriptors, as a multiple of the number of images.
-DEFAULT_RIDGE = 0.1
+DEFAULT_RIDGE = 0.01
 #: Level of the shift control (one-sided Welch p-value of the predicted difference).
 DEFAULT_ALPHA_SHIFT = 0.01
 

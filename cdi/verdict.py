@@ -107,7 +107,7 @@ def _p(p: float) -> str:
 def decide(
     test: ProtocolResult,
     negative_control: NegativeControlResult | ProtocolResult,
-    distribution: DistributionCheckResult,
+    distribution: DistributionCheckResult | None,
     *,
     alpha_control: float = DEFAULT_ALPHA_CONTROL,
     auc_threshold: float = DEFAULT_AUC_THRESHOLD,
@@ -122,6 +122,8 @@ def decide(
     (see :func:`cdi.assess.direction_check`); ``None`` skips the direction check.
     ``calibrated`` is the difficulty-calibrated test (:func:`cdi.assess.calibrated_test`) and
     ``shift`` the shift control (:func:`cdi.calibration.shift_check`); ``None`` skips each.
+    ``distribution`` ``None``: the distribution check did not run (it only ever vetoes a
+    detection, so its absence changes nothing but a ``used``).
     """
     if not 0.0 < alpha_control < 1.0:
         raise InputError(f"alpha_control must lie strictly between 0 and 1, got {alpha_control}")
@@ -133,7 +135,11 @@ def decide(
             f"the negative control ran the {control.protocol.value} protocol but the test ran "
             f"{test.protocol.value}: they must be the same"
         )
-    if 1.0 / (1 + distribution.n_permutations) >= alpha_control:
+    if distribution is None:
+        # Not run: it can only veto a detection, so a caller that runs it whenever the verdict
+        # would be "used" (cdi.assess.assess(distribution=False) does) gets the same outcome.
+        distribution = _NOT_RUN
+    elif 1.0 / (1 + distribution.n_permutations) >= alpha_control:
         raise InputError(
             f"the distribution check ran {distribution.n_permutations} permutations, too few "
             f"for its p-value ever to fall below alpha_control = {alpha_control}"
@@ -264,6 +270,10 @@ def decide(
         shift_words=shift_words,
         fix=fix,
     )
+
+
+#: A distribution check that found nothing (p = 1), standing in where it was not run.
+_NOT_RUN = DistributionCheckResult(0.5, 1.0, 0, 0, 0, 0, 0, (), ())
 
 
 def _fix(shift: ShiftCheckResult) -> str:

@@ -76,16 +76,21 @@ class Explanation:
 def explain(report: Report, mono: tuple[str, str] = MONO_PDF) -> Explanation:
     """The plain-language explanation of ``report`` (see the module docstring for the markup)."""
     t = report.test
-    below = t.p_value < t.alpha
+    below = report.p_value < t.alpha
     floor = ""
-    if t.p_value_floor is not None and t.p_value <= t.p_value_floor:
+    if t.p_value_floor is not None and report.p_value <= t.p_value_floor:
         floor = (f" (the smallest value this test can give with {t.n_permutations:,} permutations: the evidence "
                  f"may be stronger still)")
+    cal = report.calibrated_test
+    both = ("" if cal is None else
+            f" It is the larger of two tests' p-values: the plain test's ({_p(t.p_value)}) and that of the same "
+            f"test once what brightness, contrast, detail and colour predict of each image's loss is "
+            f"discounted ({_p(cal.p_value)}); both must be below the threshold.")
     p_text = (
-        f"<b>p-value: {_p(t.p_value)}</b>{floor} — {'below' if below else 'not below'} the threshold "
+        f"<b>p-value: {_p(report.p_value)}</b>{floor} — {'below' if below else 'not below'} the threshold "
         f"α = {t.alpha:g} fixed before the audit. The p-value is the probability of a difference at least "
         f"this large between the published and the unpublished images if the model had not been trained on "
-        f"the published ones: the smaller it is, the stronger the evidence.")
+        f"the published ones: the smaller it is, the stronger the evidence.{both}")
     n_excl = len(report.controls.excluded.p) + len(report.controls.excluded.u)
     tested = [
         f"<b>Model:</b> {model_line(report)}",
@@ -128,6 +133,11 @@ def failed_controls(report: Report) -> list[str]:
     if report.decision.direction_check_failed:
         out.append("the published images look less like training data than the unpublished ones, so the "
                    "unpublished set may hold training images, or the two sets may have been swapped")
+    sc = report.controls.shift_control
+    if report.decision.shift_failed and sc is not None:
+        out.append(f"the published and unpublished images differ in a way that by itself makes the published "
+                   f"ones easier for any model ({_e(sc.words)}), so the test's result may come from that rather "
+                   f"than from training")
     if report.decision.distribution_shift:
         out.append("a classifier that ignores the model can tell the published from the unpublished images "
                    "by simple image statistics, so the two sets are not comparable")
@@ -154,6 +164,10 @@ def meaning(report: Report) -> tuple[str, str]:
             f"The model did not treat the published images (P) differently enough from comparable images it "
             f"cannot have seen (U) to conclude that it was trained on them: the p-value {p} is not below the "
             f"threshold of {a} fixed before the audit.")
+        if report.decision.test_significant and report.decision.calibrated_significant is False:
+            means += (" The plain test did find P's images easier for the model, but not once what their "
+                      "brightness, contrast, detail and colour predict is discounted: the difference may come "
+                      "from the kind of images in P rather than from training.")
         not_means = (
             "<b>It is not proof that the model was not trained on these images.</b> The test may lack "
             "power: the model may have seen the images too rarely to keep a trace of them, the sets may be "
@@ -165,10 +179,13 @@ def meaning(report: Report) -> tuple[str, str]:
             f"A check on the data failed: {failed}. When a check fails, the test's p-value cannot be trusted "
             f"in either direction, so the audit draws no conclusion. (For the record, the test's p-value was "
             f"{p} against a threshold of {a}.)")
+        sc = report.controls.shift_control
+        fix = (_e(sc.fix) if report.decision.shift_failed and sc is not None and sc.fix else
+               "Repeat the audit with unpublished images that match the published ones more closely: same "
+               "source, format, size and processing.")
         not_means = (
             "It is neither evidence that the model was trained on the published images nor evidence that it "
-            "was not. Repeat the audit with unpublished images that match the published ones more closely: "
-            "same source, format, size and processing.")
+            f"was not. {fix}")
     return means, not_means
 
 
@@ -222,7 +239,32 @@ def control_rows(report: Report) -> list[tuple[str, str, str]]:
                    f"out of the audit (Appendix B).")
     else:
         dup_row = ("Duplicates", "none", "No image appears twice, within or across the two sets.")
-    return [nc_row, dir_row, dc_row, dup_row]
+    rows = [nc_row, dir_row, dc_row]
+    sc = report.controls.shift_control
+    if sc is not None:
+        if report.decision.shift_failed:
+            rows.append(("Shift control", "FAILED",
+                         f"The way the sets differ ({_e(sc.words)}) by itself predicts lower losses for the "
+                         f"published images, whatever the model saw (p = {_p(sc.p_value)} &lt; "
+                         f"{sc.alpha_shift:g}). {_e(sc.fix)}"))
+        elif sc.p_value < sc.alpha_shift:
+            rows.append(("Shift control", "passed, with a warning",
+                         f"The sets differ in a way that predicts lower losses for the published images "
+                         f"({_e(sc.words)}; p = {_p(sc.p_value)}), but the test did not fire, so it cannot have "
+                         f"made them look used."))
+        else:
+            rows.append(("Shift control", "passed",
+                         f"How the sets differ in brightness, contrast, detail and colour does not predict "
+                         f"lower losses for the published images (p = {_p(sc.p_value)})."))
+    cal = report.calibrated_test
+    if cal is not None:
+        confirmed = report.decision.calibrated_significant
+        rows.append(("Calibrated test", "confirms" if confirmed else "does not confirm",
+                     f"The same test on what each image's brightness, contrast, detail and colour cannot "
+                     f"explain of its loss: p = {_p(cal.p_value)}"
+                     + (f" &lt; {report.alpha:g}." if confirmed else f", not below {report.alpha:g}.")))
+    rows.append(dup_row)
+    return rows
 
 
 def model_line(report: Report) -> str:

@@ -285,6 +285,9 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
         ("fitted on, P / U", f"{t.n_fit_p} / {t.n_fit_u}"), ("tested, P / U", f"{t.n_test_p} / {t.n_test_u}"),
         ("protocol", t.protocol), ("seed of the test", t.random_state),
     ]
+    if report.calibrated_test is not None:
+        rows += [("difficulty-calibrated test: p-value", _fmt(report.calibrated_test.p_value)),
+                 ("verdict's p-value (the larger)", _fmt(report.p_value))]
     if t.protocol == "directional":
         rows += [("selected feature", t.selected_feature or "—"),
                  ("permutations drawn / at most", f"{t.n_permutations:,} / {t.max_permutations:,}"),
@@ -332,14 +335,48 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
         f"from training. A classifier that never sees the model tries to tell P from U using "
         f"{len(d.statistic_names)} simple image statistics, cross-validated over {d.n_folds} folds, its AUC "
         f"tested with {d.n_permutations} permutations. The check fails when p &lt; "
-        f"{report.decision.alpha_control:g} and AUC ≥ {report.decision.auc_threshold:g}.", st["body"]))
+        f"{report.decision.alpha_control:g} and AUC ≥ {report.decision.auc_threshold:g} while the test fires: "
+        f"a difference the test did not pick up (a colour cast, a size) cannot have made P look used, and is "
+        f"only reported.", st["body"]))
     outcome = "FAILED: the sets differ" if d.shift else ("passed with a warning" if d.warning else "passed")
     section += _figure(figures.distribution_check(report), width,
                        f"<b>Figure 4. Distribution check</b> ({outcome}). Left: the classifier's AUC (0.5 is "
                        f"chance) against the threshold. Right: the image statistics that differ most between P "
                        f"and U, by Cohen's d (only those with |d| ≥ 0.2).", st)
     flow.append(KeepTogether(section))
+    flow += _shift_section(report, st, width)
     return flow
+
+
+def _shift_section(report: Report, st: dict[str, Any], width: float) -> list[Any]:
+    """Section 5: the difficulty-calibrated test and the shift control (absent from older reports)."""
+    from reportlab.platypus import KeepTogether, Paragraph
+
+    sc, cal = report.controls.shift_control, report.calibrated_test
+    if sc is None and cal is None:
+        return []
+    section: list[Any] = [Paragraph("5. Image difficulty: calibrated test and shift control", st["h1"])]
+    section.append(Paragraph(
+        "Darker, flatter or simpler images are easier for any diffusion model, trained on them or not. Each "
+        "image is summarised by a few numbers that ignore the model (brightness, contrast, edge energy, shares "
+        "of deep shadow and bright highlight, colourfulness, compressed bytes per pixel). The calibrated test "
+        "reruns the test on what these numbers cannot explain of each image's loss (a fit on both sets "
+        "together that never sees which image is P, so its p-value stays exact); “used” needs both "
+        "tests below α. The shift control asks whether the way P and U differ in these numbers by itself "
+        "predicts lower losses for P; if it does while the test fires, the audit is inconclusive.", st["body"]))
+    rows: list[tuple[str, Any]] = []
+    if cal is not None:
+        rows.append(("calibrated test: p-value / statistic", f"{_fmt(cal.p_value)} / {_fmt(cal.statistic)}"))
+    if sc is not None:
+        state = "FAILED" if sc.failed else ("warning" if sc.p_value < sc.alpha_shift else "passed")
+        rows += [("shift control: p-value / level", f"{_fmt(sc.p_value)} / {_fmt(sc.alpha_shift)} ({state})"),
+                 ("how P and U differ", sc.words)]
+        rows += [(f"{d.name}: P / U (d)", f"{_fmt(d.mean_p)} / {_fmt(d.mean_u)} ({d.cohens_d:+.2f})")
+                 for d in sc.differences[:4]]
+        if sc.failed:
+            rows.append(("what would fix it", sc.fix))
+    section.append(_kv_table(rows, st, width, key_share=0.42))
+    return [KeepTogether(section)]
 
 
 # --- appendix ------------------------------------------------------------------------------
