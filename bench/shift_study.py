@@ -12,7 +12,9 @@ cached features and descriptors (``bench/shift_cache.py``):
   rows), or one set transformed (JPEG re-encoded, resampled, blurred, darkened, a warm
   colour cast). Every ``used`` is false;
 - **the same scenarios with members in P** (power under shift): P drawn from the members on
-  P's side of the split (or transformed members), U as before;
+  P's side of the split (or transformed members), U as before; these run without the
+  distribution check (``assess(distribution="never")``), which can only turn a ``used`` into
+  ``inconclusive``: their ``used`` rates are upper bounds by at most its rate;
 - **exchangeable sets**: null (two disjoint random held-out sets) and power (random members
   against random held-out images) at the statistics study's sizes, for the new verdict and
   for today's test alone (the raw directional test's p < α).
@@ -20,8 +22,9 @@ cached features and descriptors (``bench/shift_cache.py``):
 Per cell: ``used`` / ``inconclusive`` / ``not_detected`` with 95 % Clopper–Pearson intervals,
 and how often the raw test, the calibrated test and the shift control fired. The directional
 p-value is stopped after ⌈h / α⌉ permutations (as in the statistics study): whether p < α
-depends only on those draws. The distribution check runs where the verdict would otherwise
-be ``used`` (``assess(distribution=False)``), the only outcome it can change.
+depends only on those draws. In the cells without members the distribution check runs where
+the verdict would otherwise be ``used`` (``assess(distribution="when_used")``), the only
+outcome it can change, so their verdicts are exactly an audit's.
 
     python bench/shift_study.py [--quick] [--models ...] [--audits 100] [--table docs/shift-table.md]
 """
@@ -35,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -42,10 +46,11 @@ from scipy.stats import binomtest
 
 from cdi.assess import assess
 from cdi.calibration import DESCRIPTOR_NAMES
-from cdi.controls import image_statistics
+from cdi.controls import distribution_check, image_statistics
 from cdi.errors import InputError
 from cdi.features.layout import FeatureSet, member_candidates
 from cdi.stats import DEFAULT_EXCEEDANCES, ProtocolOptions, check_sizes
+from cdi.verdict import DEFAULT_ALPHA_CONTROL, DEFAULT_AUC_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shift_cache import TRANSFORMS, cached
@@ -180,6 +185,7 @@ class Cell:
     calibrated: int = 0
     shift: int = 0
     distribution_stops: int = 0
+    vetoes_run: int = 0
     runs: int = 0
 
     def add(self, a: object) -> None:
@@ -205,7 +211,8 @@ def interval(k: int, n: int) -> str:
     return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
-def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Generator) -> Cell:
+def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Generator,
+             distribution: Literal["when_used", "never"]) -> Cell:
     cell = Cell()
     for _ in range(audits):
         drawn = draw(pools, n, rng)
@@ -213,13 +220,18 @@ def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Gener
             break
         p, u = drawn
         cell.add(assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
-                        alpha=ALPHA, seed=int(rng.integers(2**31)), distribution=False))
+                        alpha=ALPHA, seed=int(rng.integers(2**31)), distribution=distribution))
     return cell
 
 
 def exchangeable(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], sizes: list[int], null: int,
-                 positive: int, rng: np.random.Generator) -> dict[str, dict[int, tuple[Cell, int]]]:
-    """Null and positive cells of exchangeable sets; each with today's raw-test rejections."""
+                 positive: int, rng: np.random.Generator, veto_sample: int) -> dict[str, dict[int, tuple[Cell, int]]]:
+    """Null and positive cells of exchangeable sets; each with today's raw-test rejections.
+
+    Positive audits run without the distribution check (the verdict before it); for the first
+    ``veto_sample`` of them per size that end ``used`` it runs, and ``Cell.distribution_stops``
+    counts how many it would have turned ``inconclusive``.
+    """
     held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"])
     members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"])
     out: dict[str, dict[int, tuple[Cell, int]]] = {"null": {}, "positive": {}}
@@ -238,8 +250,13 @@ def exchangeable(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], size
                 p, u = drawn
                 seed = int(rng.integers(2**31))
                 a = assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
-                           alpha=ALPHA, seed=seed, distribution=False)
+                           alpha=ALPHA, seed=seed, distribution="when_used" if kind == "null" else "never")
                 cell.add(a)
+                if kind == "positive" and a.verdict.outcome.value == "used" and cell.vetoes_run < veto_sample:
+                    dist = distribution_check(p.s, u.s, random_state=seed + 2)
+                    cell.vetoes_run += 1
+                    cell.distribution_stops += int(dist.p_value < DEFAULT_ALPHA_CONTROL
+                                                   and dist.auc >= DEFAULT_AUC_THRESHOLD)
                 today += int(a.test.p_value < ALPHA and a.test.statistic > 0)
             out[kind][n] = (cell, today)
     return out
@@ -253,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audits", type=int, default=100, help="audits per shift cell")
     ap.add_argument("--null", type=int, default=300, help="exchangeable null audits per size")
     ap.add_argument("--positive", type=int, default=100, help="exchangeable positive audits per size")
+    ap.add_argument("--positive-audits", type=int, help="audits per shift cell with members in P (default --audits)")
+    ap.add_argument("--veto-sample", type=int, default=10,
+                    help="exchangeable positive audits per size ending used whose distribution check is run")
     ap.add_argument("--quick", action="store_true", help="20 audits per cell, 60 null, 30 positive")
     ap.add_argument("--no-exchangeable", action="store_true")
     ap.add_argument("--no-shift", action="store_true", help="only the exchangeable null and power")
@@ -266,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     lines_null = ["| model | P and U (no member) | n | used | inconclusive | not_detected | raw test fired | "
                   "calibrated fired | shift control |", "|---|---|---|---|---|---|---|---|---|"]
-    lines_pos = ["| model | P (members) and U | n | used | inconclusive | not_detected |", "|---|---|---|---|---|---|"]
+    lines_pos = ["| model | P (members) and U | n | used (before the distribution check) | inconclusive | "
+                 "not_detected |", "|---|---|---|---|---|---|"]
     lines_ex = ["| model | n | null: used (new) | null: today's test | null: inconclusive | power: used (new) | "
                 "power: today's test | power: inconclusive |", "|---|---|---|---|---|---|---|---|"]
     pooled = [0, 0]
@@ -280,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name}", flush=True)
         for sc in [] if args.no_shift else scenarios(data, stats, colour):
             for n in SIZES:
-                cell = run_cell(sc.null, n, args.audits, rng)
+                cell = run_cell(sc.null, n, args.audits, rng, "when_used")
                 if cell.runs == 0:
                     continue
                 pooled[0] += cell.outcomes["used"]
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"dist-stops {cell.distribution_stops}", flush=True)
                 if args.no_positive or sc.positive is None:
                     continue
-                pcell = run_cell(sc.positive, n, args.audits, rng)
+                pcell = run_cell(sc.positive, n, args.positive_audits or args.audits, rng, "never")
                 if pcell.runs == 0:
                     continue
                 lines_pos.append(f"| {name} | {sc.name} | {n} | {pcell.outcomes['used'] / pcell.runs:.2f} | "
@@ -307,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"inconcl {pcell.outcomes['inconclusive'] / pcell.runs:.2f}  raw {pcell.raw}  "
                       f"cal {pcell.calibrated}", flush=True)
         if not args.no_exchangeable:
-            ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng)
+            ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng, args.veto_sample)
             for n in sorted(set(ex["null"]) | set(ex["positive"])):
                 cells = [ex[k].get(n) for k in ("null", "positive")]
                 parts = []
@@ -318,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                     c, today = got
                     parts += [c.rate("used") if got is cells[0] else f"{c.outcomes['used'] / c.runs:.2f}",
                               interval(today, c.runs) if got is cells[0] else f"{today / c.runs:.2f}",
-                              f"{c.outcomes['inconclusive'] / c.runs:.3f}"]
+                              f"{c.outcomes['inconclusive'] / c.runs:.3f}"
+                              + (f" (+{c.distribution_stops}/{c.vetoes_run} by the distribution check)"
+                                 if c.vetoes_run else "")]
                 lines_ex.append(f"| {name} | {n} | " + " | ".join(parts) + " |")
                 print(f"exch  n={n:3d} " + "  ".join(parts), flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -10,7 +10,8 @@ what an audit runs, on cached features.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -114,7 +115,8 @@ def assess(
     control_options: ProtocolOptions | None = None,
     test: ProtocolResult | None = None,
     alpha_shift: float = DEFAULT_ALPHA_SHIFT,
-    distribution: bool = True,
+    distribution: Literal["always", "when_used", "never"] = "always",
+    calibrated_weight: float = 1.0,
 ) -> Assessment:
     """Test, controls and verdict of P against U.
 
@@ -124,9 +126,14 @@ def assess(
     result where it already ran (a sequential look), else it runs here with ``options``;
     the controls use ``control_options`` (default ``options``). Seeds: the test ``seed``,
     the negative control ``seed + 1``, the distribution check ``seed + 2``, the calibrated
-    test ``seed + 3``. ``distribution=False`` runs the distribution check (the costliest
+    test ``seed + 3``. ``distribution="when_used"`` runs the distribution check (the costliest
     step) only where the verdict would otherwise be ``used``, the one outcome it can change:
     the verdict is the same, and ``Assessment.distribution`` is ``None`` where it did not run.
+    ``"never"`` (studies of power only) gives the verdict before the check: a ``used`` it
+    might still turn ``inconclusive``.
+    ``calibrated_weight``: a sequential look's share of α (its level / α); the calibrated
+    p-value is divided by it, as the looks' p-values are (weighted Bonferroni), so that the
+    calibrated test, too, keeps its level whichever look stops the audit.
     """
     protocol = Protocol(protocol)
     cols = list(columns)
@@ -138,15 +145,21 @@ def assess(
         test = run_test(xp, xu, protocol, options, alpha=alpha, random_state=seed)
     copts = control_options or options
     control = negative_control(xu, protocol, copts, alpha=alpha, random_state=seed + 1)
-    dist = distribution_check(stats_p, stats_u, random_state=seed + 2) if distribution else None
+    if distribution not in ("always", "when_used", "never"):
+        raise InputError(f"distribution must be always, when_used or never, got {distribution!r}")
+    dist = distribution_check(stats_p, stats_u, random_state=seed + 2) if distribution == "always" else None
     reversal = direction_check(features_p, features_u)
     likeness = member_likeness(np.vstack([xp, xu]), copts)
     shift = shift_check(likeness, np.vstack([dp, du]), len(xp), alpha_shift=alpha_shift)
     calibrated = None
     if protocol is Protocol.DIRECTIONAL:
         calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3)
+        if calibrated_weight != 1.0:
+            if not 0.0 < calibrated_weight <= 1.0:
+                raise InputError(f"calibrated_weight must lie in (0, 1], got {calibrated_weight}")
+            calibrated = replace(calibrated, p_value=min(1.0, calibrated.p_value / calibrated_weight))
     verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
-    if dist is None and verdict.outcome.value == "used":
+    if dist is None and distribution == "when_used" and verdict.outcome.value == "used":
         dist = distribution_check(stats_p, stats_u, random_state=seed + 2)
         verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
     return Assessment(test, calibrated, control, dist, shift, reversal, verdict)

@@ -606,13 +606,15 @@ def audit(
 
     descriptors = descriptors_of(prepared.files, adapter.image_size, adapter.image_channels)
 
-    def controls(n_p: int, n_u: int, test: ProtocolResult, options: ProtocolOptions) -> Assessment:
-        """The controls and the verdict of the test on the first images of each set (:func:`cdi.assess.assess`)."""
+    def controls(n_p: int, n_u: int, test: ProtocolResult, options: ProtocolOptions,
+                 weight: float = 1.0) -> Assessment:
+        """The controls and the verdict of the test on the first images of each set (:func:`cdi.assess.assess`);
+        ``weight``: a sequential look's share of α."""
         used_p, used_u = p_rows[:n_p], u_rows[:n_u]
         return assess(features[used_p], features[used_u], descriptors[used_p], descriptors[used_u],
                       prepared.stats[used_p], prepared.stats[used_u], columns=cols, protocol=opts.protocol,
                       options=opts.protocol_options, alpha=opts.alpha, seed=opts.seed,
-                      control_options=options, test=test)
+                      control_options=options, test=test, calibrated_weight=weight)
 
     if opts.sequential:
         plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,
@@ -631,7 +633,7 @@ def audit(
             # Only a crossing look runs them: a detection must survive its controls on the
             # very images it rests on, or the audit goes on to the next round.
             look = plan_.looks[k]
-            checked[k] = controls(look.n_p, look.n_u, test, look_opts)
+            checked[k] = controls(look.n_p, look.n_u, test, look_opts, plan_.weight(k))
             return checked[k].verdict.outcome.value != "inconclusive"
 
         seq = sequential_test(np.empty((0, len(cols))), np.empty((0, len(cols))), plan_, opts.protocol_options,
@@ -653,7 +655,11 @@ def audit(
     report("testing", 0, 1)
     # The controls of the stopping look, on the images it tested (run already if it crossed).
     last = len(seq.looks) - 1 if seq is not None else -1
-    assessment = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
+    if last in checked:
+        assessment = checked[last]
+    else:
+        weight = seq.design.weight(last) if seq is not None else 1.0
+        assessment = controls(n_p, n_u, test, control_opts, weight)
     control, dist, verdict = assessment.negative_control, assessment.distribution, assessment.verdict
     assert dist is not None  # the audit always runs it, for the report
     if seq is not None:

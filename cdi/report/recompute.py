@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -204,6 +204,9 @@ def _calibration_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options:
     if recorded_cal is not None:
         calibrated = calibrated_test(xp, xu, dp, du, options, alpha=recorded_cal.alpha,
                                      random_state=recorded_cal.random_state)
+        if report.sequential is not None:  # the stopping look's share of alpha (cdi.assess.assess)
+            weight = report.sequential.looks[-1].level / report.alpha
+            calibrated = replace(calibrated, p_value=min(1.0, calibrated.p_value / weight))
         out.checks += _protocol_checks("calibrated test", recorded_cal, calibrated)
     if recorded_shift is not None:
         likeness = member_likeness(np.vstack([xp, xu]), options)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 
-from cdi.assess import assess, calibrated_test, member_likeness
+from cdi.assess import Assessment, assess, calibrated_test, member_likeness
 from cdi.calibration import DESCRIPTOR_NAMES, calibrate, image_descriptors, shift_check
 from cdi.controls import IMAGE_STATISTIC_NAMES
 from cdi.errors import InputError
@@ -38,9 +40,10 @@ def images(n: int, rng: np.random.Generator, *, brightness: float = 0.0, colour:
     return f, d, s
 
 
-def run(p: tuple[np.ndarray, ...], u: tuple[np.ndarray, ...], seed: int = 0):  # noqa: ANN201
+def run(p: tuple[np.ndarray, ...], u: tuple[np.ndarray, ...], seed: int = 0,
+        distribution: Literal["always", "when_used", "never"] = "always") -> Assessment:
     return assess(p[0], u[0], p[1], u[1], p[2], u[2], columns=COLUMNS, protocol="directional", options=OPTIONS,
-                  alpha=0.01, seed=seed)
+                  alpha=0.01, seed=seed, distribution=distribution)
 
 
 def test_descriptors_of_grey_and_colour_images() -> None:
@@ -98,7 +101,7 @@ def test_calibrated_test_holds_its_level_when_p_is_darker() -> None:
     runs = 60
     for k in range(runs):
         p, u = images(20, rng, brightness=-1.0), images(20, rng)
-        a = run(p, u, seed=k)
+        a = run(p, u, seed=k, distribution="when_used")
         rejections_raw += a.test.p_value < 0.01
         rejections_cal += a.calibrated is not None and a.calibrated.p_value < 0.01
         assert a.verdict.outcome is not Outcome.USED, a.verdict.reason
