@@ -71,9 +71,11 @@ class Pool:
     d: np.ndarray
     s: np.ndarray
     ids: np.ndarray
+    #: Each image's class (its digit, its photograph).
+    c: np.ndarray
 
     def take(self, rows: np.ndarray) -> Pool:
-        return Pool(self.f[rows], self.d[rows], self.s[rows], self.ids[rows])
+        return Pool(self.f[rows], self.d[rows], self.s[rows], self.ids[rows], self.c[rows])
 
 
 def _stats(img: Image.Image, fmt: str = "PNG") -> np.ndarray:
@@ -115,8 +117,9 @@ class Scenario:
 
 
 def scenarios(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], colour: bool) -> list[Scenario]:
-    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"])
-    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"])
+    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"], data["held_label"])
+    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"],
+                   data["members_label"])
     out: list[Scenario] = []
 
     def split(name: str, key_h: np.ndarray, key_m: np.ndarray, p_low: bool) -> None:
@@ -155,9 +158,9 @@ def scenarios(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], colour:
     for tname, (_, colour_only) in TRANSFORMS.items():
         if colour_only and not colour:
             continue
-        th = Pool(data[f"{tname}_held"], data[f"{tname}_held_desc"], stats[f"{tname}_held"], plain_h.ids)
+        th = Pool(data[f"{tname}_held"], data[f"{tname}_held_desc"], stats[f"{tname}_held"], plain_h.ids, plain_h.c)
         tm = Pool(data[f"{tname}_members"], data[f"{tname}_members_desc"], stats[f"{tname}_members"],
-                  members.ids[sub_m])
+                  members.ids[sub_m], members.c[sub_m])
         out.append(Scenario(f"P {tname}", (th, plain_h), (tm, plain_h)))
         if tname in ("jpeg", "darker"):
             out.append(Scenario(f"U {tname}", (plain_h, th), (members.take(sub_m), th)))
@@ -212,7 +215,7 @@ def interval(k: int, n: int) -> str:
 
 
 def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Generator,
-             distribution: Literal["when_used", "never"]) -> Cell:
+             distribution: Literal["when_used", "never"], conditional: bool) -> Cell:
     cell = Cell()
     for _ in range(audits):
         drawn = draw(pools, n, rng)
@@ -220,20 +223,23 @@ def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Gener
             break
         p, u = drawn
         cell.add(assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
-                        alpha=ALPHA, seed=int(rng.integers(2**31)), distribution=distribution))
+                        alpha=ALPHA, seed=int(rng.integers(2**31)), distribution=distribution,
+                        classes=np.r_[p.c, u.c].tolist() if conditional else None))
     return cell
 
 
 def exchangeable(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], sizes: list[int], null: int,
-                 positive: int, rng: np.random.Generator, veto_sample: int) -> dict[str, dict[int, tuple[Cell, int]]]:
+                 positive: int, rng: np.random.Generator, veto_sample: int,
+                 conditional: bool) -> dict[str, dict[int, tuple[Cell, int]]]:
     """Null and positive cells of exchangeable sets; each with today's raw-test rejections.
 
     Positive audits run without the distribution check (the verdict before it); for the first
     ``veto_sample`` of them per size that end ``used`` it runs, and ``Cell.distribution_stops``
     counts how many it would have turned ``inconclusive``.
     """
-    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"])
-    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"])
+    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"], data["held_label"])
+    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"],
+                   data["members_label"])
     out: dict[str, dict[int, tuple[Cell, int]]] = {"null": {}, "positive": {}}
     for kind, pools, runs in (("null", (held, held), null), ("positive", (members, held), positive)):
         for n in sizes:
@@ -250,7 +256,8 @@ def exchangeable(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], size
                 p, u = drawn
                 seed = int(rng.integers(2**31))
                 a = assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
-                           alpha=ALPHA, seed=seed, distribution="when_used" if kind == "null" else "never")
+                           alpha=ALPHA, seed=seed, distribution="when_used" if kind == "null" else "never",
+                           classes=np.r_[p.c, u.c].tolist() if conditional else None)
                 cell.add(a)
                 if kind == "positive" and a.verdict.outcome.value == "used" and cell.vetoes_run < veto_sample:
                     dist = distribution_check(p.s, u.s, random_state=seed + 2)
@@ -297,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         data = cached(name, args.cache)
         stats = statistics(name, args.cache, data)
         colour = zoo.get(name).image_channels == 3
+        conditional = zoo.get(name).conditioning == "class"
         rng = np.random.default_rng([args.seed, sum(map(ord, name))])
         print(f"\n== {name}", flush=True)
         for sc in [] if args.no_shift else scenarios(data, stats, colour):
             for n in SIZES:
-                cell = run_cell(sc.null, n, args.audits, rng, "when_used")
+                cell = run_cell(sc.null, n, args.audits, rng, "when_used", conditional)
                 if cell.runs == 0:
                     continue
                 pooled[0] += cell.outcomes["used"]
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"dist-stops {cell.distribution_stops}", flush=True)
                 if args.no_positive or sc.positive is None:
                     continue
-                pcell = run_cell(sc.positive, n, args.positive_audits or args.audits, rng, "never")
+                pcell = run_cell(sc.positive, n, args.positive_audits or args.audits, rng, "never", conditional)
                 if pcell.runs == 0:
                     continue
                 lines_pos.append(f"| {name} | {sc.name} | {n} | {pcell.outcomes['used'] / pcell.runs:.2f} | "
@@ -328,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"inconcl {pcell.outcomes['inconclusive'] / pcell.runs:.2f}  raw {pcell.raw}  "
                       f"cal {pcell.calibrated}", flush=True)
         if not args.no_exchangeable:
-            ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng, args.veto_sample)
+            ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng, args.veto_sample,
+                              conditional)
             for n in sorted(set(ex["null"]) | set(ex["positive"])):
                 cells = [ex[k].get(n) for k in ("null", "positive")]
                 parts = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -66,12 +66,12 @@ def _member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
 
 
 def member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
-    """What the shift control predicts: each pooled image's combined candidate ``[n]``.
+    """What the shift control predicts: each pooled image's candidate statistics ``[n, m]``.
 
-    The directional candidates' mean (:func:`cdi.stats.candidate_matrix`), larger meaning
-    more like a training image; the last candidate where the options define several.
+    The directional candidates and their mean (:func:`cdi.stats.candidate_matrix`), larger
+    meaning more like a training image.
     """
-    return _member_likeness(x, options)[:, -1]
+    return _member_likeness(x, options)
 
 
 def calibrated_test(
@@ -117,6 +117,7 @@ def assess(
     alpha_shift: float = DEFAULT_ALPHA_SHIFT,
     distribution: Literal["always", "when_used", "never"] = "always",
     calibrated_weight: float = 1.0,
+    classes: Sequence[Any] | None = None,
 ) -> Assessment:
     """Test, controls and verdict of P against U.
 
@@ -133,7 +134,9 @@ def assess(
     might still turn ``inconclusive``.
     ``calibrated_weight``: a sequential look's share of α (its level / α); the calibrated
     p-value is divided by it, as the looks' p-values are (weighted Bonferroni), so that the
-    calibrated test, too, keeps its level whichever look stops the audit.
+    calibrated test, too, keeps its level whichever look stops the audit. ``classes``: each
+    image's class (P first) for a class-conditional model: the shift control also asks
+    whether P and U hold the same classes (seed ``seed + 4``).
     """
     protocol = Protocol(protocol)
     cols = list(columns)
@@ -149,8 +152,9 @@ def assess(
         raise InputError(f"distribution must be always, when_used or never, got {distribution!r}")
     dist = distribution_check(stats_p, stats_u, random_state=seed + 2) if distribution == "always" else None
     reversal = direction_check(features_p, features_u)
-    likeness = member_likeness(np.vstack([xp, xu]), copts)
-    shift = shift_check(likeness, np.vstack([dp, du]), len(xp), alpha_shift=alpha_shift)
+    likeness = _member_likeness(np.vstack([xp, xu]), copts)
+    shift = shift_check(likeness, np.vstack([dp, du]), len(xp), alpha_shift=alpha_shift,
+                        classes=None if classes is None else list(classes), random_state=seed + 4)
     calibrated = None
     if protocol is Protocol.DIRECTIONAL:
         calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3)

@@ -614,7 +614,9 @@ def audit(
         return assess(features[used_p], features[used_u], descriptors[used_p], descriptors[used_u],
                       prepared.stats[used_p], prepared.stats[used_u], columns=cols, protocol=opts.protocol,
                       options=opts.protocol_options, alpha=opts.alpha, seed=opts.seed,
-                      control_options=options, test=test, calibrated_weight=weight)
+                      control_options=options, test=test, calibrated_weight=weight,
+                      classes=[prepared.conditions[i] for i in np.r_[used_p, used_u]]
+                      if conditioning == "class" else None)
 
     if opts.sequential:
         plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +47,7 @@ __all__ = [
     "DescriptorDifference",
     "ShiftCheckResult",
     "calibrate",
+    "class_check",
     "descriptor_differences",
     "image_descriptors",
     "shift_check",
@@ -125,17 +128,22 @@ def _design(descriptors: np.ndarray) -> np.ndarray:
     return (d[:, keep] - d[:, keep].mean(axis=0)) / sd[keep]
 
 
-def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float) -> np.ndarray:
-    """The ridge fit's predictions ``[n, m]`` of each column of ``values`` from the descriptors."""
+def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.ndarray | None = None) -> np.ndarray:
+    """The ridge fit's predictions ``[n, m]`` of each column of ``values`` from the descriptors.
+
+    Fitted on ``rows`` (a boolean mask; default all), predicted for every row; the
+    descriptors are standardised over all rows.
+    """
     z = _design(descriptors)
     y = np.asarray(values, dtype=np.float64)
-    centred = y - y.mean(axis=0)
+    fit = np.ones(len(y), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    mean = y[fit].mean(axis=0)
     if z.shape[1] == 0:
-        return np.broadcast_to(y.mean(axis=0), y.shape).copy()
-    n = len(z)
-    gram = z.T @ z + ridge * n * np.eye(z.shape[1])
-    beta = np.linalg.solve(gram, z.T @ centred)
-    return y.mean(axis=0) + z @ beta
+        return np.broadcast_to(mean, y.shape).copy()
+    zf = z[fit] - z[fit].mean(axis=0)
+    gram = zf.T @ zf + ridge * len(zf) * np.eye(z.shape[1])
+    beta = np.linalg.solve(gram, zf.T @ (y[fit] - mean))
+    return mean + (z - z[fit].mean(axis=0)) @ beta
 
 
 def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
@@ -170,10 +178,13 @@ class DescriptorDifference:
 class ShiftCheckResult:
     """Does the way P and U differ predict that P looks more like training data?
 
-    ``statistic``: Welch's t of the descriptors' label-free prediction of the combined
-    member-likeness candidate, P minus U; ``p_value`` its one-sided p-value (H1: P predicted
-    more member-like). ``differences``: the descriptors that drive the prediction, largest
-    first.
+    ``statistic``: Welch's t of the descriptors' prediction of the candidate (``candidate``,
+    a column of the member-likeness matrix) whose predicted difference is the most
+    significant, P minus U; ``p_value`` its one-sided p-value (H1: P predicted more
+    member-like) times the number of candidates (Bonferroni). ``class_p``: for a
+    class-conditional model, the permutation p-value of "P and U hold the same classes in
+    the same proportions" (``None``: no classes). ``differences``: the descriptors that drive
+    the prediction, largest first; ``class_words`` how the classes differ.
     """
 
     statistic: float
@@ -183,14 +194,27 @@ class ShiftCheckResult:
     n_u: int
     ridge: float
     differences: tuple[DescriptorDifference, ...]
+    candidate: int = 0
+    class_p: float | None = None
+    class_words: str | None = None
+
+    @property
+    def descriptors_shifted(self) -> bool:
+        return self.p_value < self.alpha_shift
+
+    @property
+    def classes_shifted(self) -> bool:
+        return self.class_p is not None and self.class_p < self.alpha_shift
 
     @property
     def shifted(self) -> bool:
-        return self.p_value < self.alpha_shift
+        return self.descriptors_shifted or self.classes_shifted
 
     def words(self, limit: int = 2) -> str:
-        """How P and U differ, in a photographer's words (the leading descriptors)."""
+        """How P and U differ, in a photographer's words (the leading differences)."""
         leading = [d.words for d in self.differences if d.contribution > 0][:limit]
+        if self.classes_shifted and self.class_words:
+            leading = [self.class_words, *leading][:limit] if self.descriptors_shifted else [self.class_words]
         return "; ".join(leading) if leading else "no single property stands out"
 
 
@@ -209,23 +233,81 @@ def _welch_greater(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def shift_check(
     member_likeness: np.ndarray, descriptors: np.ndarray, n_p: int, *,
     alpha_shift: float = DEFAULT_ALPHA_SHIFT, ridge: float = DEFAULT_RIDGE,
+    classes: Sequence[Any] | None = None, random_state: int = 0,
 ) -> ShiftCheckResult:
     """The shift control on the pooled images (P's ``n_p`` rows first).
 
-    ``member_likeness`` ``[n]``: one statistic per image, larger meaning more member-like
-    (the combined candidate); ``descriptors`` ``[n, d]``. The ridge fit sees no labels.
+    ``member_likeness`` ``[n]`` or ``[n, m]``: statistics per image, larger meaning more
+    member-like (the test's candidates); ``descriptors`` ``[n, d]``; ``classes``: each
+    image's class, for a class-conditional model (their check draws 999 permutations from
+    ``random_state``). The ridge fit learns how the
+    descriptors predict the statistic on U's images only (which the model cannot have seen),
+    then predicts it for every image: a fit on both sets would learn P's membership signal
+    along whatever descriptor happens to differ between the sets, and report it as a shift.
     """
-    y = np.asarray(member_likeness, dtype=np.float64).reshape(-1)
+    ys = np.asarray(member_likeness, dtype=np.float64)
+    ys = ys[:, None] if ys.ndim == 1 else ys
     d = np.asarray(descriptors, dtype=np.float64)
-    n = len(y)
+    n = len(ys)
     if len(d) != n or not 2 <= n_p <= n - 2:
         raise InputError(f"the shift control needs at least 2 images per set and one descriptor row each "
                          f"(got {n} values, {len(d)} rows, P = {n_p})")
     if not 0.0 < alpha_shift < 1.0:
         raise InputError(f"alpha_shift must lie strictly between 0 and 1, got {alpha_shift}")
-    predicted = _fit(y[:, None], d, ridge)[:, 0]
-    t, p = _welch_greater(predicted[:n_p], predicted[n_p:])
-    return ShiftCheckResult(t, p, alpha_shift, n_p, n - n_p, ridge, descriptor_differences(y, d, n_p, ridge))
+    predicted = _fit(ys, d, ridge, np.arange(n) >= n_p)
+    tests = [_welch_greater(predicted[:n_p, j], predicted[n_p:, j]) for j in range(ys.shape[1])]
+    best = int(np.argmin([p for _, p in tests]))
+    t, p = tests[best]
+    class_p = class_words = None
+    if classes is not None:
+        if len(classes) != n:
+            raise InputError(f"{len(classes)} classes for {n} images")
+        class_p, class_words = class_check(classes, n_p, random_state)
+    return ShiftCheckResult(t, min(1.0, p * ys.shape[1]), alpha_shift, n_p, n - n_p, ridge,
+                            descriptor_differences(ys[:, best], d, n_p, ridge), best, class_p, class_words)
+
+
+def class_check(classes: Sequence[Any], n_p: int, random_state: int = 0,
+                n_permutations: int = 999) -> tuple[float, str]:
+    """Do P (the first ``n_p``) and U hold the same classes in the same proportions?
+
+    The chi-square statistic of the set-by-class table, its p-value from label permutations
+    (exact under exchangeability), and the difference in words.
+    """
+    keys = [str(c) for c in classes]
+    levels = sorted(set(keys))
+    codes = np.array([levels.index(k) for k in keys])
+    n = len(codes)
+    onehot = np.eye(len(levels))[codes]  # [n, c]
+    total = onehot.sum(axis=0)
+
+    def chi2(is_p: np.ndarray) -> np.ndarray:
+        k = is_p.sum(axis=1, keepdims=True).astype(np.float64)
+        obs_p = is_p.astype(np.float64) @ onehot
+        obs_u = total - obs_p
+        exp_p, exp_u = k * total / n, (n - k) * total / n
+        return (((obs_p - exp_p) ** 2 / exp_p) + ((obs_u - exp_u) ** 2 / exp_u)).sum(axis=1)
+
+    rng = np.random.default_rng([random_state, 5])
+    observed = float(chi2((np.arange(n) < n_p)[None, :])[0])
+    perms = rng.permuted(np.broadcast_to(np.arange(n), (n_permutations, n)), axis=1) < n_p
+    p = float((1 + np.sum(chi2(perms) >= observed - 1e-9 * max(1.0, observed))) / (1 + n_permutations))
+    share_p = onehot[:n_p].mean(axis=0)
+    share_u = onehot[n_p:].mean(axis=0)
+    more = [levels[j] for j in np.argsort(share_u - share_p)[:3] if share_p[j] > share_u[j]]
+    fewer = [levels[j] for j in np.argsort(share_p - share_u)[:3] if share_u[j] > share_p[j]]
+    words = ("P and U hold different classes (more of " + ", ".join(more or ["none"]) + " in P; more of "
+             + ", ".join(fewer or ["none"]) + " in U)")
+    return p, words
+
+
+def _u_fit_parts(y: np.ndarray, d: np.ndarray, n_p: int, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised descriptors (over all rows) and the ridge coefficients fitted on U's rows."""
+    z = _design(d)
+    u = z[n_p:] - z[n_p:].mean(axis=0)
+    yu = y[n_p:] - y[n_p:].mean()
+    beta = np.linalg.solve(u.T @ u + ridge * len(u) * np.eye(z.shape[1]), u.T @ yu)
+    return z, beta
 
 
 def descriptor_differences(
@@ -240,7 +322,7 @@ def descriptor_differences(
     spread = y.std()
     out = []
     if z.shape[1] and spread > 0:
-        beta = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+        _, beta = _u_fit_parts(y, d, n_p, ridge)
         gap = z[:n_p].mean(axis=0) - z[n_p:].mean(axis=0)
         parts = beta * gap / spread
     else:

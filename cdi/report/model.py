@@ -335,6 +335,11 @@ class ShiftControl(_Model):
     differences: list[DescriptorDifference] = Field(description="largest contribution first")
     words: str = Field(description="how P and U differ, in plain words")
     fix: str = Field(description="what would make P and U comparable")
+    candidate: str | None = Field(default=None, description="the candidate whose predicted difference is the most "
+                                                            "significant (p_value is Bonferroni over the candidates)")
+    class_p: Probability | None = Field(default=None, description="class-conditional models: permutation p-value "
+                                                                  "of \"P and U hold the same classes\"")
+    class_words: str | None = None
 
 
 class Controls(_Model):
@@ -836,7 +841,8 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
                 groups=[DuplicateGroup(kind=g.kind, scope=g.scope, members=_refs(g.members)) for g in dups.groups],
             ),
             excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),
-            shift_control=None if result.shift is None else shift_control_record(result.shift, verdict),
+            shift_control=None if result.shift is None else shift_control_record(result.shift, verdict,
+                                                                                  tested_names),
         ),
         feature_layout=FeatureLayout(version=LAYOUT_VERSION, names=list(FEATURE_NAMES),
                                      used=[FEATURE_NAMES[c] for c in options.features.columns]),
@@ -856,8 +862,9 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     )
 
 
-def shift_control_record(shift: Any, verdict: Any) -> ShiftControl:
-    """The report's record of a :class:`cdi.calibration.ShiftCheckResult` and the verdict it fed."""
+def shift_control_record(shift: Any, verdict: Any, names: Sequence[str] = ()) -> ShiftControl:
+    """The report's record of a :class:`cdi.calibration.ShiftCheckResult` and the verdict it fed;
+    ``names``: the candidates' names."""
     from cdi.calibration import DESCRIPTOR_NAMES
 
     return ShiftControl(
@@ -866,6 +873,8 @@ def shift_control_record(shift: Any, verdict: Any) -> ShiftControl:
         differences=[DescriptorDifference(name=d.name, mean_p=d.mean_p, mean_u=d.mean_u, cohens_d=d.cohens_d,
                                           contribution=d.contribution, words=d.words) for d in shift.differences],
         words=shift.words(), fix=verdict.fix or "",
+        candidate=names[shift.candidate] if shift.candidate < len(names) else None,
+        class_p=None if shift.class_p is None else float(shift.class_p), class_words=shift.class_words,
     )
 
 

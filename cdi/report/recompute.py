@@ -211,6 +211,10 @@ def _calibration_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options:
     if recorded_shift is not None:
         likeness = member_likeness(np.vstack([xp, xu]), options)
         shift = shift_check(likeness, d, len(xp), alpha_shift=recorded_shift.alpha_shift, ridge=recorded_shift.ridge)
+        if recorded_shift.class_p is not None:  # the classes are not in the report
+            shift = replace(shift, class_p=recorded_shift.class_p, class_words=recorded_shift.class_words)
+            out.notes.append("the shift control's class check needs the images' classes: its p-value is taken "
+                             "from the report")
         out.checks += [Check("shift control", "statistic", recorded_shift.statistic, float(shift.statistic)),
                        Check("shift control", "p_value", recorded_shift.p_value, float(shift.p_value))]
     return calibrated, shift

@@ -132,7 +132,7 @@ def test_colour_cast_alone_is_not_inconclusive() -> None:
 
 def test_members_with_no_shift_are_used() -> None:
     rng = np.random.default_rng(6)
-    p, u = images(30, rng, member=0.6), images(30, rng)
+    p, u = images(30, rng, member=0.6, difficulty=0.2), images(30, rng, difficulty=0.2)
     a = run(p, u)
     assert a.verdict.outcome is Outcome.USED, a.verdict.reason
     assert a.calibrated is not None and a.verdict.p_value == max(a.test.p_value, a.calibrated.p_value)
@@ -144,7 +144,7 @@ def test_raw_detection_the_calibration_does_not_confirm_is_not_used() -> None:
     from cdi.verdict import decide
 
     rng = np.random.default_rng(7)
-    p, u = images(30, rng, member=0.6), images(30, rng)
+    p, u = images(30, rng, member=0.6, difficulty=0.2), images(30, rng, difficulty=0.2)
     a = run(p, u)
     null_p, null_u = images(30, rng), images(30, rng)
     unconfirmed = run(null_p, null_u).calibrated
@@ -167,3 +167,26 @@ def test_shift_check_validates_and_reads_as_words() -> None:
     with pytest.raises(InputError, match="at least 2"):
         shift_check(np.zeros(5), np.zeros((5, 7)), 1)
     assert LOSSES  # the synthetic losses cover the candidates' features
+
+
+def test_class_check_finds_different_classes_and_ignores_a_random_split() -> None:
+    from cdi.calibration import class_check
+
+    rng = np.random.default_rng(9)
+    mixed = rng.integers(0, 10, size=60).tolist()
+    p_same, _ = class_check(mixed, 30, random_state=1)
+    split = [int(c) for c in rng.integers(0, 5, size=30)] + [int(c) for c in rng.integers(5, 10, size=30)]
+    p_split, words = class_check(split, 30, random_state=1)
+    assert p_same > 0.05 and p_split < 0.01
+    assert "P and U hold different classes" in words and "in P" in words
+
+
+def test_a_class_mix_that_moves_the_losses_is_inconclusive_for_a_class_conditional_model() -> None:
+    rng = np.random.default_rng(10)
+    p, u = images(30, rng, difficulty=0.2), images(30, rng, difficulty=0.2)
+    p[0][:] *= 0.5  # P's classes are easier for the model; nothing in the descriptors shows it
+    classes = [1] * 30 + [7] * 30
+    a = assess(p[0], u[0], p[1], u[1], p[2], u[2], columns=COLUMNS, protocol="directional", options=OPTIONS,
+               alpha=0.01, seed=0, classes=classes, distribution="when_used")
+    assert a.test.p_value < 0.01 and a.shift.classes_shifted
+    assert a.verdict.outcome is Outcome.INCONCLUSIVE and "different classes" in a.verdict.reason
