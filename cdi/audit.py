@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cdi import __version__
 from cdi.controls import (
     DEFAULT_DIFFERENCE_THRESHOLD,
     DistributionCheckResult,
     DuplicateReport,
     Exclusion,
     NegativeControlResult,
+    direction_check,
     distribution_check,
     duplicates_to_exclude,
     find_duplicates,
@@ -45,6 +44,7 @@ from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, membe
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING, SequentialOptions
 from cdi.planning import Plan, plan_audit
+from cdi.provenance import versions
 from cdi.sequential import SequentialResult, control_options, design, sequential_test
 from cdi.stats import (
     DEFAULT_ALPHA,
@@ -59,7 +59,6 @@ from cdi.stats import (
     check_alpha,
     check_sizes,
     run_test,
-    welch_greater,
 )
 from cdi.stats import Protocol as TestProtocol
 from cdi.verdict import Verdict, decide
@@ -199,10 +198,6 @@ class AuditResult:
     @property
     def p_value(self) -> float:
         return self.test.p_value
-
-    def to_dict(self) -> dict[str, Any]:
-        """The sealed report (schema ``cdi-report/1``) as JSON data; ``verdict`` and ``p_value`` at the top."""
-        return result_to_dict(self)
 
 
 def feature_key(model_digest: str, options: AuditOptions) -> str:
@@ -364,25 +359,6 @@ def _extract(
     return features, cached, extractor.passes.forward, extractor.passes.backward
 
 
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
-
-
-def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
-    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
-
-    The index is the mean of the pooled-standardised loss-type features; its direction is
-    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
-    """
-    cols = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
-    x = np.vstack([features_p[:, cols], features_u[:, cols]])
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    index = z.mean(axis=1)
-    n_p = len(features_p)
-    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
-
-
 #: What the report says about each mode (method §10.2).
 CALIBRATION_NOTES = {
     "uncalibrated": "features of the audited model alone: an image's loss mixes how hard the image is for any "
@@ -476,18 +452,6 @@ def model_record(adapter: DiffusionAdapter, opts: AuditOptions, name: str | None
         "weight_sha256": dict(adapter.identity.weight_sha256),
         **facts,
     }
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"cdi-audit": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "scikit-learn", "scipy", "numpy", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 def audit(
@@ -695,7 +659,7 @@ def audit(
         backward_passes=bwd,
         cached_images=cached,
         timings=timings,
-        versions=_versions(),
+        versions=versions(),
         plan=plan,
         reference_model=ref_record,
         reference_feature_key=ref_key,
@@ -810,13 +774,3 @@ def extract_shard(
         cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
     return Extraction(images=n, cached=cached, computed=passes * n - cached, forward_passes=fwd,
                       backward_passes=bwd, feature_key=key, reference_feature_key=ref_key)
-
-
-def result_to_dict(result: AuditResult) -> dict[str, Any]:
-    """The audit's sealed report as JSON data: schema ``cdi-report/1`` (:mod:`cdi.report`).
-
-    ``verdict`` and ``p_value`` are at the top level; ``integrity.digest`` seals the rest.
-    """
-    from cdi.report import build_report, seal
-
-    return seal(build_report(result)).to_document()

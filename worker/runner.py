@@ -43,7 +43,7 @@ from app.storage.blobs import BlobNotFound, BlobStore
 from app.storage.ledger import BlobLedger, release
 from app.storage.models import AuditState
 from app.storage.repositories import AuditRepository, FeatureRepository, ModelRepository, ShardRepository
-from cdi.report import seal_document, signing_key_from_env
+from cdi.report import result_to_dict, seal_document, signing_key_from_env
 
 if TYPE_CHECKING:
     from cdi.images import ImageFile
@@ -266,7 +266,7 @@ class AuditRunner:
             signing_key = signing_key_from_env()
             result = self._audit(job, run, store)
             run.check()
-            report = _jsonable(result.to_dict())
+            report = _jsonable(result_to_dict(result))
             if signing_key is not None and report.get("schema_version") is not None:
                 report = seal_document(report, signing_key)
             self._set_state(run, AuditState.REPORTING, "reporting")

@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from app.client import CdiClient
 from app.storage.db import session_scope
+from cdi.report import result_to_dict
 
 from .conftest import ROOT, Proc, S3Server, make_tenant, service_env
 from .test_end_to_end import (  # noqa: F401 - fixtures
@@ -138,8 +139,8 @@ def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: C
     env = {**env, **s3_server.env(bucket)}
     forbidden = _host_paths(tmp_path, Path(str(zoo_model.path)))
     # (a) embedded: the library's report names the shipped model, not where it is installed.
-    assert_no_host_paths("library's report", json.dumps(reference.to_dict()), forbidden)
-    assert reference.to_dict()["manifest"]["model"]["source"] == zoo_model.name
+    assert_no_host_paths("library's report", json.dumps(result_to_dict(reference)), forbidden)
+    assert result_to_dict(reference)["manifest"]["model"]["source"] == zoo_model.name
 
     tenant = make_tenant(migrated, "shards")
     base = start_api(_host(env, tmp_path / "api-host"))

@@ -66,7 +66,7 @@ class PlanResponse(BaseModel):
 async def create_plan(body: PlanRequest, caller: CurrentCaller, session: SessionDep) -> PlanResponse:
     """Images per set for the requested power at α, with its uncertainty (``cdi plan``)."""
     from cdi.errors import CdiError
-    from cdi.planning import plan_from_report
+    from cdi.report import plan_from_report
     from cdi.report.errors import ReportFormatError
 
     document = body.report
