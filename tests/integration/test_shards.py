@@ -322,7 +322,7 @@ def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, 
     from cdi.models.detect import detect_family
     from cdi.models.loading import weight_hashes
     from worker.models import get_model
-    from worker.runner import AuditRunner
+    from worker.runner import AuditRunner, Job, JobModel
 
     from .conftest import png
 
@@ -338,8 +338,8 @@ def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, 
         row = ModelRepository(s).get(model_id)
         assert row is not None and row.weight_sha256 == weight_hashes(detect_family(str(copy)))
     runner = AuditRunner(settings, session_factory(migrated), open_blob_store(settings), get_model)
-    job = {"model_id": model_id, "model_source": str(copy), "model_revision": None,
-           "model_weights": row.weight_sha256, "reference_id": None, "reference_weights": None, "options": {}}
+    job = Job(model=JobModel(model_id, str(copy), None, row.weight_sha256), reference=None, options={},
+              published=(), unpublished=(), captions={}, labels={})
     adapter, _ = runner._models(job, "cpu")  # the registered weights load
     assert dict(adapter.identity.weight_sha256) == row.weight_sha256
 
