@@ -16,18 +16,20 @@ from typing import Any, Literal
 import numpy as np
 
 from cdi.calibration import DEFAULT_ALPHA_SHIFT, DEFAULT_RIDGE, ShiftCheckResult, calibrate, shift_check
-from cdi.controls import DistributionCheckResult, NegativeControlResult, distribution_check, negative_control
+from cdi.controls import (
+    DIRECTION_FEATURES,
+    DistributionCheckResult,
+    NegativeControlResult,
+    direction_check,
+    distribution_check,
+    negative_control,
+)
 from cdi.errors import InputError
-from cdi.features.layout import FEATURE_NAMES
 from cdi.options import Protocol, ProtocolOptions
-from cdi.stats import ProtocolResult, candidate_matrix, directional_test, run_test, welch_greater
+from cdi.stats import ProtocolResult, candidate_matrix, directional_test, run_test
 from cdi.verdict import Verdict, decide
 
 __all__ = ["DIRECTION_FEATURES", "Assessment", "assess", "calibrated_test", "direction_check", "member_likeness"]
-
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
-
 
 @dataclass(frozen=True)
 class Assessment:
@@ -42,22 +44,6 @@ class Assessment:
     shift: ShiftCheckResult
     reversal_p: float
     verdict: Verdict
-
-
-def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
-    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
-
-    The index is the mean of the pooled-standardised loss-type features; its direction is
-    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
-    ``features_*`` are rows of all 26 layout columns.
-    """
-    cols = [FEATURE_NAMES.index(f) for f in DIRECTION_FEATURES]
-    x = np.vstack([features_p[:, cols], features_u[:, cols]])
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    index = z.mean(axis=1)
-    n_p = len(features_p)
-    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
 
 
 def _member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
