@@ -99,7 +99,7 @@ def cached(name: str, cache: Path, subset: int = 300, batch_size: int = 64) -> d
             tuple(model.members[i] for i in sub_m), f"{tname}m", f)
     print(f"  {name}: features and descriptors in {time.perf_counter() - start:.0f} s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
+    np.savez(path, **out)  # type: ignore[arg-type]
     return out
 
 

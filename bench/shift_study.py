@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 from scipy.stats import binomtest
 
-from cdi.assess import assess
+from cdi.assess import Assessment, assess
 from cdi.calibration import DESCRIPTOR_NAMES
 from cdi.controls import distribution_check, image_statistics
 from cdi.errors import InputError
@@ -104,7 +104,7 @@ def statistics(name: str, cache: Path, data: dict[str, np.ndarray]) -> dict[str,
                 out[f"{tname}_{part}"] = np.array([_stats(model.image(i), "JPEG") for i in idx])
             else:
                 out[f"{tname}_{part}"] = np.array([_stats(f(model.image(i))) for i in idx])
-    np.savez(path, **out)
+    np.savez(path, **out)  # type: ignore[arg-type]
     return out
 
 
@@ -190,11 +190,12 @@ class Cell:
     distribution_stops: int = 0
     vetoes_run: int = 0
     runs: int = 0
+    #: ``used`` under the alternative rule where the descriptors' shift control vetoes only a
+    #: detection the calibrated test does not confirm (the class check and the other controls
+    #: as in the default).
+    alternative_used: int = 0
 
-    def add(self, a: object) -> None:
-        from cdi.assess import Assessment
-
-        assert isinstance(a, Assessment)
+    def add(self, a: Assessment) -> None:
         self.runs += 1
         self.outcomes[a.verdict.outcome.value] += 1
         self.raw += int(a.test.p_value < ALPHA and a.test.statistic > 0)
@@ -214,6 +215,23 @@ def interval(k: int, n: int) -> str:
     return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
+def alternative_used(a: Assessment, p: Pool, u: Pool, seed: int, distribution: str) -> bool:
+    """Whether the alternative rule (:attr:`Cell.alternative_used`) says ``used``."""
+    v = a.verdict
+    if a.verdict.outcome.value == "used":
+        return True
+    confirmed = a.calibrated is not None and a.calibrated.p_value < ALPHA and a.calibrated.statistic > 0
+    fires = a.test.p_value < ALPHA and a.test.statistic > 0
+    if not (fires and confirmed) or v.negative_control_failed or v.reversal_failed or a.shift.classes_shifted:
+        return False
+    if v.distribution_shift:
+        return False
+    if distribution == "never":
+        return True
+    dist = distribution_check(p.s, u.s, random_state=seed + 2)
+    return not (dist.p_value < DEFAULT_ALPHA_CONTROL and dist.auc >= DEFAULT_AUC_THRESHOLD)
+
+
 def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Generator,
              distribution: Literal["when_used", "never"], conditional: bool) -> Cell:
     cell = Cell()
@@ -222,9 +240,12 @@ def run_cell(pools: tuple[Pool, Pool], n: int, audits: int, rng: np.random.Gener
         if drawn is None:
             break
         p, u = drawn
-        cell.add(assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
-                        alpha=ALPHA, seed=int(rng.integers(2**31)), distribution=distribution,
-                        classes=np.r_[p.c, u.c].tolist() if conditional else None))
+        seed = int(rng.integers(2**31))
+        a = assess(p.f, u.f, p.d, u.d, p.s, u.s, columns=COLUMNS, protocol="directional", options=OPTIONS,
+                   alpha=ALPHA, seed=seed, distribution=distribution,
+                   classes=np.r_[p.c, u.c].tolist() if conditional else None)
+        cell.add(a)
+        cell.alternative_used += int(alternative_used(a, p, u, seed, distribution))
     return cell
 
 
@@ -292,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         args.audits, args.null, args.positive = 20, 60, 30
     start = time.perf_counter()
     lines_null = ["| model | P and U (no member) | n | used | inconclusive | not_detected | raw test fired | "
-                  "calibrated fired | shift control |", "|---|---|---|---|---|---|---|---|---|"]
+                  "calibrated fired | shift control | used, alternative rule |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     lines_pos = ["| model | P (members) and U | n | used (before the distribution check) | inconclusive | "
-                 "not_detected |", "|---|---|---|---|---|---|"]
+                 "not_detected | used, alternative rule |", "|---|---|---|---|---|---|---|"]
+    pooled_alt = [0, 0]
     lines_ex = ["| model | n | null: used (new) | null: today's test | null: inconclusive | power: used (new) | "
                 "power: today's test | power: inconclusive |", "|---|---|---|---|---|---|---|---|"]
     pooled = [0, 0]
@@ -319,11 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                     worst = (share, f"{name}, {sc.name}, n = {n}")
                 row = (f"| {name} | {sc.name} | {n} | {cell.rate('used')} | {cell.rate('inconclusive')} | "
                        f"{cell.rate('not_detected')} | {cell.raw / cell.runs:.2f} | "
-                       f"{cell.calibrated / cell.runs:.2f} | {cell.shift / cell.runs:.2f} |")
+                       f"{cell.calibrated / cell.runs:.2f} | {cell.shift / cell.runs:.2f} | "
+                       f"{interval(cell.alternative_used, cell.runs)} |")
+                pooled_alt[0] += cell.alternative_used
+                pooled_alt[1] += cell.runs
                 lines_null.append(row)
                 print(f"null  {sc.name:48s} n={n:3d} ({cell.runs}) used {cell.rate('used')}  inconcl "
                       f"{cell.rate('inconclusive')}  raw {cell.raw}  cal {cell.calibrated}  shift {cell.shift}  "
-                      f"dist-stops {cell.distribution_stops}", flush=True)
+                      f"dist-stops {cell.distribution_stops}  alt-used {cell.alternative_used}", flush=True)
                 if args.no_positive or sc.positive is None:
                     continue
                 pcell = run_cell(sc.positive, n, args.positive_audits or args.audits, rng, "never", conditional)
@@ -331,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 lines_pos.append(f"| {name} | {sc.name} | {n} | {pcell.outcomes['used'] / pcell.runs:.2f} | "
                                  f"{pcell.outcomes['inconclusive'] / pcell.runs:.2f} | "
-                                 f"{pcell.outcomes['not_detected'] / pcell.runs:.2f} |")
+                                 f"{pcell.outcomes['not_detected'] / pcell.runs:.2f} | "
+                                 f"{pcell.alternative_used / pcell.runs:.2f} |")
                 print(f"power {sc.name:48s} n={n:3d} ({pcell.runs}) used {pcell.outcomes['used'] / pcell.runs:.2f}  "
                       f"inconcl {pcell.outcomes['inconclusive'] / pcell.runs:.2f}  raw {pcell.raw}  "
-                      f"cal {pcell.calibrated}", flush=True)
+                      f"cal {pcell.calibrated}  alt-used {pcell.alternative_used}", flush=True)
         if not args.no_exchangeable:
             ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng, args.veto_sample,
                               conditional)
@@ -355,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"exch  n={n:3d} " + "  ".join(parts), flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     summary = (f"pooled false `used` over every shift cell: {pooled[0]} in {pooled[1]} audits: "
-               f"{interval(*pooled)}; worst cell {worst[0]:.3f} ({worst[1]}); "
+               f"{interval(*pooled)}; worst cell {worst[0]:.3f} ({worst[1]}); alternative rule: "
+               f"{pooled_alt[0]} in {pooled_alt[1]}; "
                f"run time {time.perf_counter() - start:.0f} s")
     print("\n" + summary)
     if args.table:
