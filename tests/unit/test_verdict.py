@@ -108,6 +108,19 @@ def test_distribution_shift_is_inconclusive_only_above_the_auc_threshold(
     assert verdict.decide(test, control, shifted, auc_threshold=0.95).outcome is Outcome.USED
 
 
+def test_distribution_shift_only_warns_when_the_test_does_not_fire(
+    passing_distribution: DistributionCheckResult,
+) -> None:
+    """A difference the test did not pick up (a colour cast) cannot have made P look used."""
+    null_test, control = audit(0.0, Protocol.REFERENCE, seed=3)
+    shifted = dataclasses.replace(passing_distribution, auc=0.95, p_value=0.001)
+    v = verdict.decide(null_test, control, shifted)
+    assert v.outcome is Outcome.NOT_DETECTED and not v.distribution_shift
+    assert len(v.warnings) == 1 and "did not fire" in v.warnings[0]
+    # Not run at all: only a detection could have needed it.
+    assert verdict.decide(null_test, control, None).outcome is Outcome.NOT_DETECTED
+
+
 def test_decide_validates_its_inputs(passing_distribution: DistributionCheckResult) -> None:
     test, _ = audit(0.5, Protocol.REFERENCE)
     _, crossfit_control = audit(0.5, Protocol.CROSSFIT)
