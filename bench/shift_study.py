@@ -45,10 +45,11 @@ from PIL import Image
 from scipy.stats import binomtest
 
 from cdi.assess import Assessment, assess
-from cdi.calibration import DESCRIPTOR_NAMES
+from cdi.calibration import DESCRIPTOR_NAMES, image_descriptors
 from cdi.controls import distribution_check, image_statistics
 from cdi.errors import InputError
 from cdi.features.layout import FeatureSet, member_candidates
+from cdi.images import to_model_array
 from cdi.stats import DEFAULT_EXCEEDANCES, ProtocolOptions, check_sizes
 from cdi.verdict import DEFAULT_ALPHA_CONTROL, DEFAULT_AUC_THRESHOLD
 
@@ -78,32 +79,41 @@ class Pool:
         return Pool(self.f[rows], self.d[rows], self.s[rows], self.ids[rows], self.c[rows])
 
 
-def _stats(img: Image.Image, fmt: str = "PNG") -> np.ndarray:
+def _file(img: Image.Image, fmt: str = "PNG") -> tuple[np.ndarray, np.ndarray]:
+    """The file statistics and the descriptors of one image as its owner would submit it."""
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 40} if fmt == "JPEG" else {}))
     data = buf.getvalue()
-    return image_statistics(Image.open(io.BytesIO(data)), len(data))
+    decoded = Image.open(io.BytesIO(data))
+    stats = image_statistics(decoded, len(data))
+    return stats, image_descriptors(to_model_array(decoded, img.size[0], 3 if img.mode == "RGB" else 1))
 
 
 def statistics(name: str, cache: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The file statistics (:func:`cdi.controls.image_statistics`) of every cached image, cached."""
-    path = cache / f"{name}-stats.npz"
+    """The file statistics (:func:`cdi.controls.image_statistics`) and the descriptors
+    (:func:`cdi.calibration.image_descriptors`, key suffix ``_desc``) of every cached image, cached."""
+    path = cache / f"{name}-images-{len(DESCRIPTOR_NAMES)}.npz"
     if path.is_file():
         return dict(np.load(path))
     from cdi import zoo
 
     model = zoo.get(name)
-    out = {"members": np.array([_stats(model.image(i)) for i in data["members_idx"]]),
-           "held": np.array([_stats(model.image(i)) for i in data["held_idx"]])}
+    out: dict[str, np.ndarray] = {}
+
+    def put(key: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        out[key], out[f"{key}_desc"] = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+
+    put("members", [_file(model.image(i)) for i in data["members_idx"]])
+    put("held", [_file(model.image(i)) for i in data["held_idx"]])
     for tname, (f, _) in TRANSFORMS.items():
         if f"{tname}_held" not in data:
             continue
         for part, idx in (("held", data["held_idx"][data["sub_held"]]),
                           ("members", data["members_idx"][data["sub_members"]])):
             if tname == "jpeg":  # the JPEG file itself is what an owner would submit
-                out[f"{tname}_{part}"] = np.array([_stats(model.image(i), "JPEG") for i in idx])
+                put(f"{tname}_{part}", [_file(model.image(i), "JPEG") for i in idx])
             else:
-                out[f"{tname}_{part}"] = np.array([_stats(f(model.image(i))) for i in idx])
+                put(f"{tname}_{part}", [_file(f(model.image(i))) for i in idx])
     np.savez(path, **out)  # type: ignore[arg-type]
     return out
 
@@ -117,8 +127,8 @@ class Scenario:
 
 
 def scenarios(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], colour: bool) -> list[Scenario]:
-    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"], data["held_label"])
-    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"],
+    held = Pool(data["held"], stats["held_desc"], stats["held"], data["held_idx"], data["held_label"])
+    members = Pool(data["members"], stats["members_desc"], stats["members"], -1 - data["members_idx"],
                    data["members_label"])
     out: list[Scenario] = []
 
@@ -132,7 +142,7 @@ def scenarios(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], colour:
 
     def column(desc: str) -> tuple[np.ndarray, np.ndarray]:
         j = DESCRIPTOR_NAMES.index(desc)
-        return data["held_desc"][:, j], data["members_desc"][:, j]
+        return stats["held_desc"][:, j], stats["members_desc"][:, j]
 
     split("darker P", *column("brightness"), True)
     split("brighter P", *column("brightness"), False)
@@ -158,8 +168,8 @@ def scenarios(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], colour:
     for tname, (_, colour_only) in TRANSFORMS.items():
         if colour_only and not colour:
             continue
-        th = Pool(data[f"{tname}_held"], data[f"{tname}_held_desc"], stats[f"{tname}_held"], plain_h.ids, plain_h.c)
-        tm = Pool(data[f"{tname}_members"], data[f"{tname}_members_desc"], stats[f"{tname}_members"],
+        th = Pool(data[f"{tname}_held"], stats[f"{tname}_held_desc"], stats[f"{tname}_held"], plain_h.ids, plain_h.c)
+        tm = Pool(data[f"{tname}_members"], stats[f"{tname}_members_desc"], stats[f"{tname}_members"],
                   members.ids[sub_m], members.c[sub_m])
         out.append(Scenario(f"P {tname}", (th, plain_h), (tm, plain_h)))
         if tname in ("jpeg", "darker"):
@@ -258,8 +268,8 @@ def exchangeable(data: dict[str, np.ndarray], stats: dict[str, np.ndarray], size
     ``veto_sample`` of them per size that end ``used`` it runs, and ``Cell.distribution_stops``
     counts how many it would have turned ``inconclusive``.
     """
-    held = Pool(data["held"], data["held_desc"], stats["held"], data["held_idx"], data["held_label"])
-    members = Pool(data["members"], data["members_desc"], stats["members"], -1 - data["members_idx"],
+    held = Pool(data["held"], stats["held_desc"], stats["held"], data["held_idx"], data["held_label"])
+    members = Pool(data["members"], stats["members_desc"], stats["members"], -1 - data["members_idx"],
                    data["members_label"])
     out: dict[str, dict[int, tuple[Cell, int]]] = {"null": {}, "positive": {}}
     for kind, pools, runs in (("null", (held, held), null), ("positive", (members, held), positive)):

@@ -44,6 +44,8 @@ __all__ = [
     "DEFAULT_ALPHA_SHIFT",
     "DEFAULT_RIDGE",
     "DESCRIPTOR_NAMES",
+    "LAYOUT_NAMES",
+    "TONE_NAMES",
     "DescriptorDifference",
     "ShiftCheckResult",
     "calibrate",
@@ -53,8 +55,8 @@ __all__ = [
     "shift_check",
 ]
 
-#: The per-image descriptors, in column order.
-DESCRIPTOR_NAMES: tuple[str, ...] = (
+#: The tone descriptors: what the calibrated test discounts.
+TONE_NAMES: tuple[str, ...] = (
     "brightness",
     "contrast",
     "edge_energy",
@@ -63,6 +65,14 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
     "colourfulness",
     "bytes_per_pixel",
 )
+#: Side of the grid whose cells' mean luminance describe the image's layout (its subject and
+#: framing, coarsely: a digit 0 and a digit 7 differ there, not in their tone).
+LAYOUT_GRID = 3
+LAYOUT_NAMES: tuple[str, ...] = tuple(f"layout_{r}{c}" for r in range(LAYOUT_GRID) for c in range(LAYOUT_GRID))
+#: The per-image descriptors, in column order: tone, then layout.
+DESCRIPTOR_NAMES: tuple[str, ...] = TONE_NAMES + LAYOUT_NAMES
+#: Permutations of the shift control's p-value.
+SHIFT_PERMUTATIONS = 499
 
 #: Layout features the calibration and the shift control read: the directional test's own.
 CALIBRATION_READS: tuple[str, ...] = tuple(
@@ -75,8 +85,14 @@ DEFAULT_RIDGE = 0.01
 #: Level of the shift control (one-sided Welch p-value of the predicted difference).
 DEFAULT_ALPHA_SHIFT = 0.01
 
+_CELLS = (("top left", "top", "top right"), ("left", "centre", "right"),
+          ("bottom left", "bottom", "bottom right"))
 #: How each descriptor reads in a photographer's words: (higher in P, lower in P).
 _WORDS: dict[str, tuple[str, str]] = {
+    **{name: ("P's images are laid out differently from U's (other subjects or framing: more light in the "
+              f"{_CELLS[int(name[-2])][int(name[-1])]})",
+              "P's images are laid out differently from U's (other subjects or framing: less light in the "
+              f"{_CELLS[int(name[-2])][int(name[-1])]})") for name in LAYOUT_NAMES},
     "brightness": ("P's images are brighter than U's", "P's images are darker than U's"),
     "contrast": ("P's images have more contrast than U's", "P's images have less contrast than U's"),
     "edge_energy": ("P's images are sharper or busier than U's", "P's images are softer or plainer than U's"),
@@ -93,10 +109,11 @@ def image_descriptors(pixels: np.ndarray) -> np.ndarray:
     """Model-free descriptors ``[len(DESCRIPTOR_NAMES)]`` of one model input.
 
     ``pixels``: float ``[C, H, W]`` in [-1, 1], C = 1 or 3 (:func:`cdi.images.to_model_array`).
-    Luminance (ITU-R 601-2 for colour) in [0, 1]: its mean and standard deviation, the mean
-    absolute difference of neighbouring pixels (edge energy), the shares of pixels below 0.1
-    and above 0.9; Hasler–Süsstrunk colourfulness (0 for grey); and the zlib-compressed size
-    of the 8-bit pixels in bytes per pixel.
+    Tone (:data:`TONE_NAMES`): luminance (ITU-R 601-2 for colour) in [0, 1], its mean and
+    standard deviation, the mean absolute difference of neighbouring pixels (edge energy), the
+    shares of pixels below 0.1 and above 0.9; Hasler–Süsstrunk colourfulness (0 for grey);
+    the zlib-compressed size of the 8-bit pixels in bytes per pixel. Layout
+    (:data:`LAYOUT_NAMES`): the mean luminance of each cell of a 3 × 3 grid.
     """
     x = np.asarray(pixels, dtype=np.float64)
     if x.ndim != 3 or x.shape[0] not in (1, 3) or min(x.shape[1:]) < 2:
@@ -113,14 +130,19 @@ def image_descriptors(pixels: np.ndarray) -> np.ndarray:
         colour = 0.0
     q = np.rint(u * 255.0).astype(np.uint8)
     bpp = len(zlib.compress(q.tobytes(), 9)) / float(luma.size)
-    return np.array([luma.mean(), luma.std(), edges, (luma < 0.1).mean(), (luma > 0.9).mean(), colour, bpp])
+    rows = np.array_split(np.arange(luma.shape[0]), LAYOUT_GRID)
+    cols = np.array_split(np.arange(luma.shape[1]), LAYOUT_GRID)
+    layout = [luma[np.ix_(r, c)].mean() if len(r) and len(c) else luma.mean() for r in rows for c in cols]
+    tone = [luma.mean(), luma.std(), edges, (luma < 0.1).mean(), (luma > 0.9).mean(), colour, bpp]
+    return np.array(tone + layout)
 
 
 def _design(descriptors: np.ndarray) -> np.ndarray:
     """Standardised descriptors of the pooled images; columns without spread dropped."""
     d = np.asarray(descriptors, dtype=np.float64)
-    if d.ndim != 2 or d.shape[1] != len(DESCRIPTOR_NAMES):
-        raise InputError(f"descriptors must be [n, {len(DESCRIPTOR_NAMES)}], got {d.shape}")
+    if d.ndim != 2 or d.shape[1] not in (len(TONE_NAMES), len(DESCRIPTOR_NAMES)):
+        raise InputError(f"descriptors must be [n, {len(TONE_NAMES)}] or [n, {len(DESCRIPTOR_NAMES)}], "
+                         f"got {d.shape}")
     if not np.all(np.isfinite(d)):
         raise InputError("descriptors must be finite")
     sd = d.std(axis=0)
@@ -147,11 +169,14 @@ def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.nda
 
 
 def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
-    """``values`` ``[n, m]`` less what the pooled images' descriptors ``[n, d]`` predict of them.
+    """``values`` ``[n, m]`` less what the pooled images' tone descriptors predict of them.
 
+    ``descriptors`` ``[n, d]`` (all of them, or the tone ones alone: only the tone columns are
+    used; the layout's nine would absorb too much of a real signal from a fit on few images).
     A label-free ridge fit per column; the result depends on the pooled rows only, not on
     which of them are P, and a reordering of the rows reorders it alike.
     """
+    descriptors = np.asarray(descriptors, dtype=np.float64)[:, : len(TONE_NAMES)]
     y = np.asarray(values, dtype=np.float64)
     if y.ndim != 2 or len(y) != len(descriptors):
         raise InputError(f"{len(y)} rows of values but {len(descriptors)} of descriptors")
@@ -178,10 +203,11 @@ class DescriptorDifference:
 class ShiftCheckResult:
     """Does the way P and U differ predict that P looks more like training data?
 
-    ``statistic``: Welch's t of the descriptors' prediction of the candidate (``candidate``,
-    a column of the member-likeness matrix) whose predicted difference is the most
-    significant, P minus U; ``p_value`` its one-sided p-value (H1: P predicted more
-    member-like) times the number of candidates (Bonferroni). ``class_p``: for a
+    ``statistic``: the largest, over the candidates (``candidate`` is its column of the
+    member-likeness matrix), Welch's t of the descriptors' prediction, P minus U, from a ridge
+    fit on U's images; ``p_value`` its one-sided permutation p-value (H1: P predicted more
+    member-like), every permutation refitting on its own U, so that it is exact under
+    exchangeability. ``class_p``: for a
     class-conditional model, the permutation p-value of "P and U hold the same classes in
     the same proportions" (``None``: no classes). ``differences``: the descriptors that drive
     the prediction, largest first; ``class_words`` how the classes differ.
@@ -254,17 +280,49 @@ def shift_check(
                          f"(got {n} values, {len(d)} rows, P = {n_p})")
     if not 0.0 < alpha_shift < 1.0:
         raise InputError(f"alpha_shift must lie strictly between 0 and 1, got {alpha_shift}")
-    predicted = _fit(ys, d, ridge, np.arange(n) >= n_p)
-    tests = [_welch_greater(predicted[:n_p, j], predicted[n_p:, j]) for j in range(ys.shape[1])]
-    best = int(np.argmin([p for _, p in tests]))
-    t, p = tests[best]
+    z = _design(d)
+    observed = _shift_statistics(ys, z, (np.arange(n) < n_p)[None, :], ridge)[0]
+    best = int(np.argmax(observed))
+    t = float(observed[best])
+    rng = np.random.default_rng([random_state, 7])
+    labels = rng.permuted(np.broadcast_to(np.arange(n), (SHIFT_PERMUTATIONS, n)), axis=1) < n_p
+    permuted = _shift_statistics(ys, z, labels, ridge).max(axis=1)
+    p = float((1 + np.sum(permuted >= t - 1e-9 * max(1.0, abs(t)))) / (1 + SHIFT_PERMUTATIONS))
     class_p = class_words = None
     if classes is not None:
         if len(classes) != n:
             raise InputError(f"{len(classes)} classes for {n} images")
         class_p, class_words = class_check(classes, n_p, random_state)
-    return ShiftCheckResult(t, min(1.0, p * ys.shape[1]), alpha_shift, n_p, n - n_p, ridge,
+    return ShiftCheckResult(t, p, alpha_shift, n_p, n - n_p, ridge,
                             descriptor_differences(ys[:, best], d, n_p, ridge), best, class_p, class_words)
+
+
+def _shift_statistics(y: np.ndarray, z: np.ndarray, is_p: np.ndarray, ridge: float) -> np.ndarray:
+    """Welch's t ``[R, m]`` (P minus U) of each candidate's prediction from a ridge fit on U's rows,
+    refitted for every labelling (row of ``is_p`` ``[R, n]``)."""
+    n, k = z.shape
+    z1 = np.hstack([np.ones((n, 1)), z])
+    penalty = np.eye(k + 1)
+    penalty[0, 0] = 0.0
+    out = []
+    for start in range(0, len(is_p), 128):
+        lab = is_p[start:start + 128]
+        w = (~lab).astype(np.float64)
+        n_u = w.sum(axis=1)
+        gram = np.einsum("bi,ij,il->bjl", w, z1, z1) + ridge * n_u[:, None, None] * penalty
+        rhs = np.einsum("bi,ij,im->bjm", w, z1, y)
+        beta = np.linalg.solve(gram, rhs)
+        pred = np.einsum("ij,bjm->bim", z1, beta)  # [b, n, m]
+        g = lab.astype(np.float64)[:, :, None]
+        n_a, n_b = g.sum(axis=1), (1 - g).sum(axis=1)
+        mean_a = (g * pred).sum(axis=1) / n_a
+        mean_b = ((1 - g) * pred).sum(axis=1) / n_b
+        var_a = (g * (pred - mean_a[:, None, :]) ** 2).sum(axis=1) / (n_a - 1)
+        var_b = ((1 - g) * (pred - mean_b[:, None, :]) ** 2).sum(axis=1) / (n_b - 1)
+        se = np.sqrt(var_a / n_a + var_b / n_b)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(np.where(se > 1e-12, (mean_a - mean_b) / np.where(se > 0, se, 1.0), 0.0))
+    return np.vstack(out)
 
 
 def class_check(classes: Sequence[Any], n_p: int, random_state: int = 0,
