@@ -157,7 +157,7 @@ def test_raw_detection_the_calibration_does_not_confirm_is_not_used() -> None:
 
 def test_shift_check_validates_and_reads_as_words() -> None:
     rng = np.random.default_rng(8)
-    p, u = images(25, rng, brightness=-1.5), images(25, rng)
+    p, u = images(25, rng, brightness=-2.0), images(25, rng)
     x = np.vstack([p[0], u[0]])[:, COLUMNS]
     res = shift_check(member_likeness(x, OPTIONS), np.vstack([p[1], u[1]]), 25)
     assert res.shifted and res.differences[0].name == "brightness" and res.differences[0].contribution > 0
