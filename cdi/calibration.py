@@ -55,7 +55,7 @@ __all__ = [
     "shift_check",
 ]
 
-#: The tone descriptors: what the calibrated test discounts.
+#: The tone descriptors.
 TONE_NAMES: tuple[str, ...] = (
     "brightness",
     "contrast",
@@ -169,14 +169,13 @@ def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.nda
 
 
 def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
-    """``values`` ``[n, m]`` less what the pooled images' tone descriptors predict of them.
+    """``values`` ``[n, m]`` less what the pooled images' descriptors ``[n, d]`` predict of them.
 
-    ``descriptors`` ``[n, d]`` (all of them, or the tone ones alone: only the tone columns are
-    used; the layout's nine would absorb too much of a real signal from a fit on few images).
-    A label-free ridge fit per column; the result depends on the pooled rows only, not on
-    which of them are P, and a reordering of the rows reorders it alike.
+    A label-free ridge fit per column on every descriptor, tone and layout (the layout is
+    what tells a digit 0 from a 7, whose losses differ whatever the model saw); the result
+    depends on the pooled rows only, not on which of them are P, and a reordering of the rows
+    reorders it alike.
     """
-    descriptors = np.asarray(descriptors, dtype=np.float64)[:, : len(TONE_NAMES)]
     y = np.asarray(values, dtype=np.float64)
     if y.ndim != 2 or len(y) != len(descriptors):
         raise InputError(f"{len(y)} rows of values but {len(descriptors)} of descriptors")

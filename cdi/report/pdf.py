@@ -360,7 +360,7 @@ def _shift_section(report: Report, st: dict[str, Any], width: float) -> list[Any
         "Darker, flatter or simpler images are easier for any diffusion model, trained on them or not. Each "
         "image is summarised by a few numbers that ignore the model (brightness, contrast, edge energy, shares "
         "of deep shadow and bright highlight, colourfulness, compressed bytes per pixel) and by the "
-        "layout of light and dark (a 3 × 3 grid). The calibrated test reruns the test on what the tone "
+        "layout of light and dark (a 3 × 3 grid). The calibrated test reruns the test on what these "
         "numbers cannot explain of each image's loss (a fit on both sets "
         "together that never sees which image is P, so its p-value stays exact); “used” needs both "
         "tests below α. The shift control asks whether the way P and U differ in these numbers by itself "
