@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cdi.calibration import DEFAULT_ALPHA_SHIFT, DEFAULT_RIDGE, ShiftCheckResult, calibrate, shift_check
+from cdi.calibration import (
+    DEFAULT_ALPHA_SHIFT,
+    DEFAULT_RIDGE,
+    ShiftCheckResult,
+    calibrated_statistics,
+    design_matrix,
+    shift_check,
+)
 from cdi.controls import (
     DIRECTION_FEATURES,
     DistributionCheckResult,
@@ -26,7 +33,13 @@ from cdi.controls import (
 )
 from cdi.errors import InputError
 from cdi.options import Protocol, ProtocolOptions
-from cdi.stats import ProtocolResult, candidate_matrix, directional_test, run_test
+from cdi.stats import (
+    ProtocolResult,
+    ScoredImage,
+    candidate_matrix,
+    run_test,
+    sequential_permutation_p_value,
+)
 from cdi.verdict import Verdict, decide
 
 __all__ = ["DIRECTION_FEATURES", "Assessment", "assess", "calibrated_test", "direction_check", "member_likeness"]
@@ -64,25 +77,56 @@ def calibrated_test(
     features_p: np.ndarray, features_u: np.ndarray, descriptors_p: np.ndarray, descriptors_u: np.ndarray,
     options: ProtocolOptions, *, alpha: float, random_state: int, ridge: float = DEFAULT_RIDGE,
 ) -> ProtocolResult:
-    """The directional test on each candidate statistic less its label-free descriptor fit.
+    """The directional test on each candidate statistic less what U's descriptors predict of it.
 
     The candidates (and their mean) are computed on the pooled images as the test computes
-    them, each is regressed on the pooled descriptors without labels
-    (:func:`cdi.calibration.calibrate`), and the residuals are tested with the same max-T
-    permutation test: the residuals are the same for every relabelling, so the p-value is
-    exact under exchangeability.
+    them; a ridge fit on U's images learns how the descriptors predict each, and Welch's t
+    compares P's and U's residuals; the statistic is the largest t. Its p-value comes from
+    label permutations that refit on each permutation's own U
+    (:func:`cdi.stats.sequential_permutation_p_value`), so it is exact under exchangeability.
+    A fit on U alone never sees P's losses: a fit on both sets would absorb part of a real
+    difference along whatever descriptor happens to differ between the sets.
     """
+    if options.exceedances / alpha >= options.max_permutations + 1:
+        raise InputError(f"the calibrated test stops after {options.exceedances} exceedances or "
+                         f"{options.max_permutations} permutations, which cannot show p < α = {alpha}")
     x = np.vstack([features_p, features_u])
     values = _member_likeness(x, options)
-    residual = calibrate(values, np.vstack([descriptors_p, descriptors_u]), ridge)
-    n_p = len(features_p)
-    # Each residual column is one candidate; candidate_matrix negates, so hand it the negation.
-    single = ProtocolOptions(
-        options.fit_fraction, options.n_folds, options.n_permutations, exceedances=options.exceedances,
-        max_permutations=options.max_permutations, candidates=tuple((j,) for j in range(residual.shape[1])),
-        combined=False, min_set=options.min_set,
+    z = design_matrix(np.vstack([descriptors_p, descriptors_u]))
+    n_p, n = len(features_p), len(x)
+
+    def statistic(is_p: np.ndarray) -> np.ndarray:
+        return calibrated_statistics(values, z, is_p, ridge).max(axis=1)
+
+    _, seq = sequential_permutation_p_value(statistic, n, n_p, exceedances=options.exceedances,
+                                            max_permutations=options.max_permutations, random_state=random_state)
+    observed = (np.arange(n) < n_p)[None, :]
+    ts = calibrated_statistics(values, z, observed, ridge)[0]
+    best = int(np.argmax(ts))
+    residual = calibrate_on_u(values, z, n_p, ridge)
+    column = residual[:, best]
+    spread = column.std()
+    scores = (column - column.mean()) / spread if spread > 0 else np.zeros_like(column)
+    sp, su = scores[:n_p], scores[n_p:]
+    rows = [ScoredImage("P", i, "test", None, float(sp[i])) for i in range(n_p)]
+    rows += [ScoredImage("U", i, "test", None, float(su[i])) for i in range(n - n_p)]
+    return ProtocolResult.of_scores(
+        sp, su, protocol=Protocol.DIRECTIONAL, statistic_name="max_welch_t", statistic=float(ts[best]), df=None,
+        p_value=seq.p_value, n_p=n_p, n_u=n - n_p, n_fit_p=0, n_fit_u=n - n_p, alpha=alpha, fit_fraction=None,
+        n_folds=None, n_permutations=seq.n_drawn, random_state=random_state, rows=tuple(rows),
+        selected_column=best, exceedances=seq.n_exceeding, max_permutations=options.max_permutations,
     )
-    return directional_test(-residual[:n_p], -residual[n_p:], single, alpha=alpha, random_state=random_state)
+
+
+def calibrate_on_u(values: np.ndarray, z: np.ndarray, n_p: int, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """``values`` less their ridge prediction from ``z`` fitted on U's rows (the last ones)."""
+    n, k = z.shape
+    z1 = np.hstack([np.ones((n, 1)), z])
+    penalty = np.eye(k + 1)
+    penalty[0, 0] = 0.0
+    u = z1[n_p:]
+    beta = np.linalg.solve(u.T @ u + ridge * (n - n_p) * penalty, u.T @ values[n_p:])
+    return values - z1 @ beta
 
 
 def assess(

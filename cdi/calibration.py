@@ -49,8 +49,10 @@ __all__ = [
     "DescriptorDifference",
     "ShiftCheckResult",
     "calibrate",
+    "calibrated_statistics",
     "class_check",
     "descriptor_differences",
+    "design_matrix",
     "image_descriptors",
     "shift_check",
 ]
@@ -166,6 +168,20 @@ def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.nda
     gram = zf.T @ zf + ridge * len(zf) * np.eye(z.shape[1])
     beta = np.linalg.solve(gram, zf.T @ (y[fit] - mean))
     return mean + (z - z[fit].mean(axis=0)) @ beta
+
+
+def design_matrix(descriptors: np.ndarray) -> np.ndarray:
+    """The standardised descriptors the fits use (columns without spread dropped)."""
+    return _design(descriptors)
+
+
+def calibrated_statistics(values: np.ndarray, z: np.ndarray, is_p: np.ndarray,
+                          ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Welch's t ``[R, m]`` (P minus U) of each candidate less its prediction from the
+    descriptors ``z`` (:func:`design_matrix`) by a ridge fit on the labelling's U rows, for
+    every labelling (row of ``is_p`` ``[R, n]``): the calibrated test's statistics."""
+    return _shift_statistics(np.asarray(values, dtype=np.float64), z, np.asarray(is_p, dtype=bool), ridge,
+                             residual=True)
 
 
 def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
@@ -296,9 +312,11 @@ def shift_check(
                             descriptor_differences(ys[:, best], d, n_p, ridge), best, class_p, class_words)
 
 
-def _shift_statistics(y: np.ndarray, z: np.ndarray, is_p: np.ndarray, ridge: float) -> np.ndarray:
-    """Welch's t ``[R, m]`` (P minus U) of each candidate's prediction from a ridge fit on U's rows,
-    refitted for every labelling (row of ``is_p`` ``[R, n]``)."""
+def _shift_statistics(y: np.ndarray, z: np.ndarray, is_p: np.ndarray, ridge: float,
+                      residual: bool = False) -> np.ndarray:
+    """Welch's t ``[R, m]`` (P minus U) of each candidate's prediction from a ridge fit on U's rows
+    (``residual``: of the candidate less that prediction), refitted for every labelling (row of
+    ``is_p`` ``[R, n]``)."""
     n, k = z.shape
     z1 = np.hstack([np.ones((n, 1)), z])
     penalty = np.eye(k + 1)
@@ -312,6 +330,8 @@ def _shift_statistics(y: np.ndarray, z: np.ndarray, is_p: np.ndarray, ridge: flo
         rhs = np.einsum("bi,ij,im->bjm", w, z1, y)
         beta = np.linalg.solve(gram, rhs)
         pred = np.einsum("ij,bjm->bim", z1, beta)  # [b, n, m]
+        if residual:
+            pred = y[None, :, :] - pred
         g = lab.astype(np.float64)[:, :, None]
         n_a, n_b = g.sum(axis=1), (1 - g).sum(axis=1)
         mean_a = (g * pred).sum(axis=1) / n_a
