@@ -8,19 +8,21 @@ can look "used" to a model that never saw either. Three pieces guard the verdict
    resolution and channels), is summarised by a few model-free numbers
    (:data:`DESCRIPTOR_NAMES`): mean and spread of luminance, edge energy, the shares of
    dark and bright pixels, colourfulness and compressed bytes per pixel.
-2. **The calibrated test.** Every candidate statistic of the directional test is regressed
-   (ridge, standardised descriptors) on the descriptors of the *pooled* images, without
-   their labels, and the directional test runs on the residuals: what the descriptors
-   cannot explain. The fit depends on the pooled set only, so every label permutation sees
-   the same residuals and the permutation p-value stays exact under exchangeability. The
+2. **The calibrated test** (:func:`cdi.assess.calibrated_test`). Every candidate statistic
+   of the directional test is regressed (ridge, standardised descriptors) on U's
+   descriptors, and P's and U's residuals are compared: what the descriptors cannot explain.
+   Every label permutation refits on its own U, so the permutation p-value stays exact under
+   exchangeability. The
    verdict's ``used`` needs both the raw and the calibrated test to reject (an
    intersection–union test, valid whenever either is): a calibration that mispredicts one
    kind of image cannot create a ``used`` the raw test would not give, nor a shift the
    descriptors explain one the calibrated test would not.
-3. **The shift control.** Does the way P and U differ *predict* a lower loss for P? The
-   same label-free fit's predictions of the combined candidate are compared, P against U,
-   by a one-sided Welch test. When it is significant and the raw test fires, the audit is
-   ``inconclusive``, naming the descriptors that carry the difference and what would fix it.
+3. **The shift control** (:func:`shift_check`). Does the way P and U differ *predict* a
+   lower loss for P? A fit on U's images predicts every candidate for every image, and the
+   largest Welch t of P's predictions against U's is tested by permutations (each refitting
+   on its own U); for a class-conditional model, a permutation chi-square test also asks
+   whether P and U hold the same classes. When either is significant and the raw test fires,
+   the audit is ``inconclusive``, naming the difference and what would fix it.
 
 :data:`CALIBRATION_READS` names the features all of this reads: those the directional test
 reads already, so the calibration costs no forward pass.

@@ -361,8 +361,8 @@ def _shift_section(report: Report, st: dict[str, Any], width: float) -> list[Any
         "image is summarised by a few numbers that ignore the model (brightness, contrast, edge energy, shares "
         "of deep shadow and bright highlight, colourfulness, compressed bytes per pixel) and by the "
         "layout of light and dark (a 3 × 3 grid). The calibrated test reruns the test on what these "
-        "numbers cannot explain of each image's loss (a fit on both sets "
-        "together that never sees which image is P, so its p-value stays exact); “used” needs both "
+        "numbers cannot explain of each image's loss (a fit on the unpublished images, refitted for every "
+        "permutation of the labels, so its p-value stays exact); “used” needs both "
         "tests below α. The shift control asks whether the way P and U differ in these numbers by itself "
         "predicts lower losses for P; if it does while the test fires, the audit is inconclusive.", st["body"]))
     rows: list[tuple[str, Any]] = []
