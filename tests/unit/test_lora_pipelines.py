@@ -1,0 +1,181 @@
+"""LoRAs load exactly as the diffusers pipelines load them: for each family and each format
+a LoRA is published in (kohya's names, diffusers' names, a peft folder), ε̂ equals that of the
+pipeline's own UNet or transformer after ``pipe.load_lora_weights`` + ``pipe.set_adapters``, at
+two scales; a LoRA that only partly fits is refused, naming what does not fit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdi.errors import UnsupportedModelError
+from cdi.models import load_model
+
+PIPELINES = {"stable-diffusion": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+SCALES = (1.0, 0.6)
+
+
+def _lora_modules(net: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in net.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in TARGETS)}
+
+
+def _denoiser(model_dir: Path) -> torch.nn.Module:
+    import diffusers
+
+    cls = diffusers.UNet2DConditionModel if (model_dir / "unet").is_dir() else None
+    if cls is not None:
+        return cls.from_pretrained(model_dir, subfolder="unet")
+    config = (model_dir / "transformer" / "config.json").read_text()
+    name = re.search(r'"_class_name": "(\w+)"', config)
+    assert name is not None
+    return getattr(diffusers, name.group(1)).from_pretrained(model_dir, subfolder="transformer")
+
+
+def _peft_state(model_dir: Path, seed: int, alpha: int = 4) -> tuple[dict[str, torch.Tensor], object]:
+    """A rank-2 LoRA (alpha ≠ rank) on the attention projections, in peft's names."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    net = _denoiser(model_dir)
+    config = LoraConfig(r=2, lora_alpha=alpha, target_modules=list(TARGETS), init_lora_weights="gaussian")
+    inject_adapter_in_model(config, net)
+    torch.manual_seed(seed)
+    state = {k: (torch.randn_like(v) * 0.2 if "lora_B" in k else v) for k, v in get_peft_model_state_dict(net).items()}
+    return state, config
+
+
+def _sgm(name: str, layers: int) -> str:
+    """SDXL's original (SGM) block name of a diffusers attention module, as kohya writes it."""
+    down = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if down:
+        return f"input_blocks.{1 + int(down[1]) * (layers + 1) + int(down[2])}.1.{down[3]}"
+    up = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if up:
+        return f"output_blocks.{int(up[1]) * (layers + 1) + int(up[2])}.1.{up[3]}"
+    return name.replace("mid_block.attentions.0.", "middle_block.1.")
+
+
+def _kohya_file(model_dir: Path, out: Path, seed: int, sgm: bool) -> Path:
+    """A kohya-format LoRA (``lora_unet_…`` keys, lora_down/lora_up and an alpha per module)."""
+    from safetensors.torch import save_file
+
+    net = _denoiser(model_dir)
+    layers = int(net.config.layers_per_block if isinstance(net.config.layers_per_block, int)
+                 else net.config.layers_per_block[0])
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, m in _lora_modules(net).items():
+        key = "lora_unet_" + (_sgm(name, layers) if sgm else name).replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g) * 0.3
+        state[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.3
+        state[f"{key}.alpha"] = torch.tensor(3.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out))
+    return out
+
+
+def _lora(kind: str, name: str, model_dir: Path, root: Path) -> tuple[Path, Path]:
+    """(what ``--lora`` is given, the file ``pipe.load_lora_weights`` is given)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    cls = getattr(diffusers, PIPELINES[name])
+    layers = "unet" if (model_dir / "unet").is_dir() else "transformer"
+    if kind == "kohya":
+        file = _kohya_file(model_dir, root / "kohya.safetensors", 3, sgm=name == "sdxl")
+        return file, file
+    state, config = _peft_state(model_dir, 2)
+    if kind == "diffusers":
+        cls.save_lora_weights(str(root / "diffusers"), **{f"{layers}_lora_layers": state,
+                                                          f"{layers}_lora_adapter_metadata": config.to_dict()})
+        file = root / "diffusers" / "pytorch_lora_weights.safetensors"
+        return file, file
+    folder = root / "peft"
+    folder.mkdir()
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    config.save_pretrained(str(folder))
+    # The pipelines take a peft adapter as one file that carries its config.
+    cls.save_lora_weights(str(root / "as-file"), **{f"{layers}_lora_layers": state,
+                                                    f"{layers}_lora_adapter_metadata": config.to_dict()})
+    return folder, root / "as-file" / "pytorch_lora_weights.safetensors"
+
+
+CASES = [("stable-diffusion", "kohya"), ("stable-diffusion", "diffusers"), ("stable-diffusion", "peft"),
+         ("sdxl", "kohya"), ("sdxl", "diffusers"), ("sdxl", "peft"),
+         ("sd3", "diffusers"), ("sd3", "peft"), ("flux", "diffusers"), ("flux", "peft")]
+
+
+@pytest.mark.parametrize(("name", "kind"), CASES)
+def test_lora_equals_the_pipelines_load_lora_weights(tiny_model_dirs, tmp_path, name, kind):
+    import diffusers
+
+    model_dir = tiny_model_dirs[name]
+    given, reference_file = _lora(kind, name, model_dir, tmp_path)
+    base = load_model(str(model_dir))
+    cond = base.condition(["a cat", ""])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    attr = "unet" if hasattr(base, "unet") else "transformer"
+    pipe = getattr(diffusers, PIPELINES[name]).from_pretrained(model_dir)
+    pipe.load_lora_weights(str(reference_file), adapter_name="reference")
+    with torch.inference_mode():
+        plain = base.eps(z, 300, cond)
+    for scale in SCALES:
+        tuned = load_model(str(model_dir), lora=str(given), lora_scale=scale)
+        pipe.set_adapters(["reference"], adapter_weights=[scale])
+        setattr(base, attr, getattr(pipe, attr))  # the base adapter calls the pipeline's network
+        with torch.inference_mode():
+            ours, theirs = tuned.eps(z, 300, cond), base.eps(z, 300, cond)
+        assert (ours - plain).abs().max() > 1e-3  # the LoRA does change the model
+        assert (ours - theirs).abs().max() <= 1e-6, (scale, (ours - theirs).abs().max())
+
+
+def test_kohya_sdxl_lora_adapts_every_module_it_names(tiny_model_dirs, tmp_path):
+    file = _kohya_file(tiny_model_dirs["sdxl"], tmp_path / "k.safetensors", 1, sgm=True)
+    tuned = load_model(str(tiny_model_dirs["sdxl"]), lora=str(file))
+    adapted = {n for n, m in tuned.unet.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(_lora_modules(_denoiser(tiny_model_dirs["sdxl"])))
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_partial_lora_is_refused_naming_the_modules_it_lacks(tiny_model_dirs, tmp_path, name):
+    import diffusers
+
+    model_dir = tiny_model_dirs[name]
+    state, _ = _peft_state(model_dir, 4)
+    one = sorted({k.rsplit(".lora_", 1)[0] for k in state})[0]
+    kept = {k: v for k, v in state.items() if k.startswith(one + ".lora_")}
+    kept.update({k.replace(one, "no_such_block.to_q"): v.clone() for k, v in kept.items()})
+    layers = "unet" if (model_dir / "unet").is_dir() else "transformer"
+    getattr(diffusers, PIPELINES[name]).save_lora_weights(str(tmp_path), **{f"{layers}_lora_layers": kept})
+    with pytest.raises(UnsupportedModelError, match=r"1 of its 2 modules .*no_such_block\.to_q"):
+        load_model(str(model_dir), lora=str(tmp_path / "pytorch_lora_weights.safetensors"))
+    # The peft folder form is held to the same rule.
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(kept, str(folder / "adapter_model.safetensors"))
+    from peft import LoraConfig
+
+    LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"]).save_pretrained(str(folder))
+    with pytest.raises(UnsupportedModelError, match="no_such_block"):
+        load_model(str(model_dir), lora=str(folder))
+
+
+def test_text_encoder_lora_is_refused_by_name(tiny_model_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    file = _kohya_file(tiny_model_dirs["stable-diffusion"], tmp_path / "k.safetensors", 1, sgm=False)
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(2, 16)
+    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(16, 2)
+    save_file(state, str(file))
+    with pytest.raises(UnsupportedModelError, match="also adapts text_encoder"):
+        load_model(str(tiny_model_dirs["stable-diffusion"]), lora=str(file))
