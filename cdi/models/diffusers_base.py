@@ -36,6 +36,15 @@ class DiffusersAdapter(DiffusionAdapter):
 
     #: The key prefix of the denoiser's weights in a diffusers LoRA file.
     lora_prefix = "unet"
+    #: Whether the family's pipeline encodes images with the autoencoder in float32 whenever
+    #: its config sets ``force_upcast`` (SDXL's autoencoder overflows in float16).
+    vae_force_upcast = False
+
+    def autoencoder_dtype(self, info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the family's pipeline runs the autoencoder's encoder in."""
+        if self.vae_force_upcast and info.configs["autoencoder"].get("force_upcast", True):
+            return torch.float32
+        return dtype
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -49,7 +58,7 @@ class DiffusersAdapter(DiffusionAdapter):
         """The diffusers pipeline whose ``load_lora_weights`` loads this family's LoRA files."""
         return None
 
-    def lora_pipeline(self) -> Any:
+    def as_pipeline(self) -> Any:
         """This family's pipeline around the adapter's own modules (a LoRA loaded through it
         lands in them), with the model's scheduler; the parts the audit never runs are None."""
         import inspect

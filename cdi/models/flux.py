@@ -72,6 +72,13 @@ class FluxAdapter(FlowAdapter):
     def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:
         return {**super().describe(timesteps), "guidance": self.guidance}
 
+    def _pipeline_timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        """FluxPipeline's ``timestep / 1000``: the scheduler's float32 σ·T cast to the latents'
+        dtype, then divided (σ rounded as the pipeline rounds it in float16/bfloat16)."""
+        idx = self._timesteps(t, batch).cpu()
+        steps = self.schedule.s[idx].to(torch.float32) * float(self.num_train_timesteps)
+        return steps.to(self.device, self.dtype) / 1000
+
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             raise InputError("a text-conditional model needs text-encoder states")
@@ -82,9 +89,9 @@ class FluxAdapter(FlowAdapter):
             hidden_states=pack_latents(z_t.to(self.dtype)),
             encoder_hidden_states=states.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
-            timestep=self._model_timesteps(t, b).to(self.dtype),
-            img_ids=image_ids(h, w, self.device),
-            txt_ids=torch.zeros(states.shape[1], 3, device=self.device),
+            timestep=self._pipeline_timesteps(t, b),
+            img_ids=image_ids(h, w, self.device).to(self.dtype),
+            txt_ids=torch.zeros(states.shape[1], 3, device=self.device, dtype=self.dtype),
             guidance=guidance,
         ).sample
         return self._to_eps(unpack_latents(out, h, w), z_t, t)

@@ -163,7 +163,7 @@ def _apply_peft_folder(net: Any, folder: Path, weights: Path, scale: float) -> N
 
 def _apply_file(adapter: Any, net: Any, weights: Path, scale: float) -> None:
     """One LoRA file through the family's pipeline: ``load_lora_weights`` + ``set_adapters``."""
-    pipe = adapter.lora_pipeline()
+    pipe = adapter.as_pipeline()
     try:
         kwargs = {"unet_config": net.config} if hasattr(pipe, "unet") else {}
         out = type(pipe).lora_state_dict(str(weights), **kwargs)

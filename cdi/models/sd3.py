@@ -71,6 +71,7 @@ class SD3Adapter(FlowAdapter):
             hidden_states=z_t.to(self.dtype),
             encoder_hidden_states=states.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
-            timestep=self._model_timesteps(t, z_t.shape[0]).to(self.dtype),
+            # The pipeline passes the scheduler's float32 σ·T whatever the model's dtype.
+            timestep=self._model_timesteps(t, z_t.shape[0]),
         ).sample
         return self._to_eps(out, z_t, t)
