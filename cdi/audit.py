@@ -410,11 +410,17 @@ def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOption
 def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> None:
     """Raise :class:`InputError` unless ``reference`` can calibrate ``target``.
 
-    The per-image noise is identical only if both models see the same input and draw noise
+    A reference with the audited model's own weights is refused (every difference would be
+    zero). The per-image noise is identical only if both models see the same input and draw noise
     of the same shape: same image size, channels, conditioning and z0 shape.
     """
     import torch
 
+    if target.identity.digest == reference.identity.digest:
+        raise InputError(
+            f"the reference model is the audited model itself (the same weights, identity "
+            f"{target.identity.digest[:12]}): calibrating a model by itself leaves nothing to test; give a "
+            "different reference, such as the base model of a fine-tune")
     for attr in ("image_size", "image_channels", "conditioning", "num_train_timesteps"):
         a, b = getattr(target, attr), getattr(reference, attr)
         if a != b:

@@ -35,6 +35,7 @@ def load_model(
     lora: str | None = None,
     lora_scale: float = 1.0,
     config: str | None = None,
+    components: dict[str, str] | None = None,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
@@ -48,6 +49,11 @@ def load_model(
     model-sharing sites; ``.ckpt``/``.bin``/``.pt`` only with ``allow_pickle``): ``config`` is
     then a local diffusers folder of its architecture's configs, and the identity is the
     file's SHA-256.
+
+    ``components`` takes a component from one weight file instead of the base's folder:
+    ``{"unet": FILE}`` (SD 1.x/2.x, SDXL) or ``{"transformer": FILE}`` (SD3, Flux), the file in
+    diffusers' key names or the original checkpoint's, as fine-tunes are published; the
+    identity then names the file and the base's other weights.
     """
     import dataclasses
 
@@ -65,7 +71,8 @@ def load_model(
     from cdi.models.stable_diffusion_xl import StableDiffusionXLAdapter
 
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    info = dataclasses.replace(detect_family(source, revision, config), allow_pickle=pickle_allowed(allow_pickle))
+    info = dataclasses.replace(detect_family(source, revision, config, components),
+                               allow_pickle=pickle_allowed(allow_pickle))
     if info.reference.is_single_file:
         from cdi.models.loading import load_single_file
 

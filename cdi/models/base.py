@@ -26,6 +26,9 @@ class ModelReference:
     is_local: bool = True
     #: For a single-file checkpoint: the diffusers folder whose configs describe it.
     config: str | None = None
+    #: Components taken from one file each instead of the model's folder: (folder, file) pairs,
+    #: e.g. (("unet", "/models/fine-tune.safetensors"),) for a fine-tune published as its UNet.
+    components: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_single_file(self) -> bool:
@@ -129,6 +132,8 @@ class DiffusionAdapter(abc.ABC):
             **self.schedule.describe(tuple(timesteps)),
             **({"lora": self.lora.describe()} if self.lora is not None else {}),
             **({"config": self.identity.reference.config} if self.identity.reference.config else {}),
+            **({"component_files": dict(self.identity.reference.components)}
+               if self.identity.reference.components else {}),
         }
 
     #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).

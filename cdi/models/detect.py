@@ -109,6 +109,13 @@ LORA_MODEL_FILE = "lora_model.json"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 #: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
 SINGLE_FILE_FAMILIES = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
+#: The components a family takes from one file beside its base's folder (``--unet FILE``,
+#: ``--transformer FILE``): the denoisers whose classes diffusers loads with ``from_single_file``
+#: (diffusers' own key names or the original checkpoint's).
+COMPONENT_FILE_ROLES: dict[str, tuple[str, ...]] = {
+    "stable-diffusion": ("unet",), "stable-diffusion-xl": ("unet",), "sd3": ("transformer",),
+    "flux": ("transformer",),
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -236,11 +243,18 @@ def _int(config: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def detect_family(source: str, revision: str | None = None, config: str | None = None) -> ModelInfo:
+def detect_family(source: str, revision: str | None = None, config: str | None = None,
+                  components: dict[str, str] | None = None) -> ModelInfo:
     """Detect a model's family and check that the files its family needs are present.
 
-    A single-file checkpoint's family is that of its ``config`` folder.
+    A single-file checkpoint's family is that of its ``config`` folder. ``components`` maps a
+    component (``unet``, ``transformer``) to one weight file that replaces the base's folder
+    of it: a fine-tune published as its denoiser alone.
     """
+    if components:
+        info = detect_family(source, revision, config)
+        return dataclasses.replace(info, reference=dataclasses.replace(
+            info.reference, components=_component_files(info, components)))
     ref = resolve_reference(source, revision, config)
     if ref.config is not None:
         info = detect_family(ref.config)
@@ -348,6 +362,28 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         configs=configs,
         pipeline=pipeline,
     )
+
+
+def _component_files(info: ModelInfo, components: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Check each ``role → file`` given for ``info``'s model; the (folder, resolved file) pairs."""
+    where = info.reference.source
+    if info.reference.is_single_file:
+        raise InputError(f"{where} is a single-file checkpoint already; a component file goes with a base folder")
+    if info.lora is not None:
+        raise InputError(f"{where} is a LoRA model; a component file goes with the base model itself")
+    allowed = COMPONENT_FILE_ROLES.get(info.family, ())
+    out: list[tuple[str, str]] = []
+    for role, file in sorted(components.items()):
+        if role not in allowed:
+            flags = ", ".join(f"--{r}" for r in allowed) or "none"
+            raise InputError(f"a {info.family} model takes no {role} file (component files it takes: {flags})")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"the {role} file {file} does not exist or is not a file")
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelNotFoundError(f"the {role} file {file} is not a weight file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+        out.append((info.components[role], str(path.resolve())))
+    return tuple(out)
 
 
 def _lora_model(ref: ModelReference) -> ModelInfo:
