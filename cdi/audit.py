@@ -396,7 +396,8 @@ CALIBRATION_NOTES = {
 
 
 def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOptions, lora: str | None,
-          lora_scale: float, allow_pickle: bool | None, config: str | None = None) -> DiffusionAdapter:
+          lora_scale: float, allow_pickle: bool | None, config: str | None = None,
+          components: dict[str, str] | None = None, resolution: int | None = None) -> DiffusionAdapter:
     if not isinstance(model, str):
         if lora is not None:
             raise InputError("a LoRA is applied when a model is loaded: give the model's reference, not an adapter")
@@ -404,7 +405,8 @@ def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOption
     from cdi.models import load_model
 
     return load_model(model, revision=revision, device=opts.device, dtype=opts.dtype, allow_pickle=allow_pickle,
-                      lora=lora, lora_scale=lora_scale, config=config)
+                      lora=lora, lora_scale=lora_scale, config=config, components=components,
+                      resolution=resolution)
 
 
 def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> None:
@@ -509,6 +511,8 @@ def audit(
     allow_pickle: bool | None = None,
     config: str | None = None,
     reference_config: str | None = None,
+    components: dict[str, str] | None = None,
+    resolution: int | None = None,
     captions: Mapping[str, str] | None = None,
     labels: Mapping[str, int] | None = None,
     options: AuditOptions | None = None,
@@ -527,7 +531,9 @@ def audit(
     and the controls see the differences. Pickled weights are refused unless
     ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). A model (or reference) given as one
     single-file checkpoint needs ``config`` (``reference_config``): a local diffusers folder
-    of its configs. ``model_name`` and ``reference_name`` name the models in the report (a
+    of its configs. ``components`` takes the model's UNet or transformer from one file beside
+    the base (``{"unet": FILE}``); ``resolution`` audits a Flux model (and its reference) at
+    that image side. ``model_name`` and ``reference_name`` name the models in the report (a
     service's registered ids; default: the shipped model's name, the hub id or the
     directory). Raises
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
@@ -562,10 +568,11 @@ def audit(
     prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, opts, report)
     lap("validating")
 
-    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle, config)
+    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle, config, components, resolution)
     reference = None
     if reference_model is not None:
-        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle, reference_config)
+        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle, reference_config,
+                          resolution=resolution)
         check_reference(adapter, reference)
     lap("loading")
     key = feature_key(adapter.identity.digest, opts)

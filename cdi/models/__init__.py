@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cdi.models.base import DiffusionAdapter, ImageCondition, ModelIdentity, ModelReference
-from cdi.models.detect import ModelInfo, detect_family, resolve_reference
+from cdi.models.detect import ModelInfo, at_resolution, detect_family, resolve_reference
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,7 @@ def load_model(
     lora_scale: float = 1.0,
     config: str | None = None,
     components: dict[str, str] | None = None,
+    resolution: int | None = None,
 ) -> DiffusionAdapter:
     """Load a model directory or hub id as the adapter of its family.
 
@@ -54,6 +55,9 @@ def load_model(
     ``{"unet": FILE}`` (SD 1.x/2.x, SDXL) or ``{"transformer": FILE}`` (SD3, Flux), the file in
     diffusers' key names or the original checkpoint's, as fine-tunes are published; the
     identity then names the file and the base's other weights.
+
+    ``resolution`` audits a Flux model at that image side (pixels) instead of its config's
+    (FluxPipeline's default, 1024): the images are resized to it and σ is shifted for it.
     """
     import dataclasses
 
@@ -73,6 +77,8 @@ def load_model(
     resolved_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     info = dataclasses.replace(detect_family(source, revision, config, components),
                                allow_pickle=pickle_allowed(allow_pickle))
+    if resolution is not None:
+        info = at_resolution(info, resolution)
     if info.reference.is_single_file:
         from cdi.models.loading import load_single_file
 
@@ -99,4 +105,5 @@ def load_model(
         adapter.identity = dataclasses.replace(
             adapter.identity, lora_sha256=dict(applied.sha256), lora_scale=applied.scale)
     return adapter
+
 

@@ -105,6 +105,13 @@ FLUX_DEFAULT_LATENT_SIZE = 128
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
 
+#: A folder holding this file names a model published in parts, so that one reference (a
+#: registry entry, ``--model``) covers it: {"checkpoint": FILE, "config": DIR} for a single-file
+#: checkpoint and its configs, or {"base": model reference, "unet" or "transformer": FILE} for a
+#: fine-tune published as its denoiser; either may add "resolution" (Flux). FILE and DIR are
+#: paths inside the folder; "base" is a reference, or a path relative to the folder.
+MODEL_FILE = "cdi_model.json"
+
 #: Suffixes of single-file checkpoints (the last four are pickles, refused unless allowed).
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 #: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
@@ -267,6 +274,8 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         return dataclasses.replace(info, reference=ref)
     if ref.is_local and (Path(ref.source) / LORA_MODEL_FILE).is_file():
         return _lora_model(ref)
+    if ref.is_local and (Path(ref.source) / MODEL_FILE).is_file():
+        return _described_model(ref)
     index = read_json(ref, "model_index.json")
     pipeline = index.get("_class_name")
     if not isinstance(pipeline, str):
@@ -371,6 +380,8 @@ def _component_files(info: ModelInfo, components: dict[str, str]) -> tuple[tuple
         raise InputError(f"{where} is a single-file checkpoint already; a component file goes with a base folder")
     if info.lora is not None:
         raise InputError(f"{where} is a LoRA model; a component file goes with the base model itself")
+    if info.reference.components:
+        raise InputError(f"{where} names its component files already")
     allowed = COMPONENT_FILE_ROLES.get(info.family, ())
     out: list[tuple[str, str]] = []
     for role, file in sorted(components.items()):
@@ -405,3 +416,56 @@ def _lora_model(ref: ModelReference) -> ModelInfo:
     if info.lora is not None:
         raise MalformedModelError(f"{where}: the base is itself a LoRA model")
     return dataclasses.replace(info, lora=str(lora_path), lora_scale=float(scale))
+
+
+def _inside(ref: ModelReference, spec: dict[str, Any], key: str, where: str) -> str:
+    value = spec.get(key)
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise MalformedModelError(f"{where}: {key!r} must be a path inside the folder")
+    path = Path(ref.source) / value
+    if not path.exists():
+        raise MalformedModelError(f"{ref.source}: missing {value}")
+    return str(path)
+
+
+def _described_model(ref: ModelReference) -> ModelInfo:
+    """A folder naming a model published in parts (:data:`MODEL_FILE`)."""
+    spec = read_json(ref, MODEL_FILE)
+    where = f"{ref.source}/{MODEL_FILE}"
+    roles = ("unet", "transformer")
+    unknown = sorted(set(spec) - {"checkpoint", "config", "base", "resolution", *roles})
+    if unknown:
+        raise MalformedModelError(f"{where}: unknown entries {', '.join(unknown)}")
+    if "checkpoint" in spec:
+        if "base" in spec or any(r in spec for r in roles):
+            raise MalformedModelError(f"{where}: a checkpoint goes with 'config', not with 'base' or a component file")
+        info = detect_family(_inside(ref, spec, "checkpoint", where), config=_inside(ref, spec, "config", where))
+    else:
+        base = spec.get("base")
+        if not isinstance(base, str) or not base:
+            raise MalformedModelError(f"{where}: name a 'checkpoint' with its 'config', or a 'base' model")
+        files = {r: _inside(ref, spec, r, where) for r in roles if r in spec}
+        if not files:
+            raise MalformedModelError(f"{where}: a 'base' goes with a 'unet' or 'transformer' file")
+        base_path = Path(ref.source) / base
+        info = detect_family(str(base_path) if base_path.is_dir() else base, components=files)
+    if info.lora is not None:
+        raise MalformedModelError(f"{where}: the base is a LoRA model")
+    resolution = spec.get("resolution")
+    return info if resolution is None else at_resolution(info, resolution)
+
+
+def at_resolution(info: ModelInfo, resolution: object) -> ModelInfo:
+    """``info`` audited at ``resolution`` pixels per side (Flux only: its pipeline generates at
+    any resolution and shifts σ for it; other families are audited at their config's)."""
+    if info.family != "flux":
+        raise InputError(f"a resolution applies to Flux models; a {info.family} model is audited at its "
+                         f"config's resolution ({info.image_size} px)")
+    step = 2 ** len(info.configs["autoencoder"].get("block_out_channels") or [0])  # 2×2-packed latents
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < step or resolution % step:
+        raise InputError(f"the resolution must be a positive multiple of {step} pixels for this model, "
+                         f"got {resolution!r}")
+    if resolution == info.image_size:
+        return info
+    return dataclasses.replace(info, image_size=resolution,
+                               reference=dataclasses.replace(info.reference, resolution=resolution))

@@ -174,3 +174,86 @@ def test_hub_model_in_the_cache_loads_like_the_folder(tiny_model_dirs, offline_h
     hub = load_model("someone/tiny-sd")
     local = load_model(str(tiny_model_dirs["stable-diffusion"]))
     assert hub.identity.weight_sha256 == local.identity.weight_sha256
+
+
+# --- one reference for a model published in parts ----------------------------------------------
+
+
+def test_model_folder_names_a_base_and_its_unet_file(tiny_model_dirs, tuned_sdxl, tmp_path):
+    import json
+
+    folder = tmp_path / "fine-tune"
+    folder.mkdir()
+    shutil.copy(tuned_sdxl / "unet" / "diffusion_pytorch_model.safetensors", folder / "unet.safetensors")
+    (folder / "cdi_model.json").write_text(json.dumps({"base": str(tiny_model_dirs["sdxl"]),
+                                                      "unet": "unet.safetensors"}))
+    named = load_model(str(folder))
+    direct = load_model(str(tiny_model_dirs["sdxl"]), components={"unet": str(folder / "unet.safetensors")})
+    assert named.identity.digest == direct.identity.digest
+    assert named.identity.reference.source == str(tiny_model_dirs["sdxl"].resolve())
+    (folder / "cdi_model.json").write_text(json.dumps({"base": str(tiny_model_dirs["sdxl"]), "unet": "../x"}))
+    with pytest.raises(MalformedModelError, match="'unet' must be a path inside the folder"):
+        detect_family(str(folder))
+    (folder / "cdi_model.json").write_text(json.dumps({"base": str(tiny_model_dirs["sdxl"])}))
+    with pytest.raises(MalformedModelError, match="goes with a 'unet' or 'transformer' file"):
+        detect_family(str(folder))
+
+
+def test_model_folder_names_a_checkpoint_and_its_configs(tiny_model_dirs, tmp_path):
+    import json
+
+    import tiny_models as tm
+
+    folder = tmp_path / "checkpoint"
+    tm.config_folder(tiny_model_dirs["stable-diffusion"], folder / "configs")
+    tm.save_single_file(tiny_model_dirs["stable-diffusion"], folder / "model.safetensors")
+    (folder / "cdi_model.json").write_text(json.dumps({"checkpoint": "model.safetensors", "config": "configs"}))
+    info = detect_family(str(folder))
+    assert info.reference.is_single_file and info.family == "stable-diffusion"
+    assert load_model(str(folder)).identity.digest == load_model(
+        str(folder / "model.safetensors"), config=str(folder / "configs")).identity.digest
+
+
+def test_flux_resolution(tiny_model_dirs, tmp_path):
+    import json
+
+    flux = tiny_model_dirs["flux"]
+    at32 = load_model(str(flux), resolution=32)
+    default = load_model(str(flux))
+    assert (default.image_size, at32.image_size) == (16, 32)
+    assert at32.describe()["flow_shift"]["image_seq_len"] == 64 and default.describe()["flow_shift"]["image_seq_len"] == 16
+    assert at32.identity.digest != default.identity.digest  # their features differ: so do their cache keys
+    assert load_model(str(flux), resolution=16).identity.digest == default.identity.digest
+    with pytest.raises(InputError, match="multiple of 4"):
+        load_model(str(flux), resolution=30)
+    with pytest.raises(InputError, match="applies to Flux models"):
+        load_model(str(tiny_model_dirs["sd3"]), resolution=32)
+    folder = tmp_path / "flux-32"
+    folder.mkdir()
+    shutil.copy(flux / "transformer" / "diffusion_pytorch_model.safetensors", folder / "t.safetensors")
+    (folder / "cdi_model.json").write_text(json.dumps({"base": str(flux), "transformer": "t.safetensors",
+                                                      "resolution": 32}))
+    assert detect_family(str(folder)).image_size == 32
+
+
+def test_cli_audits_a_unet_file_against_its_base(tiny_model_dirs, tuned_sdxl, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from cdi.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (60 * i, 90, 200)).save(images / f"{i}.png")
+    file = tmp_path / "ft.safetensors"
+    shutil.copy(tuned_sdxl / "unet" / "diffusion_pytorch_model.safetensors", file)
+    args = ["features", "--model", str(tiny_model_dirs["sdxl"]), "--images", str(images), "--features",
+            "gradient-free", "--seed", "1"]
+    assert main([*args, "--unet", str(file), "--out", str(tmp_path / "file.csv")]) == 0
+    whole = _folder_with_unet(tiny_model_dirs["sdxl"], tuned_sdxl, tmp_path / "whole")
+    args[2] = str(whole)
+    assert main([*args, "--out", str(tmp_path / "whole.csv")]) == 0
+    rows = [list(csv.reader((tmp_path / n).open()))[1:] for n in ("file.csv", "whole.csv")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
