@@ -287,7 +287,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             f"{ref.source}: pipeline {pipeline} is not supported (supported: {supported})"
         )
 
-    components: dict[str, str] = {}
+    folders_of: dict[str, str] = {}
     classes: dict[str, str] = {}
     configs: dict[str, dict[str, Any]] = {}
     for role, (folders, accepted) in FAMILY_COMPONENTS[family].items():
@@ -313,7 +313,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
                 f"{ref.source}: component {folder} is a {cls}; a {family} model needs "
                 f"{' or '.join(accepted)}"
             )
-        components[role] = folder
+        folders_of[role] = folder
         classes[role] = cls
         configs[role] = component_config
 
@@ -334,7 +334,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             channels = _int(unet, "in_channels", f"{ref.source}/unet/config.json")
         else:
             ae = configs["autoencoder"]
-            where = f"{ref.source}/{components['autoencoder']}/config.json"
+            where = f"{ref.source}/{folders_of['autoencoder']}/config.json"
             channels = _int(ae, "in_channels", where)
             size *= 2 ** (len(ae.get("block_out_channels") or [0]) - 1)
     elif family == "dit":
@@ -362,7 +362,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
     return ModelInfo(
         reference=ref,
         family=family,
-        components=components,
+        components=folders_of,
         classes=classes,
         conditioning=conditioning,
         image_size=size,

@@ -14,8 +14,8 @@ from cdi.models.detect import ModelInfo
 from cdi.models.flow import FlowAdapter
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
-#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``); a tokenizer whose own
-#: ``model_max_length`` is shorter (none of the published models' is) caps it.
+#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``), whatever the
+#: tokenizer's own ``model_max_length``: the captions are padded or truncated to it.
 T5_TOKENS = 512
 #: FluxPipeline's default ``guidance_scale``, given to models with a guidance embedding.
 GUIDANCE = 3.5
@@ -52,7 +52,7 @@ class FluxAdapter(FlowAdapter):
         super().__init__(info, device, dtype)
         config = self.transformer.config
         self.guidance = GUIDANCE if config.get("guidance_embeds") else None
-        self.t5_tokens = min(T5_TOKENS, int(self.tokenizer_2.model_max_length))
+        self.t5_tokens = T5_TOKENS
         self._packing = PackedCondition([(self.t5_tokens, int(config.joint_attention_dim)),
                                          (int(config.pooled_projection_dim),)])
 

@@ -40,9 +40,11 @@ def clip_states(tokenizer: Any, encoder: Any, captions: list[str], device: torch
 
     ``penultimate`` takes the states of the last-but-one layer, as SDXL and SD3 do (SD 1.x/2.x
     and Flux's pooled vector use the last). The pooled output is the projected ``text_embeds``
-    of a ``CLIPTextModelWithProjection``, else the ``pooler_output``.
+    of a ``CLIPTextModelWithProjection``, else the ``pooler_output``. The captions are padded
+    to ``max_length`` tokens (default: the tokenizer's own maximum; SD3 pads its second CLIP
+    tokenizer to the first one's).
     """
-    ids = _tokens(tokenizer, captions, tokenizer.model_max_length, device)
+    ids = _tokens(tokenizer, captions, int(max_length or tokenizer.model_max_length), device)
     with torch.inference_mode():
         out = encoder(ids, output_hidden_states=penultimate)
     states = out.hidden_states[-2] if penultimate else out.last_hidden_state

@@ -43,11 +43,11 @@ def _pipeline_eps(pipe, name: str, adapter, z: torch.Tensor, t: int, captions: l
     sigma = adapter.schedule.s[t].to(torch.float32)
     if name == "sd3":
         states, _, pooled, _ = pipe.encode_prompt(captions, None, None, device="cpu",
-                                                  do_classifier_free_guidance=False, max_sequence_length=16)
+                                                  do_classifier_free_guidance=False, max_sequence_length=256)
         v = pipe.transformer(hidden_states=zt, encoder_hidden_states=states, pooled_projections=pooled,
                              timestep=(sigma * 1000).expand(b)).sample
     else:
-        states, pooled, text_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=16)
+        states, pooled, text_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=512)
         packed = pipe._pack_latents(zt, b, 4, 8, 8)
         ids = pipe._prepare_latent_image_ids(b, 4, 4, "cpu", dtype)
         step = (sigma * 1000).expand(b).to(dtype)
