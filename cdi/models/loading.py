@@ -88,7 +88,10 @@ def load_component(info: ModelInfo, role: str, dtype: torch.dtype | None = None)
     import transformers
 
     if role in info.preloaded:
-        return info.preloaded[role]
+        module = info.preloaded[role]
+        if dtype is not None and isinstance(module, torch.nn.Module) and role not in _NO_WEIGHTS:
+            module = module.to(dtype)  # SDXL's autoencoder, upcast as its pipeline upcasts it
+        return module
     folder = info.components[role]
     cls_name = info.classes[role]
     cls = getattr(diffusers, cls_name, None) or getattr(transformers, cls_name, None)

@@ -155,6 +155,10 @@ def _apply_peft_folder(net: Any, folder: Path, weights: Path, scale: float) -> N
     """A peft folder on a diffusers denoiser: ``load_lora_adapter`` with the folder's config
     (as the pipelines take a LoRA whose file carries its config), then ``set_adapters``."""
     state = _read(weights)
+    # PeftModel.save_pretrained writes the wrapped model's names under base_model.model.
+    wrapped = "base_model.model."
+    if state and all(k.startswith(wrapped) for k in state):
+        state = {k.removeprefix(wrapped): v for k, v in state.items()}
     config = _lora_config(folder)
     _check_modules(net, state, folder, lambda: net.load_lora_adapter(
         dict(state), prefix=None, metadata=config, adapter_name=ADAPTER_NAME))
@@ -171,10 +175,16 @@ def _apply_file(adapter: Any, net: Any, weights: Path, scale: float) -> None:
         raise MalformedModelError(f"cannot read LoRA {weights}: {exc}") from None
     state = out[0] if isinstance(out, tuple) else out
     prefix = adapter.lora_prefix
-    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith(f"{prefix}.")})
-    if others:
+    encoders = sorted({k.split(".", 1)[0] for k in state if k.startswith("text_encoder")})
+    if encoders:
         raise UnsupportedModelError(
-            f"LoRA {weights} also adapts {', '.join(others)}; only LoRAs of the {prefix} are supported")
+            f"LoRA {weights} also adapts {', '.join(encoders)}; only LoRAs of the {prefix} are supported")
+    stray = sorted(k for k in state if not k.startswith(f"{prefix}."))
+    if stray:
+        # The pipeline would skip them: the model audited would not be the file's.
+        raise UnsupportedModelError(
+            f"LoRA {weights} does not fit this model: {len(stray)} of its weights name no {prefix} module "
+            f"(e.g. {stray[0]})")
     ours = {k.removeprefix(f"{prefix}."): v for k, v in state.items()}
     _check_modules(net, ours, weights, lambda: pipe.load_lora_weights(str(weights), adapter_name=ADAPTER_NAME))
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])

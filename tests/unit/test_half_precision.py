@@ -103,3 +103,14 @@ def test_sdxl_float16_features_are_finite_with_a_float32_autoencoder(tiny_model_
     assert np.isfinite(features).all()
     full = FeatureExtractor(load_model(str(tiny_model_dirs["sdxl"])), seed=5).extract(items)
     assert not np.array_equal(features, full)  # the UNet did run in float16
+
+
+def test_sdxl_single_file_in_float16_upcasts_its_autoencoder(tiny_model_dirs, tmp_path):
+    import tiny_models as tm
+
+    file = tm.save_single_file(tiny_model_dirs["sdxl"], tmp_path / "sdxl.safetensors")
+    adapter = load_model(str(file), config=str(tm.config_folder(tiny_model_dirs["sdxl"], tmp_path / "configs")),
+                         dtype="float16")
+    assert adapter.unet.dtype == torch.float16 and adapter.autoencoder.dtype == torch.float32
+    with torch.inference_mode():
+        assert torch.isfinite(adapter.encode(torch.zeros(1, 3, 16, 16))).all()

@@ -179,3 +179,32 @@ def test_text_encoder_lora_is_refused_by_name(tiny_model_dirs, tmp_path):
     save_file(state, str(file))
     with pytest.raises(UnsupportedModelError, match="also adapts text_encoder"):
         load_model(str(tiny_model_dirs["stable-diffusion"]), lora=str(file))
+
+
+def test_peft_folder_saved_by_a_peft_model_is_the_same_lora(tiny_model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_model_dirs["sdxl"]
+    folder, _ = _lora("peft", "sdxl", model_dir, tmp_path)
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    (wrapped / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file({f"base_model.model.{k}": v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()},
+              str(wrapped / "adapter_model.safetensors"))
+    a, b = load_model(str(model_dir), lora=str(folder)), load_model(str(model_dir), lora=str(wrapped))
+    cond = a.condition(["a cat"])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(a.eps(z, 300, cond), b.eps(z, 300, cond))
+
+
+def test_lora_file_with_weights_outside_the_denoiser_is_refused(tiny_model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    file, _ = _lora("diffusers", "flux", tiny_model_dirs["flux"], tmp_path)
+    state = load_file(str(file))
+    key = next(iter(state))
+    state["single_transformer_blocks.0.attn.to_q.lora_A.weight"] = state[key].clone()
+    save_file(state, str(file))
+    with pytest.raises(UnsupportedModelError, match=r"1 of its weights name no transformer module"):
+        load_model(str(tiny_model_dirs["flux"]), lora=str(file))
