@@ -1,9 +1,14 @@
-"""LoRA adapters on a loaded model: diffusers' own LoRA loading, through peft.
+"""LoRA adapters on a loaded model, loaded as the diffusers pipelines load them.
 
 A LoRA is a folder in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)
-or one ``.safetensors`` file as published on model-sharing sites (diffusers' or kohya's key
-names; diffusers converts them). It applies to the model's denoiser (UNet or transformer).
-``scale`` multiplies the LoRA's update W + scale·ΔW (diffusers' ``lora_scale``).
+or one ``.safetensors`` file as published on model-sharing sites (diffusers', kohya's or
+peft's key names). A file goes through the family's pipeline built around the model's own
+networks (``load_lora_weights``, which converts kohya's names, SDXL's original block names
+included, then ``set_adapters``); a peft folder goes through the denoiser's
+``load_lora_adapter`` with its own config. It applies to the model's denoiser (UNet or
+transformer); every module it names must exist there. ``scale`` multiplies the LoRA's update,
+W + scale·ΔW (the adapter weight of ``set_adapters``). Networks diffusers loads no LoRA into
+(``UNet2DModel``) take peft folders through peft itself.
 """
 
 from __future__ import annotations
