@@ -79,6 +79,29 @@ def _kohya_file(model_dir: Path, out: Path, seed: int, sgm: bool) -> Path:
     return out
 
 
+def _kohya_flux_file(model_dir: Path, out: Path, seed: int) -> Path:
+    """A kohya-format Flux LoRA in the original (BFL) block names: a fused q/k/v projection
+    and others that diffusers splits and renames."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, fan_in, fan_out in (("double_blocks_0_img_attn_qkv", dim, 3 * dim),
+                                  ("double_blocks_0_img_attn_proj", dim, dim),
+                                  ("double_blocks_0_txt_attn_proj", dim, dim),
+                                  ("double_blocks_0_img_mlp_0", dim, 4 * dim),
+                                  ("single_blocks_0_linear2", 5 * dim, dim)):
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, fan_in, generator=g) * 0.3
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(fan_out, 2, generator=g) * 0.3
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(3.0)
+    save_file(state, str(out))
+    return out
+
+
 def _lora(kind: str, name: str, model_dir: Path, root: Path) -> tuple[Path, Path]:
     """(what ``--lora`` is given, the file ``pipe.load_lora_weights`` is given)."""
     import diffusers
@@ -87,7 +110,8 @@ def _lora(kind: str, name: str, model_dir: Path, root: Path) -> tuple[Path, Path
     cls = getattr(diffusers, PIPELINES[name])
     layers = "unet" if (model_dir / "unet").is_dir() else "transformer"
     if kind == "kohya":
-        file = _kohya_file(model_dir, root / "kohya.safetensors", 3, sgm=name == "sdxl")
+        file = _kohya_flux_file(model_dir, root / "kohya.safetensors", 3) if name == "flux" else \
+            _kohya_file(model_dir, root / "kohya.safetensors", 3, sgm=name == "sdxl")
         return file, file
     state, config = _peft_state(model_dir, 2)
     if kind == "diffusers":
@@ -107,7 +131,7 @@ def _lora(kind: str, name: str, model_dir: Path, root: Path) -> tuple[Path, Path
 
 CASES = [("stable-diffusion", "kohya"), ("stable-diffusion", "diffusers"), ("stable-diffusion", "peft"),
          ("sdxl", "kohya"), ("sdxl", "diffusers"), ("sdxl", "peft"),
-         ("sd3", "diffusers"), ("sd3", "peft"), ("flux", "diffusers"), ("flux", "peft")]
+         ("sd3", "diffusers"), ("sd3", "peft"), ("flux", "kohya"), ("flux", "diffusers"), ("flux", "peft")]
 
 
 @pytest.mark.parametrize(("name", "kind"), CASES)
