@@ -36,6 +36,8 @@ class DiffusersAdapter(DiffusionAdapter):
 
     #: The key prefix of the denoiser's weights in a diffusers LoRA file.
     lora_prefix = "unet"
+    #: The text encoders the family's pipeline loads a LoRA file's text-encoder weights into.
+    lora_text_encoders: tuple[str, ...] = ()
     #: Whether the family's pipeline encodes images with the autoencoder in float32 whenever
     #: its config sets ``force_upcast`` (SDXL's autoencoder overflows in float16).
     vae_force_upcast = False

@@ -46,6 +46,7 @@ class FluxAdapter(FlowAdapter):
     family = "flux"
     timestep_in_steps = False
     default_max_shift = 1.15
+    lora_text_encoders = ("text_encoder",)
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

@@ -165,8 +165,8 @@ def _apply_peft_folder(net: Any, folder: Path, weights: Path, scale: float) -> N
     if state and all(k.startswith(wrapped) for k in state):
         state = {k.removeprefix(wrapped): v for k, v in state.items()}
     config = _lora_config(folder)
-    _check_modules(net, state, folder, lambda: net.load_lora_adapter(
-        dict(state), prefix=None, metadata=config, adapter_name=ADAPTER_NAME))
+    _check_modules({"denoiser": net}, {"denoiser": _lora_modules(state, net, True)}, folder,
+                   lambda: net.load_lora_adapter(dict(state), prefix=None, metadata=config, adapter_name=ADAPTER_NAME))
     net.set_adapters([ADAPTER_NAME], weights=[scale])
 
 
@@ -180,28 +180,46 @@ def _apply_file(adapter: Any, net: Any, weights: Path, scale: float) -> None:
         raise MalformedModelError(f"cannot read LoRA {weights}: {exc}") from None
     state = out[0] if isinstance(out, tuple) else out
     prefix = adapter.lora_prefix
-    encoders = sorted({k.split(".", 1)[0] for k in state if k.startswith("text_encoder")})
-    if encoders:
-        raise UnsupportedModelError(
-            f"LoRA {weights} also adapts {', '.join(encoders)}; only LoRAs of the {prefix} are supported")
-    stray = sorted(k for k in state if not k.startswith(f"{prefix}."))
+    # The networks the pipeline's load_lora_weights loads into, by the prefix of their keys.
+    networks: dict[str, Any] = {prefix: net}
+    networks.update({name: getattr(adapter, name) for name in adapter.lora_text_encoders
+                     if getattr(adapter, name, None) is not None})
+    stray = sorted(k for k in state if k.split(".", 1)[0] not in networks)
     if stray:
         # The pipeline would skip them: the model audited would not be the file's.
         raise UnsupportedModelError(
-            f"LoRA {weights} does not fit this model: {len(stray)} of its weights name no {prefix} module "
-            f"(e.g. {stray[0]})")
-    ours = {k.removeprefix(f"{prefix}."): v for k, v in state.items()}
-    _check_modules(net, ours, weights, lambda: pipe.load_lora_weights(str(weights), adapter_name=ADAPTER_NAME))
+            f"LoRA {weights} does not fit this model: {len(stray)} of its weights name no module of its "
+            f"{', '.join(networks)} (e.g. {stray[0]})")
+    expected = {name: _lora_modules({k.removeprefix(f"{name}."): v for k, v in state.items()
+                                     if k.startswith(f"{name}.")}, module, name == prefix)
+                for name, module in networks.items()}
+    _check_modules(networks, expected, weights,
+                   lambda: pipe.load_lora_weights(str(weights), adapter_name=ADAPTER_NAME))
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    for name, module in networks.items():
+        if name != prefix:
+            module.requires_grad_(False)
+            module.eval()
 
 
-def _lora_modules(state: dict[str, torch.Tensor]) -> set[str]:
-    """The modules a LoRA state dict (the denoiser's part, without prefix) adapts."""
+def _lora_modules(state: dict[str, torch.Tensor], network: Any, denoiser: bool) -> set[str]:
+    """The modules of ``network`` a LoRA state dict (its part, without prefix) names, converted
+    to peft's names as diffusers converts them for a denoiser or a text encoder."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    if state and "lora_A" not in next(iter(state)):
-        state = convert_unet_state_dict_to_peft(dict(state))
-    return {k.split(".lora_", 1)[0] for k in state if ".lora_" in k}
+    if not state:
+        return set()
+    if denoiser:
+        if "lora_A" not in next(iter(state)):
+            state = convert_unet_state_dict_to_peft(dict(state))
+    else:
+        state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state)))
+        if not hasattr(network, "text_model"):
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    # A name diffusers does not convert to peft's is a weight no module receives.
+    return {k.split(".lora_", 1)[0] if ".lora_" in k else k.removesuffix(".weight").removesuffix(".bias")
+            for k in state if not k.endswith(".alpha")}
 
 
 def _loaded_modules(net: torch.nn.Module) -> set[str]:
@@ -209,20 +227,23 @@ def _loaded_modules(net: torch.nn.Module) -> set[str]:
             if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and ADAPTER_NAME in module.lora_A}
 
 
-def _check_modules(net: Any, state: dict[str, torch.Tensor], where: Path, load: Any) -> None:
-    """Run ``load`` and refuse the LoRA unless every module it names received its weights."""
-    expected = _lora_modules(state)
+def _check_modules(networks: dict[str, Any], expected: dict[str, set[str]], where: Path, load: Any) -> None:
+    """Run ``load`` and refuse the LoRA unless every module it names (``expected``, per network)
+    received its weights."""
     try:
         load()
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise UnsupportedModelError(f"LoRA {where} does not fit this model: {exc}") from None
-    _check_all_loaded(net, where)
-    missing = sorted(expected - _loaded_modules(net))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UnsupportedModelError(
-            f"LoRA {where} does not fit this model: {len(missing)} of its {len(expected)} modules are not in "
-            f"the {type(net).__name__} ({shown}); a LoRA is applied whole or not at all")
+    if not any(_loaded_modules(n) for n in networks.values()):
+        raise UnsupportedModelError(f"LoRA {where} adapts no layer of this model")
+    total = sum(len(e) for e in expected.values())
+    for name, network in networks.items():
+        missing = sorted(expected.get(name, set()) - _loaded_modules(network))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UnsupportedModelError(
+                f"LoRA {where} does not fit this model: {len(missing)} of its {total} modules are not in "
+                f"the {type(network).__name__} ({shown}); a LoRA is applied whole or not at all")
 
 
 def _check_all_loaded(net: torch.nn.Module, where: Path) -> None:

@@ -23,6 +23,7 @@ class SD3Adapter(FlowAdapter):
     family = "sd3"
     timestep_in_steps = True
     default_max_shift = 1.16
+    lora_text_encoders = ("text_encoder", "text_encoder_2")
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

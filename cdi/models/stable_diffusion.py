@@ -17,6 +17,7 @@ from cdi.models.text import captions_of, clip_states
 
 class StableDiffusionAdapter(DiffusersAdapter):
     family = "stable-diffusion"
+    lora_text_encoders: tuple[str, ...] = ("text_encoder",)
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

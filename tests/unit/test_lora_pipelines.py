@@ -191,18 +191,53 @@ def test_partial_lora_is_refused_naming_the_modules_it_lacks(tiny_model_dirs, tm
         load_model(str(model_dir), lora=str(folder))
 
 
-def test_text_encoder_lora_is_refused_by_name(tiny_model_dirs, tmp_path):
-    from safetensors.torch import save_file
+def _with_text_encoder(file: Path, seed: int) -> Path:
+    """``file`` plus kohya-named LoRA weights on the (16-wide) CLIP text encoder's MLPs."""
+    from safetensors.torch import load_file, save_file
 
-    file = _kohya_file(tiny_model_dirs["stable-diffusion"], tmp_path / "k.safetensors", 1, sgm=False)
-    from safetensors.torch import load_file
-
+    g = torch.Generator().manual_seed(seed)
     state = load_file(str(file))
-    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(2, 16)
-    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(16, 2)
+    for name, fan_in, fan_out in (("lora_te_text_model_encoder_layers_0_mlp_fc2", 32, 16),
+                                  ("lora_te_text_model_encoder_layers_1_mlp_fc1", 16, 32)):
+        state[f"{name}.lora_down.weight"] = torch.randn(2, fan_in, generator=g) * 0.5
+        state[f"{name}.lora_up.weight"] = torch.randn(fan_out, 2, generator=g) * 0.5
+        state[f"{name}.alpha"] = torch.tensor(2.0)
     save_file(state, str(file))
-    with pytest.raises(UnsupportedModelError, match="also adapts text_encoder"):
-        load_model(str(tiny_model_dirs["stable-diffusion"]), lora=str(file))
+    return file
+
+
+def test_text_encoder_lora_equals_the_pipelines(tiny_model_dirs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    sd = tiny_model_dirs["stable-diffusion"]
+    file = _with_text_encoder(_kohya_file(sd, tmp_path / "k.safetensors", 1, sgm=False), 2)
+    base = load_model(str(sd))
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    pipe.load_lora_weights(str(file), adapter_name="reference")
+    base.unet, base.text_encoder = pipe.unet, pipe.text_encoder
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = load_model(str(sd)).condition(["a cat", ""])
+    for scale in SCALES:
+        tuned = load_model(str(sd), lora=str(file), lora_scale=scale)
+        pipe.set_adapters(["reference"], adapter_weights=[scale])
+        ours, theirs = tuned.condition(["a cat", ""]), base.condition(["a cat", ""])
+        assert (ours - plain).abs().max() > 1e-3  # the text encoder is adapted
+        assert (ours - theirs).abs().max() <= 1e-6
+        with torch.inference_mode():
+            assert (tuned.eps(z, 300, ours) - base.eps(z, 300, theirs)).abs().max() <= 1e-6
+
+
+def test_text_encoder_lora_for_an_encoder_the_pipeline_skips_is_refused(tiny_model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    file, _ = _lora("diffusers", "flux", tiny_model_dirs["flux"], tmp_path)
+    state = load_file(str(file))
+    state["text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"] = torch.zeros(2, 32)
+    state["text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight"] = torch.zeros(16, 2)
+    save_file(state, str(file))
+    with pytest.raises(UnsupportedModelError, match=r"2 of its weights name no module of its transformer, "
+                                                    r"text_encoder.*text_encoder_2\."):
+        load_model(str(tiny_model_dirs["flux"]), lora=str(file))
 
 
 def test_peft_folder_saved_by_a_peft_model_is_the_same_lora(tiny_model_dirs, tmp_path):
@@ -230,5 +265,37 @@ def test_lora_file_with_weights_outside_the_denoiser_is_refused(tiny_model_dirs,
     key = next(iter(state))
     state["single_transformer_blocks.0.attn.to_q.lora_A.weight"] = state[key].clone()
     save_file(state, str(file))
-    with pytest.raises(UnsupportedModelError, match=r"1 of its weights name no transformer module"):
+    with pytest.raises(UnsupportedModelError, match=r"1 of its weights name no module of its transformer"):
         load_model(str(tiny_model_dirs["flux"]), lora=str(file))
+
+
+def test_text_encoder_lora_naming_a_missing_layer_is_refused(tiny_model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = tiny_model_dirs["stable-diffusion"]
+    file = _with_text_encoder(_kohya_file(sd, tmp_path / "k.safetensors", 1, sgm=False), 2)
+    state = load_file(str(file))
+    for part in ("lora_down.weight", "lora_up.weight", "alpha"):  # the tiny encoder has two layers
+        key = f"lora_te_text_model_encoder_layers_1_mlp_fc1.{part}"
+        state[key.replace("layers_1", "layers_7")] = state[key].clone()
+    save_file(state, str(file))
+    with pytest.raises(UnsupportedModelError, match=r"1 of its \d+ modules are not in the CLIPTextModel "
+                                                    r"\(.*layers\.7\.mlp\.fc1"):
+        load_model(str(sd), lora=str(file))
+
+
+def test_text_encoder_weights_the_pipeline_would_drop_are_refused(tiny_model_dirs, tmp_path):
+    """diffusers (0.42) turns kohya's text-encoder attention names into an older naming it then
+    leaves unconverted: beside MLP weights, the pipeline applies the MLP part alone (alone, it
+    cannot read the file at all)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = tiny_model_dirs["stable-diffusion"]
+    file = _with_text_encoder(_kohya_file(sd, tmp_path / "k.safetensors", 1, sgm=False), 2)
+    state = load_file(str(file))
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    state.update({f"{name}.lora_down.weight": torch.ones(2, 16), f"{name}.lora_up.weight": torch.ones(16, 2),
+                  f"{name}.alpha": torch.tensor(2.0)})
+    save_file(state, str(file))
+    with pytest.raises(UnsupportedModelError, match=r"not in the CLIPTextModel \(.*layers\.0\.self_attn"):
+        load_model(str(sd), lora=str(file))
