@@ -205,8 +205,11 @@ def _apply_file(adapter: Any, net: Any, weights: Path, scale: float) -> None:
 def _lora_modules(state: dict[str, torch.Tensor], network: Any, denoiser: bool) -> set[str]:
     """The modules of ``network`` a LoRA state dict (its part, without prefix) names, converted
     to peft's names as diffusers converts them for a denoiser or a text encoder."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     if not state:
         return set()
