@@ -52,25 +52,26 @@ from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
-from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING, SequentialOptions
-from cdi.planning import Plan, plan_audit
-from cdi.provenance import versions
-from cdi.sequential import SequentialDesign, SequentialResult, control_options, design, sequential_test
-from cdi.stats import (
+from cdi.options import (
     DEFAULT_ALPHA,
     DEFAULT_EXCEEDANCES,
     DEFAULT_FIT_FRACTION,
+    DEFAULT_LOOKS,
     DEFAULT_MAX_PERMUTATIONS,
     DEFAULT_N_FOLDS,
     DEFAULT_N_PERMUTATIONS,
     DEFAULT_PROTOCOL,
+    DEFAULT_SPENDING,
     ProtocolOptions,
-    ProtocolResult,
+    SequentialOptions,
     check_alpha,
-    check_sizes,
-    run_test,
+    protocol_of,
 )
-from cdi.stats import Protocol as TestProtocol
+from cdi.options import Protocol as TestProtocol
+from cdi.planning import Plan, plan_audit
+from cdi.provenance import versions
+from cdi.sequential import SequentialDesign, SequentialResult, control_options, design, sequential_test
+from cdi.stats import ProtocolResult, check_sizes, run_test
 from cdi.verdict import Outcome, Verdict, decide
 
 if TYPE_CHECKING:
@@ -105,11 +106,7 @@ class AuditOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        try:
-            TestProtocol(self.protocol)
-        except ValueError:
-            choices = ", ".join(p.value for p in TestProtocol)
-            raise InputError(f"unknown protocol {self.protocol!r}; choose one of: {choices}") from None
+        protocol_of(self.protocol)
         object.__setattr__(self, "features", FeatureSet(self.features))
         if self.batch_size < 1:
             raise InputError("batch_size must be at least 1")

@@ -60,14 +60,16 @@ from cdi.features.layout import FEATURE_NAMES
 
 # The colour-mode conversion the models' inputs go through; reused, not copied.
 from cdi.images import _to_8bit
-from cdi.scoring import validate_features
-from cdi.stats import (
+from cdi.options import (
     DEFAULT_ALPHA,
     DEFAULT_N_FOLDS,
     DEFAULT_N_PERMUTATIONS,
     DEFAULT_PROTOCOL,
     Protocol,
     ProtocolOptions,
+)
+from cdi.scoring import validate_features
+from cdi.stats import (
     ProtocolResult,
     auc,
     check_sizes,

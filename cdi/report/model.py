@@ -39,7 +39,8 @@ from cdi.report.errors import ReportFormatError
 
 if TYPE_CHECKING:
     from cdi.audit import AuditResult
-    from cdi.stats import ProtocolOptions, ProtocolResult
+    from cdi.options import ProtocolOptions
+    from cdi.stats import ProtocolResult
 
 __all__ = [
     "SCHEMA_ID",
@@ -429,7 +430,7 @@ class AuditOptionsRecord(_Model):
     def protocol_options(self, **changes: Any) -> ProtocolOptions:
         """The test's options as the audit ran it (``cdi.audit.AuditOptions.protocol_options``)."""
         from cdi.features.layout import FeatureSet, member_candidates
-        from cdi.stats import ProtocolOptions
+        from cdi.options import ProtocolOptions
 
         fields: dict[str, Any] = {
             "fit_fraction": self.fit_fraction, "n_folds": self.n_folds, "n_permutations": self.n_permutations,
