@@ -70,6 +70,7 @@ from cdi.options import (
 from cdi.options import Protocol as TestProtocol
 from cdi.planning import Plan, plan_audit
 from cdi.provenance import versions
+from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 from cdi.sequential import SequentialDesign, SequentialResult, control_options, design, sequential_test
 from cdi.stats import ProtocolResult, check_sizes, run_test
 from cdi.verdict import Outcome, Verdict, decide
@@ -89,8 +90,8 @@ class AuditOptions:
     features: FeatureSet = FeatureSet.ALL
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 32
+    dtype: str = DEFAULT_DTYPE
+    batch_size: int = DEFAULT_BATCH_SIZE
     fit_fraction: float = DEFAULT_FIT_FRACTION
     n_folds: int = DEFAULT_N_FOLDS
     n_permutations: int = DEFAULT_N_PERMUTATIONS
@@ -110,8 +111,8 @@ class AuditOptions:
         object.__setattr__(self, "features", FeatureSet(self.features))
         if self.batch_size < 1:
             raise InputError("batch_size must be at least 1")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.protocol_options  # noqa: B018 - validates the protocol's options
         object.__setattr__(self, "spending", self.sequential_options.spending.value)
         if self.sequential and self.protocol != TestProtocol.DIRECTIONAL.value:

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cdi.errors import CdiError, InputError
+from cdi.features.layout import FeatureSet
+from cdi.options import DEFAULT_ALPHA
+from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 
 
 class ProgressBar:
@@ -289,7 +292,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cdi.features.layout import FeatureSet
     from cdi.planning import plan_audit
 
     options = {"alpha": args.alpha, "power": args.power, "u_ratio": args.u_ratio, "random_state": args.seed}
@@ -403,11 +405,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin, .ckpt, .pt), which run code when loaded "
                         "(also CDI_ALLOW_PICKLE=1); only for files you trust")
-    p.add_argument("--features", choices=["all", "gradient-free"], default="all")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.ALL.value)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
 
@@ -423,7 +425,7 @@ def _alpha(text: str) -> float:
 
 
 def _add_audit_options(p: argparse.ArgumentParser) -> None:
-    from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
+    from cdi.options import DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
 
     p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
                    help=f"significance level, 0 < α < {MAX_ALPHA} (default {DEFAULT_ALPHA})")
@@ -471,13 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
     p.add_argument("--published", help="folder of a few published images (the pilot's P)")
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
-    p.add_argument("--features", choices=["all", "gradient-free"], default="all")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.ALL.value)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
-    p.add_argument("--alpha", type=_alpha, default=0.01, help="significance level of the planned audit")
+    p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA, help="significance level of the planned audit")
     p.add_argument("--power", type=float, default=0.9, help="power to plan for (default 0.9)")
     p.add_argument("--u-ratio", type=float, default=None,
                    help="unpublished images per published image in the planned audit (default: the pilot's)")
