@@ -704,7 +704,8 @@ def directional_test(
         raise InputError("no candidate feature varies between images: there is nothing to test")
 
     def statistic(is_p: np.ndarray) -> np.ndarray:
-        return welch_t_columns(x, is_p).max(axis=1)
+        largest: np.ndarray = welch_t_columns(x, is_p).max(axis=1)
+        return largest
 
     _, seq = sequential_permutation_p_value(
         statistic, n_p + n_u, n_p, exceedances=opts.exceedances, max_permutations=opts.max_permutations,

@@ -40,7 +40,7 @@ class DiffusersAdapter(DiffusionAdapter):
     @property
     def denoiser(self) -> torch.nn.Module:
         """The network a LoRA adapts: the UNet or the transformer."""
-        net = getattr(self, "unet", None) or getattr(self, "transformer", None)
+        net: torch.nn.Module | None = getattr(self, "unet", None) or getattr(self, "transformer", None)
         if net is None:
             raise NotImplementedError(f"{type(self).__name__} has no denoiser")
         return net

@@ -87,7 +87,7 @@ class FlowAdapter(DiffusersAdapter):
         return NoiseSchedule.flow(sigmas, float(T) if self.timestep_in_steps else T / 1000.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:

@@ -33,7 +33,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return StableDiffusionPipeline
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
     def condition(self, conditions: Sequence[ImageCondition],

@@ -732,7 +732,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
         schema_version=SCHEMA_VERSION,
         planning=planning,
         sequential=sequential,
-        verdict=verdict.outcome.value,  # type: ignore[arg-type]
+        verdict=verdict.outcome.value,
         p_value=float(test.p_value),
         alpha=float(test.alpha),
         reason=verdict.reason,
@@ -804,7 +804,7 @@ def _sequential_record(result: AuditResult, tested_names: Sequence[str]) -> Sequ
         unused.append(ImageRef(set=im.set_name, index=counts[im.set_name], name=im.name))  # type: ignore[arg-type]
         counts[im.set_name] += 1
     return SequentialRecord(
-        spending=seq.design.spending.value,  # type: ignore[arg-type]
+        spending=seq.design.spending.value,
         planned_looks=seq.design.planned_looks, min_look_set=MIN_LOOK_SET, futility=seq.design.futility,
         futility_p=FUTILITY_P,
         looks=[LookRecord(n_p=r.look.n_p, n_u=r.look.n_u, fraction=r.look.fraction, spent_alpha=r.look.spent,
