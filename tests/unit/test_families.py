@@ -512,3 +512,25 @@ def test_cli_takes_a_single_file_with_config(single_file, tmp_path, capsys):
     assert main([*args, str(tmp_path / "b.csv"), "--config", str(configs)]) == 0
     rows = list(csv.reader((tmp_path / "b.csv").open()))
     assert len(rows) == 3
+
+
+def test_every_family_is_detected_and_has_one_adapter():
+    # The names are declared once (cdi.models.base.FamilyName); every table covers each of them.
+    from cdi.models.base import FAMILIES
+    from cdi.models.detect import FAMILY_COMPONENTS, PIPELINE_FAMILIES
+    from cdi.models.diffusers_base import DiffusersAdapter
+
+    def leaves(cls: type) -> set[type]:
+        subs = set(cls.__subclasses__())
+        return subs.union(*(leaves(s) for s in subs))
+
+    import importlib
+    import pkgutil
+
+    import cdi.models
+
+    for module in pkgutil.iter_modules(cdi.models.__path__, "cdi.models."):
+        importlib.import_module(module.name)
+    adapters = [c for c in leaves(DiffusersAdapter) if "family" in vars(c)]
+    assert sorted(c.family for c in adapters) == sorted(FAMILIES)
+    assert set(FAMILY_COMPONENTS) == set(PIPELINE_FAMILIES.values()) == set(FAMILIES)
