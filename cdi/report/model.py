@@ -225,7 +225,7 @@ class NegativeControl(_Model):
 
 
 class DirectionCheck(_Model):
-    """Do P's images look *less* like training data than U's? (method §7, ``cdi.audit.direction_check``)
+    """Do P's images look *less* like training data than U's? (method §7, ``cdi.controls.direction_check``)
 
     The scorer learns whatever separates P from U, so swapped sets, or a U holding training
     images, would otherwise read as "used". The check compares a fixed-direction index of the
