@@ -191,7 +191,7 @@ def plan_audit(
     """Plan an audit from pilot features of the tested columns (see the module docstring).
 
     ``features_p`` ``[n_p, k]``, ``features_u`` ``[n_u, k]``: the pilot's features, the layout
-    columns ``columns`` (those the audit's test sees: ``FeatureSet(...).columns``).
+    columns ``columns`` (those the audit's test sees: ``AuditOptions.tested_columns``).
     ``u_ratio``: U's size relative to P's in the planned audit (default: the pilot's). Raises
     :class:`InputError` for a pilot of fewer than 3 images per set or options out of range.
     """
@@ -236,9 +236,10 @@ def plan_from_report(document: object, **options: object) -> Plan:
 
     ``document``: a parsed :class:`cdi.report.model.Report` or its JSON data.
     """
-    from cdi.features.layout import FeatureSet
+    from cdi.features.layout import FEATURE_NAMES
     from cdi.report.model import Report, parse_report
 
     report = document if isinstance(document, Report) else parse_report(document)  # type: ignore[arg-type]
     xp, xu = report.used_features()
-    return plan_audit(xp, xu, FeatureSet(report.manifest.options.features).columns, **options)  # type: ignore[arg-type]
+    columns = [FEATURE_NAMES.index(n) for n in report.feature_layout.used]
+    return plan_audit(xp, xu, columns, **options)  # type: ignore[arg-type]

@@ -101,7 +101,7 @@ def recompute_report(report: Report) -> Recomputation:
     out = Recomputation()
     test = report.test
     opts = report.manifest.options
-    options = opts.protocol_options()
+    options = opts.protocol_options(report.feature_layout.used)
 
     # 1. From the scores alone.
     rebuilt = recompute(_scored_rows(report.images), test.protocol)
