@@ -335,7 +335,8 @@ def _client_call(fn: Any) -> Any:
 @_client_call
 def cmd_submit(args: argparse.Namespace) -> int:
     options = {"alpha": args.alpha, "protocol": args.protocol, "features": args.features, "seed": args.seed,
-               "precision": args.precision, "batch_size": args.batch_size, "callback_url": args.callback_url, "captions": args.captions, "labels": args.labels}
+               "precision": args.precision, "batch_size": args.batch_size, "callback_url": args.callback_url,
+               "captions": args.captions, "labels": args.labels}
     with _client(args) as client:
         if len(args.images) == 1:
             # A folder holding published/ and unpublished/ is zipped with both at the top.

@@ -54,8 +54,9 @@ class AuditOptionsForm(BaseModel):
                             "float32 on a CPU), `bf16` or `fp16`. Features computed at another precision are "
                             "cached apart.")
     batch_size: str | None = Field(
-        None, pattern=r"^(auto|[1-9][0-9]{0,2}|10[01][0-9]|102[0-4])$", description="Images per batch (1 to 1024), or `auto`: sized from the accelerator's free "
-                                         "memory (default: the deployment's).")
+        None, pattern=r"^(auto|[1-9][0-9]{0,2}|10[01][0-9]|102[0-4])$",
+        description="Images per batch (1 to 1024), or `auto`: sized from the accelerator's free memory (default: "
+                    "the deployment's).")
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds every random draw: the same seed, the same report.")
     sequential: bool = Field(
         _SEQUENTIAL.enabled,
@@ -115,8 +116,8 @@ def form_schema() -> dict[str, Any]:
     properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
     # The model first, then the images, then the options: the order a person fills them in.
     order = ["model", "reference_model", "archive", "published", "unpublished", "alpha", "protocol", "features",
-             "precision", "batch_size", "seed", "sequential", "looks", "spending", "futility", "captions", "labels", "callback_url",
-             "retain_images"]
+             "precision", "batch_size", "seed", "sequential", "looks", "spending", "futility", "captions", "labels",
+             "callback_url", "retain_images"]
     properties = {k: properties[k] for k in order if k in properties} | properties
     return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
             "required": ["model"],

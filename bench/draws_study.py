@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    print(f"{'model':20s} {'candidate':12s} {'passes':>6s} {'AUC':>6s} " + " ".join(f"{f'power n={n}':>11s}" for n in SIZES))
+    header = " ".join(f"{f'power n={n}':>11s}" for n in SIZES)
+    print(f"{'model':20s} {'candidate':12s} {'passes':>6s} {'AUC':>6s} {header}")
     for name in args.models:
         if time.perf_counter() - start > args.max_seconds:
             print(f"{name:20s} skipped: --max-seconds reached")

@@ -44,8 +44,8 @@ from cdi.features.config import FeatureConfig
 from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, member_candidates
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING, SequentialOptions
-from cdi.reads import DIRECTION_FEATURES, columns_read, tested_columns
 from cdi.planning import Plan, plan_audit
+from cdi.reads import DIRECTION_FEATURES, columns_read, tested_columns
 from cdi.sequential import SequentialResult, control_options, design, sequential_test
 from cdi.stats import (
     DEFAULT_ALPHA,

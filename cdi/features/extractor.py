@@ -18,7 +18,7 @@ from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
 from cdi.features.context import Batch, CallResult, FamilyRun, NoiseDraws, PassCounter
 from cdi.features.gradient_masking import gradient_masking
-from cdi.features.layout import FAMILY_COLUMNS, FEATURE_NAMES, FeatureSet
+from cdi.features.layout import FEATURE_NAMES, FeatureSet
 from cdi.features.loss import denoising_loss, multiple_loss
 from cdi.features.noise_optimisation import noise_optimisation, noise_optimisation_depth
 from cdi.features.passes import PRECISIONS, MemoryBudget, PassRunner, free_device_memory

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cdi import reads as cdi_reads
 from cdi.audit import AuditOptions, audit
 from cdi.features.layout import FEATURE_NAMES, FeatureSet
-from cdi import reads as cdi_reads
 from cdi.reads import DIRECTION_FEATURES, VERDICT_READS, Reads, columns_read, features_read
 
 LOW_T_ML = ("ml_t000", "ml_t100", "ml_t200", "ml_t300")
