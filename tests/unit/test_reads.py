@@ -116,8 +116,8 @@ def test_the_default_audit_gives_the_all_features_verdict_for_a_fifth_of_the_pas
     default = audit(p, u, "digits-memorised", options=AuditOptions(seed=3), feature_store=store)
     n = len(p) + len(u)
     read = default.options.columns
-    # 5 DL draws, PIA's 2 calls and ML at 4 timesteps; no gradient.
-    assert (default.forward_passes, default.backward_passes) == (11 * n, 0)
+    # 9 DL draws, PIA's 2 calls and ML at 4 timesteps; no gradient.
+    assert (default.forward_passes, default.backward_passes) == (15 * n, 0)
     for im in default.images_p + default.images_u:
         assert np.isfinite(im.features[read]).all()
         assert np.isnan(np.delete(im.features, read)).all()
@@ -129,12 +129,12 @@ def test_the_default_audit_gives_the_all_features_verdict_for_a_fifth_of_the_pas
         assert np.array_equal(a.features[read], b.features[read])
 
     # With the store: a later audit of all 26 computes only the 20 features the first left out,
-    # skipping the 11 passes per image of the stored six but for one: PIA's ε̂(z0, 0), which in
+    # skipping the 15 passes per image of the stored six but for one: PIA's ε̂(z0, 0), which in
     # a whole run also serves as SecMI's first step, is made again for SecMI.
     full = audit(p, u, "digits-memorised", options=AuditOptions(seed=3, features="all"),  # type: ignore[arg-type]
                  feature_store=store)
     assert full.cached_images == 0
-    assert full.forward_passes == fresh.forward_passes - 10 * n
+    assert full.forward_passes == fresh.forward_passes - 14 * n
     assert full.backward_passes == fresh.backward_passes
     assert (full.outcome, full.p_value) == (default.outcome, default.p_value)
     for a, b in zip(full.images_p + full.images_u, fresh.images_p + fresh.images_u, strict=True):
