@@ -12,7 +12,15 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, MAX_LOOKS, SequentialOptions
+from cdi.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_PROTOCOL,
+    MAX_ALPHA,
+    MAX_LOOKS,
+    Protocol,
+    SequentialOptions,
+    minimum_sizes,
+)
 
 __all__ = ["FEATURE_SETS", "PRECISIONS", "PROTOCOLS", "SPENDING_RULES", "AuditForm", "AuditOptionsForm",
            "FeatureSetName", "PrecisionName", "ProtocolName", "SpendingName", "form_schema"]
@@ -29,6 +37,18 @@ SpendingName = Literal["obrien-fleming", "pocock"]
 SPENDING_RULES: tuple[str, ...] = get_args(SpendingName)
 _SEQUENTIAL = SequentialOptions()
 
+
+def _minimum_sizes_sentence() -> str:
+    """The fewest images each protocol accepts, in words (the form's description of ``protocol``)."""
+    sizes = {p.value: minimum_sizes(p) for p in Protocol}
+    if len(set(sizes.values())) == 1:
+        s = next(iter(sizes.values()))
+        return (f"Every protocol needs at least {s.p} published and {s.u} unpublished images (the negative "
+                "control splits U into two halves).")
+    listed = "; ".join(f"`{name}`: {s.p} and {s.u}" for name, s in sizes.items())
+    return (f"The fewest published and unpublished images: {listed} (the negative control splits U into two "
+            "halves).")
+
 _BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
 
 
@@ -44,7 +64,7 @@ class AuditOptionsForm(BaseModel):
         description="`directional` (the default): the largest Welch t over the loss-type features, whose "
                     "direction the method fixes, with a permutation p-value resolved down to 1e-6; "
                     "`crossfit`: every image scored by a model that never saw it, permutation test; "
-                    "`reference`: the published method's split and Welch test.")
+                    "`reference`: the published method's split and Welch test. " + _minimum_sizes_sentence())
     features: FeatureSetName = Field(
         "verdict", description="`verdict` (the default): only the features the verdict reads (about a fifth of "
                                "the network passes of all 26, the same verdict); `all`: all 26 features, for "

@@ -2,7 +2,7 @@
 
 Every process of the service (API, worker, operator commands, embedded mode) builds its
 configuration from :class:`Settings`; the Celery configuration is derived from it too
-(:func:`worker.celery_app.make_celery`). Defaults give the embedded mode: SQLite, a broker
+(:func:`app.queue.make_celery`). Defaults give the embedded mode: SQLite, a broker
 in a SQLite file and blobs under ``CDI_DATA_DIR`` (``./.cdi``), so ``cdi serve`` needs no
 server and no configuration.
 """
@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cdi.runtime import DEFAULT_BATCH_SIZE
 
 Environment = Literal["development", "production", "test"]
 
@@ -64,7 +66,7 @@ class Settings(BaseSettings):
     worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
     #: torch device of the worker: "cpu", "cuda", "cuda:1", "auto" (cuda when available).
     worker_device: str = "auto"
-    worker_batch_size: int = Field(default=32, ge=1)
+    worker_batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     #: Images per shard: an audit with more images has its feature extraction split into
     #: shards that any worker can take (each a task of its own), then scored by one final task.
     #: The default keeps small audits to one task.
@@ -152,7 +154,7 @@ class Settings(BaseSettings):
         if self.blob_dir is None:
             self.blob_dir = data / "blobs"
         if self.blob_url:
-            from app.storage.blobs import parse_s3_url
+            from app.storage.s3url import parse_s3_url
 
             try:
                 parse_s3_url(self.blob_url)

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cdi.errors import CdiError, InputError
+from cdi.features.layout import FeatureSet
+from cdi.options import DEFAULT_ALPHA
+from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 
 
 class ProgressBar:
@@ -290,12 +293,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cdi.planning import plan_audit, plan_from_report
+    from cdi.planning import plan_audit
     from cdi.reads import columns_read, tested_columns
 
     options = {"alpha": args.alpha, "power": args.power, "u_ratio": args.u_ratio, "random_state": args.seed}
     if args.report:
-        from cdi.report import parse_report, read_document
+        from cdi.report import parse_report, plan_from_report, read_document
 
         plan = plan_from_report(parse_report(read_document(args.report)), **options)
     else:
@@ -410,7 +413,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_feature_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
 
@@ -429,15 +432,15 @@ def _batch_size(text: str) -> int | None:
 
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
-    from cdi.features.layout import FeatureSet
     from cdi.features.passes import PRECISIONS
 
     p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.VERDICT.value,
                    help="verdict: only the features the verdict reads (the default of cdi audit and cdi plan); "
                         "all: the 26 (the default of cdi features); "
                         "gradient-free: the families that need no gradient")
-    p.add_argument("--batch-size", type=_batch_size, default=32, metavar="N|auto",
-                   help="images per batch, or auto: sized from the accelerator's free memory (default 32)")
+    p.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE, metavar="N|auto",
+                   help=f"images per batch, or auto: sized from the accelerator's free memory "
+                        f"(default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="network passes' arithmetic: fp32 (default), auto (bfloat16 on CUDA), bf16 or fp16")
 
@@ -453,7 +456,7 @@ def _alpha(text: str) -> float:
 
 
 def _add_audit_options(p: argparse.ArgumentParser) -> None:
-    from cdi.options import DEFAULT_ALPHA, DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
+    from cdi.options import DEFAULT_PROTOCOL, MAX_ALPHA, Protocol
 
     p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
                    help=f"significance level, 0 < α < {MAX_ALPHA} (default {DEFAULT_ALPHA})")
@@ -504,10 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
     _add_feature_options(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
-    p.add_argument("--alpha", type=_alpha, default=0.01, help="significance level of the planned audit")
+    p.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA, help="significance level of the planned audit")
     p.add_argument("--power", type=float, default=0.9, help="power to plan for (default 0.9)")
     p.add_argument("--u-ratio", type=float, default=None,
                    help="unpublished images per published image in the planned audit (default: the pilot's)")

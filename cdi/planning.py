@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdi.errors import InputError
-from cdi.options import DEFAULT_ALPHA, MIN_DIRECTIONAL_SET, ProtocolOptions, check_alpha
+from cdi.options import DEFAULT_ALPHA, Protocol, ProtocolOptions, check_alpha, minimum_sizes
 
 __all__ = ["DEFAULT_POWER", "MAX_PLANNED_SET", "Plan", "plan_audit", "power_at"]
 
@@ -128,7 +128,10 @@ class _Power:
         return float((((self.z + shift) * scale).max(axis=1) >= critical).mean())
 
     def smallest(self, target: float, ratio: float) -> int | None:
-        lo, hi = MIN_DIRECTIONAL_SET, MIN_DIRECTIONAL_SET
+        # No fewer published images than an audit accepts, nor so few that U (ratio times as
+        # many) would be refused: the negative control splits U in two.
+        sizes = minimum_sizes(Protocol.DIRECTIONAL)
+        lo = hi = max(sizes.p, math.ceil(sizes.u / ratio))
         while self(hi, hi * ratio) < target:
             if hi >= MAX_PLANNED_SET:
                 return None
@@ -229,17 +232,3 @@ def plan_audit(
         effects=tuple((str(names[j]), float(delta[j])) for j in order[:5]),
         bootstraps=bootstraps,
     )
-
-
-def plan_from_report(document: object, **options: object) -> Plan:
-    """:func:`plan_audit` with an earlier report's images as the pilot (any verdict).
-
-    ``document``: a parsed :class:`cdi.report.model.Report` or its JSON data.
-    """
-    from cdi.features.layout import FEATURE_NAMES
-    from cdi.report.model import Report, parse_report
-
-    report = document if isinstance(document, Report) else parse_report(document)  # type: ignore[arg-type]
-    xp, xu = report.used_features()
-    columns = [FEATURE_NAMES.index(n) for n in report.feature_layout.used]
-    return plan_audit(xp, xu, columns, **options)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.models.base import DiffusionAdapter, ImageCondition
 from cdi.options import DEFAULT_PROTOCOL
 from cdi.reads import columns_read, family_columns, timesteps_of
+from cdi.runtime import DEFAULT_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,6 @@ class ExtractionResult:
     passes: PassCounter
 
 
-#: Images per batch on the CPU, and the first guess on an accelerator before its memory is known.
-DEFAULT_BATCH_SIZE = 32
 #: The largest batch the automatic size picks: past it, a batch gets no faster per image.
 MAX_AUTO_BATCH_SIZE = 256
 #: GM masks seen before the extractor may decide to isolate GM's gradient passes at once.

@@ -89,7 +89,8 @@ def subsampling_curve(
     draw reruns the permutation test); ``random_state`` to the audit's seed + 3.
     ``progress(done, total)`` is called after each run.
     """
-    from cdi.stats import minimum_set_size, run_test
+    from cdi.options import minimum_set_size
+    from cdi.stats import run_test
 
     test = report.test
     opts = report.manifest.options

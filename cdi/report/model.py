@@ -40,7 +40,8 @@ from cdi.report.errors import ReportFormatError
 
 if TYPE_CHECKING:
     from cdi.audit import AuditResult
-    from cdi.stats import ProtocolOptions, ProtocolResult
+    from cdi.options import ProtocolOptions
+    from cdi.stats import ProtocolResult
 
 __all__ = [
     "SCHEMA_ID",
@@ -442,8 +443,8 @@ class AuditOptionsRecord(_Model):
         by default those the options give.
         """
         from cdi.features.layout import FEATURE_NAMES, member_candidates
+        from cdi.options import ProtocolOptions
         from cdi.reads import tested_columns
-        from cdi.stats import ProtocolOptions
 
         columns = tested_columns(self) if used is None else [FEATURE_NAMES.index(n) for n in used]
         fields: dict[str, Any] = {

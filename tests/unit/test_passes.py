@@ -95,7 +95,8 @@ def test_gradient_passes_fit_the_memory_budget():
 
 
 def test_automatic_batch_size_follows_the_memory_budget_and_is_set_once():
-    from cdi.features.extractor import DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH_SIZE
+    from cdi.features.extractor import MAX_AUTO_BATCH_SIZE
+    from cdi.runtime import DEFAULT_BATCH_SIZE
 
     sizes, passes = [], []
     for budget in (1_500, 3_000, 10**9):
