@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from cdi.errors import MalformedModelError, ModelNotFoundError, UnsupportedModelError
-from cdi.models.loading import PICKLE_SUFFIXES, file_sha256, refuse_pickle
+from cdi.models.detect import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
+from cdi.models.loading import file_sha256, refuse_pickle
 
 ADAPTER_NAME = "cdi"
 _UP_KEYS = ("lora_B", "lora.up", "lora_up")
@@ -69,7 +70,7 @@ def _weight_file(path: Path, allow_pickle: bool) -> Path:
         weights = candidates[0]
     if weights.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise refuse_pickle([weights.name], f"LoRA {path}")
-    if weights.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+    if weights.suffix not in WEIGHT_SUFFIXES:
         raise MalformedModelError(f"LoRA {weights} is not a .safetensors file")
     return weights
 
@@ -215,9 +216,10 @@ def _lora_modules(state: dict[str, torch.Tensor], network: Any, denoiser: bool) 
         return set()
     if denoiser:
         if "lora_A" not in next(iter(state)):
-            state = convert_unet_state_dict_to_peft(dict(state))
+            state = convert_unet_state_dict_to_peft(dict(state))  # type: ignore[no-untyped-call]
     else:
-        state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state)))
+        diffusers_names = convert_state_dict_to_diffusers(dict(state))  # type: ignore[no-untyped-call]
+        state = convert_state_dict_to_peft(diffusers_names)  # type: ignore[no-untyped-call]
         if not hasattr(network, "text_model"):
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
     # A name diffusers does not convert to peft's is a weight no module receives.
