@@ -119,7 +119,7 @@ def decide(
 
     α is ``test.alpha``. The negative control must have run the same protocol as the test.
     ``reversal_p`` is the one-sided p-value of "P's loss-type features are higher than U's"
-    (see :func:`cdi.assess.direction_check`); ``None`` skips the direction check.
+    (see :func:`cdi.controls.direction_check`); ``None`` skips the direction check.
     ``calibrated`` is the difficulty-calibrated test (:func:`cdi.assess.calibrated_test`) and
     ``shift`` the shift control (:func:`cdi.calibration.shift_check`); ``None`` skips each.
     ``distribution`` ``None``: the distribution check did not run (it only ever vetoes a
