@@ -96,7 +96,7 @@ def calibrated_test(
     n_p, n = len(features_p), len(x)
 
     def statistic(is_p: np.ndarray) -> np.ndarray:
-        return calibrated_statistics(values, z, is_p, ridge).max(axis=1)
+        return np.asarray(calibrated_statistics(values, z, is_p, ridge).max(axis=1))
 
     _, seq = sequential_permutation_p_value(statistic, n, n_p, exceedances=options.exceedances,
                                             max_permutations=options.max_permutations, random_state=random_state)
@@ -126,7 +126,7 @@ def calibrate_on_u(values: np.ndarray, z: np.ndarray, n_p: int, ridge: float = D
     penalty[0, 0] = 0.0
     u = z1[n_p:]
     beta = np.linalg.solve(u.T @ u + ridge * (n - n_p) * penalty, u.T @ values[n_p:])
-    return values - z1 @ beta
+    return np.asarray(values - z1 @ beta)
 
 
 def assess(

@@ -151,7 +151,7 @@ def _design(descriptors: np.ndarray) -> np.ndarray:
         raise InputError("descriptors must be finite")
     sd = d.std(axis=0)
     keep = sd > 1e-12 * np.maximum(1.0, np.abs(d).max(axis=0))
-    return (d[:, keep] - d[:, keep].mean(axis=0)) / sd[keep]
+    return np.asarray((d[:, keep] - d[:, keep].mean(axis=0)) / sd[keep])
 
 
 def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.ndarray | None = None) -> np.ndarray:
@@ -165,11 +165,11 @@ def _fit(values: np.ndarray, descriptors: np.ndarray, ridge: float, rows: np.nda
     fit = np.ones(len(y), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
     mean = y[fit].mean(axis=0)
     if z.shape[1] == 0:
-        return np.broadcast_to(mean, y.shape).copy()
+        return np.asarray(np.broadcast_to(mean, y.shape).copy())
     zf = z[fit] - z[fit].mean(axis=0)
     gram = zf.T @ zf + ridge * len(zf) * np.eye(z.shape[1])
     beta = np.linalg.solve(gram, zf.T @ (y[fit] - mean))
-    return mean + (z - z[fit].mean(axis=0)) @ beta
+    return np.asarray(mean + (z - z[fit].mean(axis=0)) @ beta)
 
 
 def design_matrix(descriptors: np.ndarray) -> np.ndarray:
@@ -199,7 +199,7 @@ def calibrate(values: np.ndarray, descriptors: np.ndarray, ridge: float = DEFAUL
         raise InputError(f"{len(y)} rows of values but {len(descriptors)} of descriptors")
     if ridge <= 0 or not math.isfinite(ridge):
         raise InputError(f"ridge must be positive, got {ridge}")
-    return y - _fit(y, descriptors, ridge)
+    return np.asarray(y - _fit(y, descriptors, ridge))
 
 
 @dataclass(frozen=True)
@@ -365,7 +365,7 @@ def class_check(classes: Sequence[Any], n_p: int, random_state: int = 0,
         obs_p = is_p.astype(np.float64) @ onehot
         obs_u = total - obs_p
         exp_p, exp_u = k * total / n, (n - k) * total / n
-        return (((obs_p - exp_p) ** 2 / exp_p) + ((obs_u - exp_u) ** 2 / exp_u)).sum(axis=1)
+        return np.asarray((((obs_p - exp_p) ** 2 / exp_p) + ((obs_u - exp_u) ** 2 / exp_u)).sum(axis=1))
 
     rng = np.random.default_rng([random_state, 5])
     observed = float(chi2((np.arange(n) < n_p)[None, :])[0])
