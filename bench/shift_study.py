@@ -50,7 +50,8 @@ from cdi.controls import distribution_check, image_statistics
 from cdi.errors import InputError
 from cdi.features.layout import FeatureSet, member_candidates
 from cdi.images import to_model_array
-from cdi.stats import DEFAULT_EXCEEDANCES, ProtocolOptions, check_sizes
+from cdi.options import DEFAULT_EXCEEDANCES
+from cdi.stats import ProtocolOptions, check_sizes
 from cdi.verdict import DEFAULT_ALPHA_CONTROL, DEFAULT_AUC_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).parent))
