@@ -240,6 +240,8 @@ class ShiftCheckResult:
     candidate: int = 0
     class_p: float | None = None
     class_words: str | None = None
+    #: The seed of the permutations (the class check's too).
+    random_state: int = 0
 
     @property
     def descriptors_shifted(self) -> bool:
@@ -311,7 +313,8 @@ def shift_check(
             raise InputError(f"{len(classes)} classes for {n} images")
         class_p, class_words = class_check(classes, n_p, random_state)
     return ShiftCheckResult(t, p, alpha_shift, n_p, n - n_p, ridge,
-                            descriptor_differences(ys[:, best], d, n_p, ridge), best, class_p, class_words)
+                            descriptor_differences(ys[:, best], d, n_p, ridge), best, class_p, class_words,
+                            random_state)
 
 
 def _shift_statistics(y: np.ndarray, z: np.ndarray, is_p: np.ndarray, ridge: float,

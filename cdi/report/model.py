@@ -342,6 +342,7 @@ class ShiftControl(_Model):
     class_p: Probability | None = Field(default=None, description="class-conditional models: permutation p-value "
                                                                   "of \"P and U hold the same classes\"")
     class_words: str | None = None
+    random_state: Count = Field(default=0, description="seed of the permutations")
 
 
 class Controls(_Model):
@@ -903,6 +904,7 @@ def shift_control_record(shift: Any, verdict: Any, names: Sequence[str] = ()) ->
         words=shift.words(), fix=verdict.fix or "",
         candidate=names[shift.candidate] if shift.candidate < len(names) else None,
         class_p=None if shift.class_p is None else float(shift.class_p), class_words=shift.class_words,
+        random_state=int(shift.random_state),
     )
 
 

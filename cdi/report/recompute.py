@@ -210,7 +210,8 @@ def _calibration_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options:
         out.checks += _protocol_checks("calibrated test", recorded_cal, calibrated)
     if recorded_shift is not None:
         likeness = member_likeness(np.vstack([xp, xu]), options)
-        shift = shift_check(likeness, d, len(xp), alpha_shift=recorded_shift.alpha_shift, ridge=recorded_shift.ridge)
+        shift = shift_check(likeness, d, len(xp), alpha_shift=recorded_shift.alpha_shift, ridge=recorded_shift.ridge,
+                            random_state=recorded_shift.random_state)
         if recorded_shift.class_p is not None:  # the classes are not in the report
             shift = replace(shift, class_p=recorded_shift.class_p, class_words=recorded_shift.class_words)
             out.notes.append("the shift control's class check needs the images' classes: its p-value is taken "
