@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="20 audits per cell, 60 null, 30 positive")
     ap.add_argument("--no-exchangeable", action="store_true")
     ap.add_argument("--no-shift", action="store_true", help="only the exchangeable null and power")
+    ap.add_argument("--exchangeable-sizes", nargs="+", type=int, default=list(EXCHANGEABLE_SIZES),
+                    help="set sizes of the exchangeable null and power audits")
     ap.add_argument("--no-positive", action="store_true", help="skip the shift scenarios with members in P")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path(".cdi/shift-cache"))
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"inconcl {pcell.outcomes['inconclusive'] / pcell.runs:.2f}  raw {pcell.raw}  "
                       f"cal {pcell.calibrated}  alt-used {pcell.alternative_used}", flush=True)
         if not args.no_exchangeable:
-            ex = exchangeable(data, stats, list(EXCHANGEABLE_SIZES), args.null, args.positive, rng, args.veto_sample,
+            ex = exchangeable(data, stats, args.exchangeable_sizes, args.null, args.positive, rng, args.veto_sample,
                               conditional)
             for n in sorted(set(ex["null"]) | set(ex["positive"])):
                 cells = [ex[k].get(n) for k in ("null", "positive")]
