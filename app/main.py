@@ -14,9 +14,9 @@ from fastapi import Depends, FastAPI
 from app import __version__
 from app.api import errors
 from app.api.deps import no_unknown_query
-from app.api.routes import audits, callbacks, explain, health, models, plans, web
+from app.api.routes import audits, callbacks, explain, health, models, plans, retention, web
 from app.queue import AuditQueue, CeleryQueue
-from app.quotas import RateLimiter, UploadSlots
+from app.quotas import AddressThrottle, RateLimiter, UploadSlots, open_buckets
 from app.settings import Settings
 from app.spool import clean_spool
 from app.storage.blobs import open_blob_store
@@ -52,7 +52,12 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.state.session_factory = session_factory(settings.database_url)
     app.state.blobs = open_blob_store(settings)
     app.state.queue = queue
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    buckets = open_buckets(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, buckets=buckets)
+    # Added last, so it runs first: a request is counted against its address before any other
+    # work, authentication included.
+    app.add_middleware(AddressThrottle, limiter=RateLimiter(settings.address_rate_limit_per_minute,
+                                                            buckets=buckets, scope="address"))
     app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
     errors.install(app)
     app.include_router(health.router)
@@ -61,5 +66,6 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.include_router(models.router, prefix="/v1")
     app.include_router(plans.router, prefix="/v1")
     app.include_router(callbacks.router, prefix="/v1")
+    app.include_router(retention.router, prefix="/v1")
     web.install(app)
     return app
