@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -68,4 +69,33 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.include_router(callbacks.router, prefix="/v1")
     app.include_router(retention.router, prefix="/v1")
     web.install(app)
+    _describe_models(app)
     return app
+
+
+def _describe_models(app: FastAPI) -> None:
+    """The OpenAPI document names the model ids this deployment accepts (GET /v1/models) as the
+    submit form's enumeration, read from the registry on each request of the document (a model
+    registered since appears at once)."""
+    import copy
+
+    from app.registry import ModelRegistry
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = copy.deepcopy(build())
+        try:
+            with app.state.session_factory() as session:
+                ids = [m.id for m in ModelRegistry(session, app.state.settings).list()]
+        except Exception:  # the database is down: the document without the list
+            return schema
+        form = (schema.get("paths", {}).get("/v1/audits", {}).get("post", {}).get("requestBody", {})
+                .get("content", {}).get("multipart/form-data", {}).get("schema", {}))
+        for name in ("model", "reference_model"):
+            prop = form.get("properties", {}).get(name)
+            if prop is not None and ids:
+                prop["enum"] = ids
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

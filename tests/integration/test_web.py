@@ -280,3 +280,29 @@ def test_a_zip_with_a_refused_file_is_caught_before_upload(page: Any, site: dict
     error.wait_for(state="visible")
     assert "refuses" in error.inner_text()
     shot(page, "error-refused-zip")
+
+
+@pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", ".api-content h1")])
+def test_api_docs_render_under_their_policy_and_load_nothing_from_elsewhere(
+        browser: Any, site: dict[str, Any], path: str, ready: str) -> None:
+    import httpx
+
+    r = httpx.get(site["base"] + path, timeout=10)
+    csp = r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp and "unsafe-eval" not in csp
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    context = browser.new_context()  # the page's own policy applies
+    page = context.new_page()
+    requested: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda req: requested.append(req.url))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(site["base"] + path)
+        page.wait_for_selector(ready, timeout=60_000)
+        assert "CDI audit service" in page.inner_text(ready)
+    finally:
+        context.close()
+    assert not errors, errors
+    elsewhere = [u for u in requested if not u.startswith((site["base"], "data:", "blob:"))]
+    assert not elsewhere, elsewhere

@@ -35,8 +35,12 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from app.main import create_app
     from app.settings import Settings
 
+    from app.storage import migrate
+
     data = tmp_path_factory.mktemp("web")
-    with TestClient(create_app(Settings(data_dir=str(data)), queue=_Queue())) as c:
+    settings = Settings(data_dir=str(data))
+    migrate.upgrade(settings.database_url)
+    with TestClient(create_app(settings, queue=_Queue())) as c:
         yield c
 
 
@@ -71,11 +75,24 @@ def test_api_docs_are_served_without_a_cdn(client: Any, path: str) -> None:
         asset = client.get(url)
         assert asset.status_code == 200 and len(asset.content) > 1000, url
     assert client.get("/openapi.json").status_code == 200
+    # Its own policy: scripts from here or carrying this response's nonce, images only from here
+    # (ReDoc's sidebar logo from its CDN is refused), never framed.
+    csp = r.headers["content-security-policy"]
+    nonce = re.search(r"'nonce-([^']+)'", csp)
+    assert nonce is not None and "img-src 'self' data:;" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-eval" not in csp and "script-src 'self' 'nonce-" in csp
+    inline = re.findall(r"<script([^>]*)>(.*?)</script>", r.text, flags=re.S)
+    assert all(f'nonce="{nonce.group(1)}"' in attrs for attrs, body in inline if body.strip()), inline
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    assert client.get(path).headers["content-security-policy"] != csp  # a fresh nonce each time
 
 
 def test_the_submit_form_is_described_from_its_typed_model(client: Any) -> None:
     spec = client.get("/openapi.json").json()
     schema = spec["paths"]["/v1/audits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    # The typed form, with the registry's model ids as the models' enumeration.
+    for name in ("model", "reference_model"):
+        assert schema["properties"][name].pop("enum")
     assert schema == form_schema()
     props = schema["properties"]
     assert props["alpha"]["default"] == 0.01
@@ -153,3 +170,20 @@ def test_an_unknown_form_field_lists_the_known_ones(tmp_path: Path) -> None:
                               text_fields=TEXT_FIELDS, max_body_bytes=10_000))
     assert "'modle'" in info.value.message
     assert all(name in info.value.message for name in FILE_FIELDS | TEXT_FIELDS)
+
+
+def test_the_openapi_document_accepts_only_what_the_api_accepts(client: Any) -> None:
+    doc = client.get("/openapi.json").json()
+    form = doc["paths"]["/v1/audits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    # The model ids are the registry's (the shipped models here), not any string.
+    assert "digits-memorised" in form["properties"]["model"]["enum"]
+    assert form["properties"]["reference_model"]["enum"] == form["properties"]["model"]["enum"]
+    # A plan takes exactly one pilot.
+    assert doc["components"]["schemas"]["PlanRequest"]["oneOf"] == [{"required": ["audit_id"]},
+                                                                    {"required": ["report"]}]
+    # A cursor is this API's opaque token: the characters it is written in.
+    cursor = next(p for p in doc["paths"]["/v1/audits"]["get"]["parameters"] if p["name"] == "cursor")
+    pattern = cursor["schema"]["pattern"]
+    assert re.fullmatch(pattern, "MjAyNi0xMi0wN1QxMzoyNToz") and not re.fullmatch(pattern, "a b/c=")
+    # Over HTTP, a model is a directory on the host; hub ids go through the command line.
+    assert "hub_model_via_cli" in doc["components"]["schemas"]["RegisterModel"]["properties"]["source"]["description"]
