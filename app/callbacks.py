@@ -113,11 +113,11 @@ def check_url(url: str, allow: AllowList) -> None:
     # A resolver maps the host (IDNA: NFKC, the ideographic and full-width full stops) before
     # it reads it as a number: "①②⑦.0.0.1", "１２７.０.０.１" and "127。0。0。1" are 127.0.0.1.
     mapped = _as_resolved(host)
-    if mapped != host:
-        if mapped in _LOCAL_NAMES or mapped.endswith(".localhost") or numeric_host(mapped) is not None:
-            raise BadInput(f"callback_url's host {host!r} is an address or a local name written in other "
-                           f"characters ({mapped}); write a public host name or address in ASCII",
-                           E.INVALID_CALLBACK_URL)
+    if mapped != host and (mapped in _LOCAL_NAMES or mapped.endswith(".localhost")
+                           or numeric_host(mapped) is not None):
+        raise BadInput(f"callback_url's host {host!r} is an address or a local name written in other "
+                       f"characters ({mapped}); write a public host name or address in ASCII",
+                       E.INVALID_CALLBACK_URL)
     if host in _LOCAL_NAMES or host.endswith(".localhost"):
         raise BadInput(f"callback_url names this machine ({host}); callbacks go to public addresses only "
                        "(the operator can allow others with CDI_CALLBACK_ALLOW)", E.INVALID_CALLBACK_URL)

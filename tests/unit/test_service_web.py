@@ -34,7 +34,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     from app.main import create_app
     from app.settings import Settings
-
     from app.storage import migrate
 
     data = tmp_path_factory.mktemp("web")
