@@ -161,6 +161,8 @@ def summary(result: Any) -> str:
     ]
     n_dup = len(result.exclusion.p) + len(result.exclusion.u)
     lines.append(f"duplicates     {len(result.duplicates.groups)} group(s), {n_dup} image(s) excluded")
+    lines.append(f"features       {result.forward_passes} forward passes; {result.cached_images} image(s) "
+                 "read from the feature cache")
     if result.sequential is not None:
         lines.append(f"sequential     {sequential_summary(result)}")
     lines.append("")
@@ -220,12 +222,31 @@ def _audit_options(args: argparse.Namespace) -> Any:
     )
 
 
+def default_report_path(folder: Path | None = None) -> Path:
+    """Where ``cdi audit`` writes its report without ``--out``: ``report.json`` in the current
+    folder, or ``report-2.json``, ``report-3.json``... if that is taken (never overwritten)."""
+    folder = folder or Path.cwd()
+    path, n = folder / "report.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"report-{n}.json"
+    return path
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from cdi.audit import audit
     from cdi.conditions import read_conditions
 
     options = _audit_options(args)
     check_device(args.device)
+    if not args.out:
+        args.out = str(default_report_path())
+        print(f"the report will be written to {args.out} (choose with --out FILE)", file=sys.stderr)
+    store = None
+    if not args.no_cache:
+        from cdi.cache import LocalFeatureStore
+
+        store = LocalFeatureStore()
     # The key is read before any work, so that a bad key fails at once.
     signing_key = _signing_key(args.signing_key) if args.out or args.pdf else None
     published = _read_folder(args.published)
@@ -238,11 +259,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         reference_model=args.reference_model, reference_revision=args.reference_revision,
         allow_pickle=args.allow_pickle or None, config=args.config, reference_config=args.reference_config,
         captions=captions, labels=labels,  # type: ignore[arg-type]
-        options=options, progress=AuditProgress(),
+        options=options, progress=AuditProgress(), feature_store=store,
     )
     # The report first: a closed stdout (`| head`) must not lose an audit's result.
     _write_report(result, args, signing_key)
     print(summary(result))
+    if store is not None:
+        print(f"feature cache  {store.root} (--no-cache: neither read nor written)", file=sys.stderr)
     return 0
 
 
@@ -300,6 +323,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         if not (args.model and args.published and args.unpublished):
             raise InputError("give --report FILE, or --model with --published DIR and --unpublished DIR")
+        print("note: this extracts the pilot's features; a report of an audit of these images plans in "
+              "seconds: cdi plan --report report.json", file=sys.stderr)
         from cdi.features import FeatureExtractor
         from cdi.models import load_model
 
@@ -464,8 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("plan", help="how many images an audit needs, from a pilot or an earlier report")
-    p.add_argument("--report", help="an earlier report (JSON): its images are the pilot")
-    p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on")
+    p.add_argument("--report", help="an earlier report (JSON): its images are the pilot (seconds: nothing is "
+                                    "extracted)")
+    p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on "
+                                   "(minutes: prefer --report when an audit of the pilot exists)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--config", metavar="DIR", default=None,
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
@@ -489,7 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_options(p)
     p.add_argument("--published", required=True, help="folder of the published images (P)")
     p.add_argument("--unpublished", required=True, help="folder of the never-published images (U)")
-    p.add_argument("--out", help="JSON report to write")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON report to write (default: report.json in the current folder, or report-2.json... "
+                        "if taken)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the local feature cache (CDI_CACHE_DIR, default "
+                        "~/.cache/cdi/features): a repeat audit of the same images computes no feature otherwise")
     _add_report_options(p)
     p.set_defaults(func=cmd_audit)
 
