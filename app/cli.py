@@ -332,7 +332,9 @@ def status_line(status: dict[str, Any]) -> str:
     if p.get("total") and status["state"] not in ("done", "failed", "cancelled"):
         line += f"  {p.get('stage')}: {p.get('done')}/{p.get('total')}"
     if status.get("verdict"):
-        line += f"  verdict={status['verdict']} p={status.get('p_value')}"
+        from cdi.pvalue import format_p_value
+
+        line += f"  verdict={status['verdict']} p={format_p_value(status.get('p_value'))}"
     if status.get("error"):
         line += f"  error={status['error']['code']}: {status['error']['message']}"
     return line

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdi.errors import CdiError, InputError
+from cdi.pvalue import format_p_value
 
 
 class ProgressBar:
@@ -151,7 +152,7 @@ def summary(result: Any) -> str:
     t, v = result.test, result.verdict
     lines = [
         f"verdict        {v.outcome.value.upper()}",
-        f"p-value        {t.p_value:.3g} (α = {t.alpha}; {t.protocol.value} protocol, one-sided)",
+        f"p-value        {format_p_value(t.p_value)} (α = {t.alpha}; {t.protocol.value} protocol, one-sided)",
         f"statistic      Welch t = {t.statistic:.3f}" + (f", df = {t.df:.1f}" if t.df is not None else ""),
         f"effect         AUC {t.auc:.3f}, Cohen's d {t.cohens_d:.2f}",
         f"images         P = {t.n_p}, U = {t.n_u} (test: {t.n_test_p} + {t.n_test_u})",
@@ -353,7 +354,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trusted = load_public_key(args.public_key) if args.public_key else None
     v = verify_document(document, trusted)
     if v.report is not None:
-        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {v.report.p_value:.3g}")
+        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {format_p_value(v.report.p_value)}")
     if v.digest is not None:
         same = v.digest == v.computed_digest
         print(f"digest         {v.digest}  {'matches the content' if same else 'DOES NOT MATCH the content'}")
@@ -384,7 +385,7 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if result.ok:
-        print(f"recomputed: p-value {report.p_value:.6g} and verdict {report.verdict.upper()} reproduced exactly")
+        print(f"recomputed: p-value {format_p_value(report.p_value)} and verdict {report.verdict.upper()} reproduced exactly")
         return 0
     print(f"NOT REPRODUCED: {len(result.failures)} value(s) differ", file=sys.stderr)
     return 1

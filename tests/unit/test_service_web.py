@@ -186,3 +186,26 @@ def test_the_openapi_document_accepts_only_what_the_api_accepts(client: Any) -> 
     assert re.fullmatch(pattern, "MjAyNi0xMi0wN1QxMzoyNToz") and not re.fullmatch(pattern, "a b/c=")
     # Over HTTP, a model is a directory on the host; hub ids go through the command line.
     assert "hub_model_via_cli" in doc["components"]["schemas"]["RegisterModel"]["properties"]["source"]["description"]
+
+
+def test_the_page_writes_p_values_as_the_library_does() -> None:
+    """One p-value format: the page's formatP (app.js) is the library's format_p_value."""
+    import json
+    import shutil
+    import subprocess
+
+    from app.api.routes.web import WEB_DIR
+    from cdi.pvalue import format_p_value
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to run the page's formatter (apt-get install nodejs)")
+    source = (WEB_DIR / "app.js").read_text(encoding="utf-8")
+    fn = re.search(r"  function formatP\(p\) \{.*?\n  \}\n", source, flags=re.S)
+    assert fn is not None
+    values = [0.5, 0.0123, 0.001, 0.000999, 1e-06, 9.99999000001e-07, 0.000001, 1.23456e-12, 0.049999,
+              0.1, 1.0, 0.0001, 0.00012345, 2e-300]
+    script = fn.group(0) + f"console.log(JSON.stringify({json.dumps(values)}.map(formatP)));"
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert json.loads(out) == [format_p_value(v) for v in values]
+    assert format_p_value(9.99999000001e-07) == format_p_value(0.000001) == "1e-06"

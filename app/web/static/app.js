@@ -81,6 +81,22 @@
 
   // --- small helpers --------------------------------------------------------------------------
 
+  // A p-value for people, as everywhere else (cdi/pvalue.py): three significant digits,
+  // Python's "%.3g": 0.0123, 0.5, 1e-06.
+  function formatP(p) {
+    if (p === null || p === undefined || !Number.isFinite(Number(p))) return "—";
+    const x = Number(p);
+    if (x === 0) return "0";
+    const exp = Math.floor(Math.log10(Math.abs(Number(x.toPrecision(3)))));
+    if (exp < -4 || exp >= 3) {
+      const [mant, e] = x.toExponential(2).split("e");
+      const m = mant.includes(".") ? mant.replace(/0+$/, "").replace(/\.$/, "") : mant;
+      const n = Number(e);
+      return `${m}e${n < 0 ? "-" : "+"}${String(Math.abs(n)).padStart(2, "0")}`;
+    }
+    return String(Number(x.toPrecision(3)));
+  }
+
   function bytes(n) {
     if (!Number.isFinite(n)) return "size unknown";
     const units = ["bytes", "kB", "MB", "GB"];
@@ -600,7 +616,7 @@
         el("td", { class: a.state === "failed" ? "state-failed" : "" },
           a.state + (a.deleted_at ? " (deleted)" : a.images_deleted ? " (images deleted)" : "")),
         el("td", { class: a.verdict ? `verdict-${a.verdict}` : "" }, a.verdict ? a.verdict.replace("_", " ") : "—"),
-        el("td", {}, a.p_value === null || a.p_value === undefined ? "—" : String(Number(Number(a.p_value).toPrecision(3)))),
+        el("td", {}, formatP(a.p_value)),
         el("td", {}, el("span", { class: "actions" }, open, del))));
     }
     $("audits-table").hidden = body.children.length === 0;
