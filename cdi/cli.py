@@ -354,7 +354,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trusted = load_public_key(args.public_key) if args.public_key else None
     v = verify_document(document, trusted)
     if v.report is not None:
-        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {format_p_value(v.report.p_value)}")
+        p_text = format_p_value(v.report.p_value)
+        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {p_text}")
     if v.digest is not None:
         same = v.digest == v.computed_digest
         print(f"digest         {v.digest}  {'matches the content' if same else 'DOES NOT MATCH the content'}")
@@ -385,7 +386,8 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if result.ok:
-        print(f"recomputed: p-value {format_p_value(report.p_value)} and verdict {report.verdict.upper()} reproduced exactly")
+        print(f"recomputed: p-value {format_p_value(report.p_value)} and verdict {report.verdict.upper()} "
+              "reproduced exactly")
         return 0
     print(f"NOT REPRODUCED: {len(result.failures)} value(s) differ", file=sys.stderr)
     return 1
