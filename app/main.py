@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from app import __version__
 from app.api import errors
 from app.api.deps import no_unknown_query
-from app.api.routes import audits, callbacks, explain, health, models, plans, retention, web
+from app.api.routes import audits, callbacks, explain, health, models, plans, retention, rules, web
 from app.queue import AuditQueue, CeleryQueue
 from app.quotas import AddressThrottle, RateLimiter, UploadSlots, open_buckets
 from app.settings import Settings
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.include_router(plans.router, prefix="/v1")
     app.include_router(callbacks.router, prefix="/v1")
     app.include_router(retention.router, prefix="/v1")
+    app.include_router(rules.router, prefix="/v1")
     web.install(app)
     _describe_models(app)
     return app

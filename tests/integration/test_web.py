@@ -239,7 +239,10 @@ def test_too_few_images_and_a_corrupt_image_are_explained(page: Any, site: dict[
     page.get_by_role("button", name="Start the audit").click()
     error = page.locator("#submit-error")
     error.wait_for(state="visible")
-    assert "too_few_images" in error.inner_text() and "at least" in error.inner_text()
+    # Caught before anything is sent, by the service's own rule (GET /v1/upload-rules).
+    text = error.inner_text()
+    assert "needs at least 10 published images" in text and "would refuse" in text, text
+    assert "needs at least" in page.locator("#published-preview").inner_text()
     shot(page, "error-too-few")
 
     page.set_input_files("#published-folder", str(images["corrupt_p"]))
@@ -247,7 +250,7 @@ def test_too_few_images_and_a_corrupt_image_are_explained(page: Any, site: dict[
     page.wait_for_function("document.querySelector('#published-preview .count').textContent === '20 images'")
     page.get_by_role("button", name="Start the audit").click()
     page.wait_for_function("document.querySelector('#submit-error').innerText.includes('image')"
-                           " && !document.querySelector('#submit-error').innerText.includes('too_few')")
+                           " && !document.querySelector('#submit-error').innerText.includes('needs at least')")
     text = error.inner_text()
     assert sorted(images["corrupt_p"].glob("*.png"))[0].name in text, text
     assert "image_corrupt" in text or "not_an_image" in text, text

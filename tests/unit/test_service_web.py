@@ -209,3 +209,101 @@ def test_the_page_writes_p_values_as_the_library_does() -> None:
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
     assert json.loads(out) == [format_p_value(v) for v in values]
     assert format_p_value(9.99999000001e-07) == format_p_value(0.000001) == "1e-06"
+
+
+def test_the_pages_preview_refuses_what_the_service_refuses(tmp_path: Path) -> None:
+    """The preview (zip.js, run by node) and the service (app.uploads) judge the same zip members
+    alike, from one set of rules (GET /v1/upload-rules): a text file named fake.png, an SVG
+    named .png, a '..' path and a non-image suffix are refused by both; real images pass both."""
+    import io
+    import json
+    import shutil
+    import subprocess
+    import zipfile
+
+    from PIL import Image
+
+    from app.api.routes.web import WEB_DIR
+    from app.errors import ServiceError
+    from app.settings import Settings
+    from app.uploads import stage_upload, upload_rules
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to run the page's preview code (apt-get install nodejs)")
+
+    def png(shade: int, fmt: str = "PNG") -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (8, 8), color=shade).save(buf, format=fmt)
+        return buf.getvalue()
+
+    good = {f"ok{i}.png": png(i) for i in range(12)} | {"photo.jpg": png(200, "JPEG"), "scan.bmp": png(90, "BMP")}
+    bad = {"fake.png": b"this is a text file, not a picture" * 4,
+           "drawing.png": b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>',
+           "../escape.png": png(7), "notes.txt": b"where these come from"}
+
+    def zip_of(members: dict[str, bytes], method: int) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, data in members.items():
+                info = zipfile.ZipInfo(f"published/{name}" if not name.startswith("..") else name)
+                info.compress_type = method
+                zf.writestr(info, data)
+        return buf.getvalue()
+
+    script = (WEB_DIR / "zip.js").read_text(encoding="utf-8") + """
+    const [rules, zips] = JSON.parse(require("fs").readFileSync(0, "utf8"));
+    CdiZip.setRules(rules);
+    (async () => {
+      const out = [];
+      for (const b64 of zips) {
+        const file = new File([Buffer.from(b64, "base64")], "published.zip");
+        const members = CdiZip.stripTop(await CdiZip.listZip(file), "published");
+        const sorted = await CdiZip.sniff(CdiZip.sortFiles(members), (e) => CdiZip.memberHead(file, e));
+        out.push({images: sorted.images.map((e) => e.path), refused: sorted.refused.map((r) => r.path)});
+      }
+      console.log(JSON.stringify(out));
+    })();
+    """
+    import base64
+
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        zips = [zip_of(good | bad, method)] + [zip_of(good | {name: data}, method) for name, data in bad.items()]
+        stdin = json.dumps([upload_rules(), [base64.b64encode(z).decode() for z in zips]])
+        done = subprocess.run([node, "-e", script], input=stdin, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        judged = json.loads(done.stdout)
+        # The page: every good image accepted, every bad member refused.
+        assert sorted(r.removeprefix("published/") for r in judged[0]["images"]) == sorted(good)
+        assert sorted(r.removeprefix("published/") for r in judged[0]["refused"]) == sorted(bad)
+        # The service: the good images alone pass; each bad member alone is refused.
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        unpublished = tmp_path / "u.zip"
+        unpublished.write_bytes(zip_of({f"u{i}.png": png(100 + i) for i in range(20)}, method))
+        cases = [(None, judged[0], zip_of(good, method)),
+                 *((n, j, z) for n, j, z in zip(bad, judged[1:], zips[1:], strict=True))]
+        for name, page_view, data in cases:
+            archive = tmp_path / "p.zip"
+            archive.write_bytes(data)
+            sets = {"published": archive, "unpublished": unpublished}
+            if name is None:
+                stage_upload(sets, settings, protocol="directional").cleanup()
+                continue
+            assert page_view["refused"], name
+            with pytest.raises(ServiceError):
+                stage_upload(sets, settings, protocol="directional").cleanup()
+
+
+def test_the_upload_rules_state_the_librarys_sample_size_rule(client: Any) -> None:
+    from cdi.errors import InputError
+    from cdi.stats import check_sizes
+
+    rules = client.get("/v1/upload-rules").json()  # no key needed
+    for protocol, least in rules["minimum_images"].items():
+        check_sizes(least["published"], least["unpublished"], protocol)
+        fewer = ((least["published"] - 1, least["unpublished"]), (least["published"], least["unpublished"] - 1))
+        for n_p, n_u in fewer:
+            with pytest.raises(InputError):
+                check_sizes(n_p, n_u, protocol)
+    assert ".png" in rules["image_suffixes"] and {"format": "PNG", "bytes": [
+        {"offset": 0, "hex": "89504e470d0a1a0a"}]} in rules["image_signatures"]

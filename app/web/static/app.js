@@ -280,13 +280,36 @@
 
   // --- the two sets of images ---------------------------------------------------------------------
 
+  // The service's own rules on uploads (app/uploads.py, GET /v1/upload-rules): the preview
+  // refuses exactly what the service would.
+  let rulesLoaded = null;
+  function loadRules() {
+    if (!rulesLoaded) {
+      rulesLoaded = fetch("/v1/upload-rules").then(async (r) => {
+        if (!r.ok) throw new Error(`the service's upload rules could not be read (HTTP ${r.status})`);
+        const rules = await r.json();
+        CdiZip.setRules(rules);
+        state.rules = rules;
+      }).catch((err) => { rulesLoaded = null; throw err; });
+    }
+    return rulesLoaded;
+  }
+
   async function setFolder(role, files) {
+    try {
+      await loadRules();
+    } catch (err) {
+      state.sets[role] = { kind: "folder", images: [], refused: [], skipped: 0, bytes: 0, blocking: true,
+        error: err.message };
+      preview(role);
+      return;
+    }
     // Each file's path inside the chosen folder (the folder's own name dropped).
     const entries = files.map((f) => {
       const rel = (f.relPath || f.webkitRelativePath || f.name).split("/");
       return { path: rel.length > 1 ? rel.slice(1).join("/") : rel[0], size: f.size, file: f };
     });
-    const sorted = CdiZip.sortFiles(entries);
+    const sorted = await CdiZip.sniff(CdiZip.sortFiles(entries), (e) => CdiZip.fileHead(e.file));
     state.sets[role] = { kind: "folder", ...sorted, blocking: false,
       bytes: sorted.images.reduce((s, e) => s + e.size, 0) };
     preview(role);
@@ -294,9 +317,10 @@
 
   async function setZip(role, file) {
     try {
+      await loadRules();
       const members = await CdiZip.listZip(file);
       const stripped = CdiZip.stripTop(members, role);
-      const sorted = CdiZip.sortFiles(stripped);
+      const sorted = await CdiZip.sniff(CdiZip.sortFiles(stripped), (e) => CdiZip.memberHead(file, e));
       for (const m of stripped) if (m.encrypted) sorted.refused.push({ path: m.path, reason: "encrypted" });
       state.sets[role] = { kind: "zip", file, ...sorted, blocking: sorted.refused.length > 0,
         bytes: sorted.images.reduce((s, e) => s + e.size, 0) };
@@ -329,7 +353,22 @@
       box.append(list);
     }
     if (!s.images.length && !s.refused.length) box.append(el("p", { class: "refused" }, "No images found."));
+    const few = tooFew(role);
+    if (few) box.append(el("p", { class: "refused" }, few));
   }
+
+  /* The service's sample-size rule for the chosen protocol, or null when the set is large enough. */
+  function tooFew(role) {
+    const s = state.sets[role];
+    const protocol = $("protocol").value || "directional";
+    const minimum = state.rules && state.rules.minimum_images[protocol];
+    if (!s || !minimum || !s.images.length || s.images.length >= minimum[role]) return null;
+    return `The ${protocol} protocol needs at least ${minimum[role]} ${role} images; this set has `
+      + `${s.images.length}. The service would refuse it.`;
+  }
+  $("protocol").addEventListener("change", () => {
+    for (const role of ["published", "unpublished"]) if (state.sets[role]) preview(role);
+  });
 
   async function filesOfEntry(entry, prefix) {
     if (entry.isFile) {
@@ -395,6 +434,7 @@
       else if (s.error) problems.push(`The ${label}: ${s.error}`);
       else if (s.blocking) problems.push(`The zip of the ${label} holds files the service refuses (listed above).`);
       else if (!s.images.length) problems.push(`There are no images in the ${label}.`);
+      else if (tooFew(role)) problems.push(tooFew(role));
     }
     if (!$("model").value) problems.push("Choose a model.");
     if (problems.length) {
@@ -557,6 +597,9 @@
   }
 
   async function loadFigure(img, url) {
+    // Shown once drawn: an image with no picture yet would flash as a broken one.
+    img.hidden = true;
+    img.addEventListener("load", () => { img.hidden = false; }, { once: true });
     try {
       const response = await api("GET", url, { raw: true });
       img.src = URL.createObjectURL(await response.blob());
