@@ -141,3 +141,41 @@ def test_tenants_take_turns_and_see_nothing_of_each_other(
     assert _features(migrated, alice.id, shas) == 0 and _features(migrated, bob.id, shas) == 30
     again = service.client.get(f"/v1/audits/{b_id}/report", headers=service.headers(bob))  # type: ignore[attr-defined]
     assert again.status_code == 200 and again.json() == b_report
+
+
+def test_the_turn_goes_round_robin_to_the_least_served_tenant(migrated: str) -> None:
+    """app.scheduler's order on the database alone: fewest running first, then least recently
+    served, then each tenant's oldest audit; running, leased and deleted audits are not offered."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.scheduler import fair_choice, next_audits
+    from app.storage.models import utcnow
+    from app.storage.repositories import AuditRepository
+
+    a, b, c = (make_tenant(migrated, n) for n in ("turn-a", "turn-b", "turn-c"))
+    now = utcnow()
+
+    def audit(tenant: Any, minutes_ago: float, **values: Any) -> uuid.UUID:
+        with session_scope(migrated) as s:
+            row = AuditRepository(s).create(tenant_id=tenant.id, model_id="m", model_source="m", model_revision=None,
+                                            options={}, callback_url=None, images=[])
+            s.execute(update(Audit).where(Audit.id == row.id).values(
+                created_at=now - timedelta(minutes=minutes_ago), **values))
+            return row.id
+
+    a_queued = [audit(a, 50 - i) for i in range(4)]
+    audit(a, 60, state="extracting", started_at=now - timedelta(minutes=1))  # A has one running
+    b_queued = [audit(b, 30), audit(b, 20)]
+    audit(b, 70, state="done", started_at=now - timedelta(minutes=40))  # B last served 40 min ago
+    c_queued = [audit(c, 10)]  # C never served
+    audit(c, 5, deleted_at=now)  # deleted: never offered
+    audit(c, 4, lease_owner="w", lease_expires_at=now + timedelta(minutes=5))  # held by a worker
+    ours = set(a_queued + b_queued + c_queued)
+    with session_scope(migrated) as s:
+        order = [x for x in next_audits(s, limit=1000) if x in ours]
+        # C (never served) and B (none running) before A (one running); round-robin after that.
+        assert order == [c_queued[0], b_queued[0], a_queued[0], b_queued[1], a_queued[1], a_queued[2], a_queued[3]]
+        assert fair_choice(s, a_queued[3])[0] != a_queued[3]
+        assert fair_choice(s, uuid.uuid4()) == []
