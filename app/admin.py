@@ -67,8 +67,7 @@ def ensure_database(settings: Any) -> str | None:
 
 
 def _queue(settings: Any) -> Any:
-    from app.queue import CeleryQueue
-    from worker.celery_app import make_celery
+    from app.queue import CeleryQueue, make_celery
 
     return CeleryQueue(make_celery(settings), settings.audit_queue, settings.callback_queue)
 

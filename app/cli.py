@@ -100,9 +100,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure(settings.log_format, settings.log_level)
-    from worker.celery_app import celery
+    from app.queue import make_celery
 
-    celery.worker_main(worker_argv(settings, queues=args.queues, concurrency=args.concurrency,
+    # The application names worker.tasks by name (``include``); the worker imports it.
+    make_celery(settings).worker_main(worker_argv(settings, queues=args.queues, concurrency=args.concurrency,
                                    pool=args.pool, loglevel=args.loglevel, hostname=args.hostname))
     return 0
 

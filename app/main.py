@@ -16,7 +16,7 @@ from app import __version__
 from app.api import errors
 from app.api.deps import no_unknown_query
 from app.api.routes import audits, callbacks, explain, health, models, plans, retention, rules, web
-from app.queue import AuditQueue, CeleryQueue
+from app.queue import AuditQueue, CeleryQueue, make_celery
 from app.quotas import AddressThrottle, RateLimiter, UploadSlots, open_buckets
 from app.settings import Settings
 from app.spool import clean_spool
@@ -27,8 +27,6 @@ from app.storage.db import session_factory
 def create_app(settings: Settings | None = None, queue: AuditQueue | None = None) -> FastAPI:
     settings = settings or Settings()
     if queue is None:
-        from worker.celery_app import make_celery
-
         queue = CeleryQueue(make_celery(settings), settings.audit_queue, settings.callback_queue)
 
     @asynccontextmanager

@@ -2,7 +2,7 @@
 
 Every process of the service (API, worker, operator commands, embedded mode) builds its
 configuration from :class:`Settings`; the Celery configuration is derived from it too
-(:func:`worker.celery_app.make_celery`). Defaults give the embedded mode: SQLite, a broker
+(:func:`app.queue.make_celery`). Defaults give the embedded mode: SQLite, a broker
 in a SQLite file and blobs under ``CDI_DATA_DIR`` (``./.cdi``), so ``cdi serve`` needs no
 server and no configuration.
 """
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         if self.blob_dir is None:
             self.blob_dir = data / "blobs"
         if self.blob_url:
-            from app.storage.blobs import parse_s3_url
+            from app.storage.s3url import parse_s3_url
 
             try:
                 parse_s3_url(self.blob_url)

@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     import redis
     from sqlalchemy import text
 
-    from app.queue import CeleryQueue
+    from app.queue import CeleryQueue, make_celery
     from app.settings import Settings
     from app.storage import migrate
     from app.storage.blobs import open_blob_store
     from app.storage.db import engine_for, session_scope
     from app.storage.repositories import AuditRepository, TenantRepository
     from cdi import zoo
-    from worker.celery_app import make_celery
 
     tmp = Path(tempfile.mkdtemp(prefix="cdi-bench-shards-"))
     name = f"cdi_bench_{uuid.uuid4().hex[:10]}"

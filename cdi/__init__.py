@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cdi.provenance import __version__
 
 __all__ = ["__version__", "extract_features", "load_model", "recompute", "run_audit", "save_report", "verify"]
 

@@ -1,37 +1,46 @@
 """One audit, end to end: two image sets and a model in, a verdict out (method §2).
 
-Stages, each reported to the ``progress`` callback:
+:func:`audit` is a pipeline of steps, each a function of typed inputs that returns a frozen
+value (no step reads another's state):
 
-1. ``validating``: options, every image decoded, captions or labels matched, duplicates
-   found and excluded, set sizes checked — all before any model weight is loaded;
-2. ``extracting``: features of every image (from the feature store when it has them,
-   stored there batch by batch as they are computed, so a killed run resumes);
-3. ``scoring`` and ``testing``: the protocol on P against U, the negative control on U's
-   halves, the model-free distribution check;
-4. the verdict.
+1. :func:`validate_step` → :class:`Validated`: options, set sizes, the models' conditioning,
+   every image decoded, captions or labels matched, duplicates found and excluded — all
+   before any model weight is loaded (progress stage ``validating``);
+2. :func:`load_step` → :class:`Models`: the audited model and the optional reference;
+3. :func:`extract_step` → :class:`Features`: features of every image (from the feature store
+   when it has them, stored there batch by batch as they are computed, so a killed run
+   resumes; stage ``extracting``);
+4. :func:`test_step` → :class:`~cdi.stats.ProtocolResult`: the protocol on P against U
+   (stage ``scoring``);
+5. :func:`controls_step` → :class:`Controls`: the negative control on U's halves, the
+   model-free distribution check, the direction check (stage ``testing``);
+6. :func:`verdict_step` → :class:`~cdi.verdict.Verdict` (and :func:`plan_step` for a
+   ``not_detected`` one);
+7. :func:`result_step` → :class:`AuditResult`.
 
-torch is imported only when features must be computed.
+A sequential audit runs steps 3 to 5 look by look (:class:`_Looks`) until a look stops it.
+:func:`extract_shard` runs steps 2 and 3 on a part of the images. torch is imported only
+when features must be computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from cdi import __version__
 from cdi.controls import (
     DEFAULT_DIFFERENCE_THRESHOLD,
     DistributionCheckResult,
     DuplicateReport,
     Exclusion,
     NegativeControlResult,
+    direction_check,
     distribution_check,
     duplicates_to_exclude,
     find_duplicates,
@@ -45,7 +54,8 @@ from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, FeatureSet, membe
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.options import DEFAULT_LOOKS, DEFAULT_SPENDING, SequentialOptions
 from cdi.planning import Plan, plan_audit
-from cdi.sequential import SequentialResult, control_options, design, sequential_test
+from cdi.provenance import versions
+from cdi.sequential import SequentialDesign, SequentialResult, control_options, design, sequential_test
 from cdi.stats import (
     DEFAULT_ALPHA,
     DEFAULT_EXCEEDANCES,
@@ -59,10 +69,9 @@ from cdi.stats import (
     check_alpha,
     check_sizes,
     run_test,
-    welch_greater,
 )
 from cdi.stats import Protocol as TestProtocol
-from cdi.verdict import Verdict, decide
+from cdi.verdict import Outcome, Verdict, decide
 
 if TYPE_CHECKING:
     from cdi.models.base import DiffusionAdapter
@@ -200,10 +209,6 @@ class AuditResult:
     def p_value(self) -> float:
         return self.test.p_value
 
-    def to_dict(self) -> dict[str, Any]:
-        """The sealed report (schema ``cdi-report/1``) as JSON data; ``verdict`` and ``p_value`` at the top."""
-        return result_to_dict(self)
-
 
 def feature_key(model_digest: str, options: AuditOptions) -> str:
     """The identity of a set of stored features: model weights, layout, parameters, seed."""
@@ -218,7 +223,7 @@ def feature_key(model_digest: str, options: AuditOptions) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Prepared:
     files: list[ImageFile]
     set_names: list[str]
@@ -364,25 +369,6 @@ def _extract(
     return features, cached, extractor.passes.forward, extractor.passes.backward
 
 
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
-
-
-def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
-    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
-
-    The index is the mean of the pooled-standardised loss-type features; its direction is
-    fixed by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
-    """
-    cols = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
-    x = np.vstack([features_p[:, cols], features_u[:, cols]])
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    index = z.mean(axis=1)
-    n_p = len(features_p)
-    return float(welch_greater(index[:n_p], index[n_p:]).p_value)
-
-
 #: What the report says about each mode (method §10.2).
 CALIBRATION_NOTES = {
     "uncalibrated": "features of the audited model alone: an image's loss mixes how hard the image is for any "
@@ -478,16 +464,325 @@ def model_record(adapter: DiffusionAdapter, opts: AuditOptions, name: str | None
     }
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+# --- the pipeline: validate → load → extract → test → controls → verdict → result --------------
+# A study that has feature matrices already runs test → controls → verdict alone.
 
-    out = {"cdi-audit": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "scikit-learn", "scipy", "numpy", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to audit (or to calibrate with): a reference to load or an already loaded adapter.
+
+    ``model``: a model directory, hub id or shipped model name, or an adapter; ``config``: the
+    diffusers configs of a single-file checkpoint; ``lora`` (and its ``lora_scale``) is loaded
+    onto it; ``name`` names it in the report.
+    """
+
+    model: str | DiffusionAdapter
+    revision: str | None = None
+    config: str | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
+    name: str | None = None
+
+    def conditioning(self) -> str:
+        """``"class"``, ``"text"`` or ``"none"``, read from the model's configs (no weight is loaded)."""
+        if not isinstance(self.model, str):
+            return str(self.model.conditioning)
+        from cdi.models.detect import detect_family
+
+        return detect_family(self.model, self.revision, self.config).conditioning
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The validate step's output: the images to extract (in the audit's order), the duplicates."""
+
+    prepared: _Prepared
+    duplicates: DuplicateReport
+    exclusion: Exclusion
+
+
+@dataclass(frozen=True)
+class Models:
+    """The load step's output: the audited model and the optional reference, with their feature keys."""
+
+    adapter: DiffusionAdapter
+    key: str
+    reference: DiffusionAdapter | None = None
+    reference_key: str | None = None
+
+    @property
+    def passes(self) -> int:
+        """How many times each image goes through a model: twice with a reference."""
+        return 1 if self.reference is None else 2
+
+
+@dataclass(frozen=True)
+class Features:
+    """The extract step's output: features ``[n, 26]`` (NaN where not extracted) and their cost.
+
+    For a reference-calibrated audit, the audited model's features minus the reference's.
+    """
+
+    values: np.ndarray
+    cached: int = 0
+    forward: int = 0
+    backward: int = 0
+
+    def updated(self, new: Features, rows: Sequence[int]) -> Features:
+        """These features with ``rows`` taken from ``new``, the costs added up."""
+        values = self.values.copy()
+        values[list(rows)] = new.values[list(rows)]
+        return Features(values, self.cached + new.cached, self.forward + new.forward, self.backward + new.backward)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The controls step's output: the negative control, the distribution and direction checks."""
+
+    negative_control: NegativeControlResult
+    distribution: DistributionCheckResult
+    reversal_p: float
+
+
+@dataclass(frozen=True)
+class Tested:
+    """What the test, controls and verdict steps concluded, on the first ``n_p`` + ``n_u`` images."""
+
+    features: Features
+    n_p: int
+    n_u: int
+    test: ProtocolResult
+    controls: Controls
+    verdict: Verdict
+    sequential: SequentialResult | None = None
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _reporter(progress: Callable[[Progress], None] | None) -> ProgressFn:
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(stage, done, total))
+
+    return report
+
+
+_T = TypeVar("_T")
+
+
+def _timed(step: Callable[[], _T]) -> tuple[_T, float]:
+    start = time.perf_counter()
+    out = step()
+    return out, time.perf_counter() - start
+
+
+def validate_step(
+    published: Sequence[ImageFile], unpublished: Sequence[ImageFile], target: ModelSpec,
+    reference: ModelSpec | None, captions: Mapping[str, Any] | None, labels: Mapping[str, Any] | None,
+    options: AuditOptions, report: ProgressFn,
+) -> Validated:
+    """Check everything about the input before any weight is loaded: set sizes, the models'
+    conditioning, names, captions or labels, every image decoded; find the duplicates."""
+    # Sizes first: a too-small audit fails before any model file is even read.
+    check_sizes(len(published), len(unpublished), options.protocol, options.protocol_options)
+    conditioning = target.conditioning()
+    if reference is not None:
+        ref_conditioning = reference.conditioning()
+        if ref_conditioning != conditioning:
+            raise InputError(f"the reference model's conditioning is {ref_conditioning}, the audited model's "
+                             f"{conditioning}: a reference must take the same inputs")
+    prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, options, report)
+    if options.sequential:
+        prepared = _round_order(prepared, options.seed)
+    return Validated(prepared, dups, excl)
+
+
+def load_step(target: ModelSpec, reference: ModelSpec | None, options: AuditOptions,
+              allow_pickle: bool | None) -> Models:
+    """Load the audited model (and the reference, checked to calibrate it)."""
+    adapter = _load(target.model, target.revision, options, target.lora, target.lora_scale, allow_pickle,
+                    target.config)
+    if reference is None:
+        return Models(adapter, feature_key(adapter.identity.digest, options))
+    ref = _load(reference.model, reference.revision, options, None, 1.0, allow_pickle, reference.config)
+    check_reference(adapter, ref)
+    return Models(adapter, feature_key(adapter.identity.digest, options), ref,
+                  feature_key(ref.identity.digest, options))
+
+
+def extract_step(models: Models, prepared: _Prepared, options: AuditOptions, store: FeatureStore | None,
+                 rows: Sequence[int], report: ProgressFn, done: int = 0) -> Features:
+    """The features of ``rows`` (indices into ``prepared``; NaN elsewhere), from ``store``
+    where it has them. Progress counts ``done`` images already extracted before these."""
+    total = models.passes * len(prepared.files)
+
+    def stage(offset: int) -> ProgressFn:
+        return lambda name, n, _total: report(name, offset + n, total)
+
+    raw, cached, fwd, bwd = _extract(models.adapter, prepared, options, models.key, store, stage(done), rows)
+    if models.reference is not None:
+        # Each model's raw features are stored under its own key; only their difference is
+        # tested. The same seed and image hashes give the same per-image noise (§10.2).
+        assert models.reference_key is not None
+        ref_raw, ref_cached, ref_fwd, ref_bwd = _extract(
+            models.reference, prepared, options, models.reference_key, store, stage(done + len(rows)), rows)
+        raw = raw - ref_raw
+        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
+    return Features(raw, cached, fwd, bwd)
+
+
+def test_step(xp: np.ndarray, xu: np.ndarray, options: AuditOptions) -> ProtocolResult:
+    """The audit's test of P ``[n_p, f]`` against U ``[n_u, f]`` (the tested columns only)."""
+    return run_test(xp, xu, options.protocol, options.protocol_options, alpha=options.alpha,
+                    random_state=options.seed)
+
+
+def controls_step(features_p: np.ndarray, features_u: np.ndarray, stats_p: np.ndarray, stats_u: np.ndarray,
+                  options: AuditOptions, protocol_options: ProtocolOptions) -> Controls:
+    """The negative control (U's halves, ``protocol_options``), the model-free distribution
+    check (image statistics ``stats_*``) and the direction check, on full feature rows ``[n, 26]``."""
+    control = negative_control(features_u[:, options.features.columns], options.protocol, protocol_options,
+                               alpha=options.alpha, random_state=options.seed + 1)
+    dist = distribution_check(stats_p, stats_u, random_state=options.seed + 2)
+    return Controls(control, dist, direction_check(features_p, features_u))
+
+
+def verdict_step(test: ProtocolResult, controls: Controls) -> Verdict:
+    """The verdict from the test and its controls (:func:`cdi.verdict.decide`)."""
+    return decide(test, controls.negative_control, controls.distribution, reversal_p=controls.reversal_p)
+
+
+def _set_rows(prepared: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+    is_p = np.array([s == "P" for s in prepared.set_names], dtype=bool)
+    return np.flatnonzero(is_p), np.flatnonzero(~is_p)
+
+
+def _fixed(models: Models, prepared: _Prepared, options: AuditOptions, store: FeatureStore | None,
+           report: ProgressFn) -> tuple[Tested, dict[str, float]]:
+    """Extract every image, then test, control and decide once."""
+    p_rows, u_rows = _set_rows(prepared)
+    cols = options.features.columns
+    features, extracting = _timed(
+        lambda: extract_step(models, prepared, options, store, range(len(prepared.files)), report))
+    report("scoring", 0, 1)
+    x = features.values
+    test, scoring = _timed(lambda: test_step(x[p_rows][:, cols], x[u_rows][:, cols], options))
+    report("scoring", 1, 1)
+    report("testing", 0, 1)
+    controls, testing = _timed(lambda: controls_step(x[p_rows], x[u_rows], prepared.stats[p_rows],
+                                                     prepared.stats[u_rows], options, options.protocol_options))
+    verdict = verdict_step(test, controls)
+    report("testing", 1, 1)
+    tested = Tested(features, len(p_rows), len(u_rows), test, controls, verdict)
+    return tested, {"extracting": extracting, "scoring": scoring, "testing": testing}
+
+
+class _Looks:
+    """A sequential audit's look callbacks (:func:`cdi.sequential.sequential_test`): each look
+    extracts the images it adds; a crossing look runs its controls on the images it tested.
+
+    Its state (the features so far, the checked looks, the extraction time) is this step's own.
+    """
+
+    def __init__(self, models: Models, prepared: _Prepared, options: AuditOptions, store: FeatureStore | None,
+                 report: ProgressFn, design_: SequentialDesign) -> None:
+        self.models, self.prepared, self.options, self.store, self.report = models, prepared, options, store, report
+        self.design = design_
+        self.p_rows, self.u_rows = _set_rows(prepared)
+        self.look_options = control_options(options.protocol_options)
+        self.features = Features(np.full((len(prepared.files), len(FEATURE_NAMES)), np.nan))
+        self.checked: dict[int, tuple[Controls, Verdict]] = {}
+        self.extracting = 0.0
+
+    def features_for(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        look, cols = self.design.looks[k], self.options.features.columns
+        wanted = np.r_[self.p_rows[: look.n_p], self.u_rows[: look.n_u]].tolist()
+        rows = [i for i in wanted if np.isnan(self.features.values[i]).all()]
+        if rows:
+            done = self.models.passes * int((~np.isnan(self.features.values).all(axis=1)).sum())
+            new, seconds = _timed(lambda: extract_step(self.models, self.prepared, self.options, self.store, rows,
+                                                       self.report, done))
+            self.features, self.extracting = self.features.updated(new, rows), self.extracting + seconds
+        self.report("scoring", k, len(self.design.looks))
+        x = self.features.values
+        return x[self.p_rows[: look.n_p]][:, cols], x[self.u_rows[: look.n_u]][:, cols]
+
+    def controls_of(self, n_p: int, n_u: int, test: ProtocolResult) -> tuple[Controls, Verdict]:
+        p, u, x = self.p_rows[:n_p], self.u_rows[:n_u], self.features.values
+        controls = controls_step(x[p], x[u], self.prepared.stats[p], self.prepared.stats[u], self.options,
+                                 self.look_options)
+        return controls, verdict_step(test, controls)
+
+    def passes(self, k: int, test: ProtocolResult) -> bool:
+        # Only a crossing look runs them: a detection must survive its controls on the very
+        # images it rests on, or the audit goes on to the next round.
+        look = self.design.looks[k]
+        self.checked[k] = self.controls_of(look.n_p, look.n_u, test)
+        return self.checked[k][1].outcome is not Outcome.INCONCLUSIVE
+
+
+def _sequential(models: Models, prepared: _Prepared, options: AuditOptions, store: FeatureStore | None,
+                report: ProgressFn) -> tuple[Tested, dict[str, float]]:
+    """Look after look, extract the next images and test, until a look stops the audit; then
+    the controls and the verdict of the stopping look, on the images it tested."""
+    p_rows, u_rows = _set_rows(prepared)
+    design_ = design(len(p_rows), len(u_rows), options.sequential_options, options.alpha,
+                     floor=1.0 / (1 + options.max_permutations))
+    looks = _Looks(models, prepared, options, store, report, design_)
+    empty = np.empty((0, len(options.features.columns)))
+    seq, seconds = _timed(lambda: sequential_test(empty, empty, design_, options.protocol_options,
+                                                  random_state=options.seed, controls=looks.passes,
+                                                  features_for=looks.features_for))
+    report("scoring", len(design_.looks), len(design_.looks))
+    report("testing", 0, 1)
+    last = len(seq.looks) - 1
+    (controls, verdict), testing = _timed(
+        lambda: looks.checked[last] if last in looks.checked else looks.controls_of(seq.n_p, seq.n_u, seq.test))
+    verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
+    report("testing", 1, 1)
+    tested = Tested(looks.features, seq.n_p, seq.n_u, seq.test, controls, verdict, seq)
+    return tested, {"extracting": looks.extracting, "scoring": seconds - looks.extracting, "testing": testing}
+
+
+def plan_step(tested: Tested, prepared: _Prepared, options: AuditOptions) -> Plan | None:
+    """For a ``not_detected`` verdict: how many images would detect the effect these showed."""
+    if tested.verdict.outcome is not Outcome.NOT_DETECTED:
+        return None
+    p_rows, u_rows = _set_rows(prepared)
+    cols, x = options.features.columns, tested.features.values
+    return plan_audit(x[p_rows[: tested.n_p]][:, cols], x[u_rows[: tested.n_u]][:, cols], cols,
+                      alpha=options.alpha, bootstraps=100, random_state=options.seed)
+
+
+def result_step(validated: Validated, models: Models, tested: Tested, plan: Plan | None, options: AuditOptions,
+                timings: dict[str, float], target: ModelSpec, reference: ModelSpec | None) -> AuditResult:
+    """The audit's result: the images used (and those a sequential audit never needed), the
+    models' records, the verdict and everything it rests on."""
+    prepared = validated.prepared
+    p_rows, u_rows = _set_rows(prepared)
+    used = set(p_rows[: tested.n_p].tolist()) | set(u_rows[: tested.n_u].tolist())
+    images = [AuditImage(f.name, f.sha256, s, tested.features.values[i])
+              for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))]
+    ref_record = None
+    if models.reference is not None:
+        assert reference is not None
+        ref_record = {**model_record(models.reference, options, reference.name), "feature_key": models.reference_key}
+    mode = "uncalibrated" if ref_record is None else "reference-calibrated"
+    model_info = model_record(models.adapter, options, target.name)
+    model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
+                                 **({"reference_model": ref_record} if ref_record is not None else {})}
+    return AuditResult(
+        verdict=tested.verdict, test=tested.test, negative_control=tested.controls.negative_control,
+        distribution=tested.controls.distribution, duplicates=validated.duplicates, exclusion=validated.exclusion,
+        images_p=tuple(im for i, im in enumerate(images) if i in used and im.set_name == "P"),
+        images_u=tuple(im for i, im in enumerate(images) if i in used and im.set_name == "U"),
+        options=options, model=model_info, feature_key=models.key, forward_passes=tested.features.forward,
+        backward_passes=tested.features.backward, cached_images=tested.features.cached, timings=timings,
+        versions=versions(), plan=plan, reference_model=ref_record, reference_feature_key=models.reference_key,
+        sequential=tested.sequential, unused=tuple(im for i, im in enumerate(images) if i not in used),
+    )
 
 
 def audit(
@@ -527,181 +822,20 @@ def audit(
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
+    report = _reporter(progress)
+    target = ModelSpec(model, revision, config, lora, lora_scale, model_name)
+    reference = None if reference_model is None else ModelSpec(
+        reference_model, reference_revision, reference_config, name=reference_name)
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def report(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(stage, done, total))
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = timings.get(stage, 0.0) + now - clock
-        clock = now
-
-    # Sizes first: a too-small audit fails before any model file is even read.
-    check_sizes(len(published), len(unpublished), opts.protocol, opts.protocol_options)
-    from cdi.models.detect import detect_family
-
-    def conditioning_of(m: str | DiffusionAdapter, rev: str | None, cfg: str | None) -> str:
-        return detect_family(m, rev, cfg).conditioning if isinstance(m, str) else m.conditioning
-
-    conditioning = conditioning_of(model, revision, config)
-    if reference_model is not None:
-        ref_conditioning = conditioning_of(reference_model, reference_revision, reference_config)
-        if ref_conditioning != conditioning:
-            raise InputError(f"the reference model's conditioning is {ref_conditioning}, the audited model's "
-                             f"{conditioning}: a reference must take the same inputs")
-    prepared, dups, excl = _validate(published, unpublished, conditioning, captions, labels, opts, report)
-    lap("validating")
-
-    adapter = _load(model, revision, opts, lora, lora_scale, allow_pickle, config)
-    reference = None
-    if reference_model is not None:
-        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle, reference_config)
-        check_reference(adapter, reference)
-    lap("loading")
-    key = feature_key(adapter.identity.digest, opts)
-    n_images = len(prepared.files)
-    passes = 1 if reference is None else 2
-
-    if opts.sequential:
-        prepared = _round_order(prepared, opts.seed)
-    features = np.full((n_images, len(FEATURE_NAMES)), np.nan)
-    counts = {"cached": 0, "forward": 0, "backward": 0, "done": 0}
-    ref_key = ref_record = None
-    if reference is not None:
-        ref_key = feature_key(reference.identity.digest, opts)
-        ref_record = model_record(reference, opts, reference_name)
-        ref_record["feature_key"] = ref_key
-
-    def extract(rows: Sequence[int]) -> None:
-        """Compute the features of ``rows`` (indices into ``prepared``) into ``features``."""
-        rows = [i for i in rows if np.isnan(features[i]).all()]
-        if not rows:
-            return
-        offset = counts["done"]
-        progress_of = lambda name, done, _total: report(name, offset + done, passes * n_images)  # noqa: E731
-        raw, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, progress_of, rows)
-        counts["done"] += len(rows)
-        if reference is not None:
-            # Each model's raw features are stored under its own key; only their difference is
-            # tested. The same seed and image hashes give the same per-image noise (§10.2).
-            assert ref_key is not None
-            offset = counts["done"]
-            ref_raw, ref_cached, ref_fwd, ref_bwd = _extract(
-                reference, prepared, opts, ref_key, feature_store,
-                lambda name, done, _total: report(name, offset + done, passes * n_images), rows)
-            counts["done"] += len(rows)
-            raw = raw - ref_raw
-            cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
-        features[rows] = raw[rows]
-        counts["cached"] += cached
-        counts["forward"] += fwd
-        counts["backward"] += bwd
-
-    cols = opts.features.columns
-    is_p_all = np.array([s == "P" for s in prepared.set_names])
-    p_rows, u_rows = np.flatnonzero(is_p_all), np.flatnonzero(~is_p_all)
-    seq: SequentialResult | None = None
-    checked: dict[int, tuple[Any, Any, float, Verdict]] = {}
-
-    def controls(n_p: int, n_u: int, test: Any, options: Any) -> tuple[Any, Any, float, Verdict]:
-        """The negative control, distribution and direction checks on the first images, and the verdict."""
-        used_p, used_u = p_rows[:n_p], u_rows[:n_u]
-        control = negative_control(features[used_u][:, cols], opts.protocol, options, alpha=opts.alpha,
-                                   random_state=opts.seed + 1)
-        dist = distribution_check(prepared.stats[used_p], prepared.stats[used_u], random_state=opts.seed + 2)
-        reversal = direction_check(features[used_p], features[used_u])
-        return control, dist, reversal, decide(test, control, dist, reversal_p=reversal)
-
-    if opts.sequential:
-        plan_ = design(len(p_rows), len(u_rows), opts.sequential_options, opts.alpha,
-                       floor=1.0 / (1 + opts.max_permutations))
-        look_opts = control_options(opts.protocol_options)
-
-        def features_for(k: int) -> tuple[np.ndarray, np.ndarray]:
-            look = plan_.looks[k]
-            lap("scoring")
-            extract(np.r_[p_rows[: look.n_p], u_rows[: look.n_u]].tolist())
-            lap("extracting")
-            report("scoring", k, len(plan_.looks))
-            return features[p_rows[: look.n_p]][:, cols], features[u_rows[: look.n_u]][:, cols]
-
-        def look_controls(k: int, test: ProtocolResult) -> bool:
-            # Only a crossing look runs them: a detection must survive its controls on the
-            # very images it rests on, or the audit goes on to the next round.
-            look = plan_.looks[k]
-            checked[k] = controls(look.n_p, look.n_u, test, look_opts)
-            return checked[k][3].outcome.value != "inconclusive"
-
-        seq = sequential_test(np.empty((0, len(cols))), np.empty((0, len(cols))), plan_, opts.protocol_options,
-                              random_state=opts.seed, controls=look_controls, features_for=features_for)
-        report("scoring", len(plan_.looks), len(plan_.looks))
-        n_p, n_u = seq.n_p, seq.n_u
-        test = seq.test
-        control_opts = look_opts
-    else:
-        extract(range(n_images))
-        lap("extracting")
-        n_p, n_u = len(p_rows), len(u_rows)
-        report("scoring", 0, 1)
-        xp, xu = features[p_rows][:, cols], features[u_rows][:, cols]
-        test = run_test(xp, xu, opts.protocol, opts.protocol_options, alpha=opts.alpha, random_state=opts.seed)
-        report("scoring", 1, 1)
-        control_opts = opts.protocol_options
-    lap("scoring")
-    report("testing", 0, 1)
-    # The controls of the stopping look, on the images it tested (run already if it crossed).
-    last = len(seq.looks) - 1 if seq is not None else -1
-    control, dist, reversal, _ = checked[last] if last in checked else controls(n_p, n_u, test, control_opts)
-    verdict = decide(test, control, dist, reversal_p=reversal)
-    if seq is not None:
-        verdict = replace(verdict, reason=f"{verdict.reason} {_sequential_sentence(seq)}")
-    report("testing", 1, 1)
-    xp, xu = features[p_rows[:n_p]][:, cols], features[u_rows[:n_u]][:, cols]
-    plan = None
-    if verdict.outcome.value == "not_detected":
-        plan = plan_audit(xp, xu, opts.features.columns, alpha=opts.alpha, bootstraps=100,
-                          random_state=opts.seed)
-    lap("testing")
-    used = set(p_rows[:n_p].tolist()) | set(u_rows[:n_u].tolist())
-    cached, fwd, bwd = counts["cached"], counts["forward"], counts["backward"]
-
-    images = [
-        AuditImage(f.name, f.sha256, s, features[i])
-        for i, (f, s) in enumerate(zip(prepared.files, prepared.set_names, strict=True))
-    ]
-    unused = tuple(im for i, im in enumerate(images) if i not in used)
-    images = [im for i, im in enumerate(images) if i in used]
-    model_info = model_record(adapter, opts, model_name)
-    mode = "uncalibrated" if reference is None else "reference-calibrated"
-    model_info["calibration"] = {"mode": mode, "why": CALIBRATION_NOTES[mode],
-                                 **({"reference_model": ref_record} if ref_record is not None else {})}
-    return AuditResult(
-        verdict=verdict,
-        test=test,
-        negative_control=control,
-        distribution=dist,
-        duplicates=dups,
-        exclusion=excl,
-        images_p=tuple(im for im in images if im.set_name == "P"),
-        images_u=tuple(im for im in images if im.set_name == "U"),
-        options=opts,
-        model=model_info,
-        feature_key=key,
-        forward_passes=fwd,
-        backward_passes=bwd,
-        cached_images=cached,
-        timings=timings,
-        versions=_versions(),
-        plan=plan,
-        reference_model=ref_record,
-        reference_feature_key=ref_key,
-        sequential=seq,
-        unused=unused,
-    )
+    validated, timings["validating"] = _timed(
+        lambda: validate_step(published, unpublished, target, reference, captions, labels, opts, report))
+    models, timings["loading"] = _timed(lambda: load_step(target, reference, opts, allow_pickle))
+    run = _sequential if opts.sequential else _fixed
+    tested, laps = run(models, validated.prepared, opts, feature_store, report)
+    timings.update(laps)
+    plan, planning = _timed(lambda: plan_step(tested, validated.prepared, opts))
+    timings["testing"] += planning
+    return result_step(validated, models, tested, plan, opts, timings, target, reference)
 
 
 def _sequential_sentence(seq: SequentialResult) -> str:
@@ -771,15 +905,9 @@ def extract_shard(
     decoded first: unreadable ones raise one :class:`~cdi.errors.InputError` naming them.
     """
     opts = options or AuditOptions()
-
-    def report(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(stage, done, total))
-
-    from cdi.models.detect import detect_family
-
-    conditioning = detect_family(model, revision).conditioning if isinstance(model, str) else model.conditioning
-    conds = _conditions(files, conditioning, captions, labels)
+    report = _reporter(progress)
+    target = ModelSpec(model, revision)
+    conds = _conditions(files, target.conditioning(), captions, labels)
     errors: list[ImageError] = []
     for i, f in enumerate(files):
         try:
@@ -790,33 +918,10 @@ def extract_shard(
     if errors:
         raise _unusable(errors)
     prepared = _Prepared(files=list(files), set_names=[""] * len(files), stats=np.empty((0,)), conditions=conds)
-    adapter = _load(model, revision, opts, None, 1.0, allow_pickle)
-    reference = None
-    if reference_model is not None:
-        reference = _load(reference_model, reference_revision, opts, None, 1.0, allow_pickle)
-        check_reference(adapter, reference)
+    reference = None if reference_model is None else ModelSpec(reference_model, reference_revision)
+    models = load_step(target, reference, opts, allow_pickle)
     n = len(files)
-    passes = 1 if reference is None else 2
-
-    def stage(offset: int) -> Callable[[str, int, int], None]:
-        return lambda name, done, _total: report(name, offset + done, passes * n)
-
-    key = feature_key(adapter.identity.digest, opts)
-    _, cached, fwd, bwd = _extract(adapter, prepared, opts, key, feature_store, stage(0))
-    ref_key = None
-    if reference is not None:
-        ref_key = feature_key(reference.identity.digest, opts)
-        _, ref_cached, ref_fwd, ref_bwd = _extract(reference, prepared, opts, ref_key, feature_store, stage(n))
-        cached, fwd, bwd = cached + ref_cached, fwd + ref_fwd, bwd + ref_bwd
-    return Extraction(images=n, cached=cached, computed=passes * n - cached, forward_passes=fwd,
-                      backward_passes=bwd, feature_key=key, reference_feature_key=ref_key)
-
-
-def result_to_dict(result: AuditResult) -> dict[str, Any]:
-    """The audit's sealed report as JSON data: schema ``cdi-report/1`` (:mod:`cdi.report`).
-
-    ``verdict`` and ``p_value`` are at the top level; ``integrity.digest`` seals the rest.
-    """
-    from cdi.report import build_report, seal
-
-    return seal(build_report(result)).to_document()
+    done = extract_step(models, prepared, opts, feature_store, range(n), report)
+    return Extraction(images=n, cached=done.cached, computed=models.passes * n - done.cached,
+                      forward_passes=done.forward, backward_passes=done.backward, feature_key=models.key,
+                      reference_feature_key=models.reference_key)

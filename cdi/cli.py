@@ -314,11 +314,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cdi.features.layout import FeatureSet
-    from cdi.planning import plan_audit, plan_from_report
+    from cdi.planning import plan_audit
 
     options = {"alpha": args.alpha, "power": args.power, "u_ratio": args.u_ratio, "random_state": args.seed}
     if args.report:
-        from cdi.report import parse_report, read_document
+        from cdi.report import parse_report, plan_from_report, read_document
 
         plan = plan_from_report(parse_report(read_document(args.report)), **options)
     else:

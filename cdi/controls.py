@@ -56,6 +56,7 @@ from PIL import Image, ImageOps
 from scipy.fft import dctn
 
 from cdi.errors import InputError
+from cdi.features.layout import FEATURE_NAMES
 
 # The colour-mode conversion the models' inputs go through; reused, not copied.
 from cdi.images import _to_8bit
@@ -75,12 +76,14 @@ from cdi.stats import (
     permutation_p_value,
     resolve_seed,
     run_test,
+    welch_greater,
 )
 
 __all__ = [
     "BLOCK_FACTOR",
     "DEFAULT_CANDIDATE_DISTANCE",
     "DEFAULT_DIFFERENCE_THRESHOLD",
+    "DIRECTION_FEATURES",
     "IMAGE_STATISTIC_NAMES",
     "MAX_CROP",
     "THUMBNAIL_SIDE",
@@ -96,6 +99,7 @@ __all__ = [
     "StatisticDifference",
     "align",
     "candidate_pairs",
+    "direction_check",
     "distribution_check",
     "duplicates_to_exclude",
     "find_duplicates",
@@ -898,3 +902,23 @@ def duplicates_to_exclude(report: DuplicateReport) -> Exclusion:
         for m in dropped:
             (drop_p if m.set_name == "P" else drop_u).add(m.index)
     return Exclusion(p=tuple(sorted(drop_p)), u=tuple(sorted(drop_u)), reasons=tuple(reasons))
+
+
+#: Loss-type features computed in both feature sets, lower for training images (method §4).
+DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
+
+
+def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:
+    """One-sided p-value of "P's images have *higher* losses than U's" (less member-like).
+
+    ``features_p`` ``[n_p, 26]`` and ``features_u`` ``[n_u, 26]``: full feature rows. The
+    index is the mean of the pooled-standardised loss-type features; its direction is fixed
+    by the method, not learned, so under H0 the p-value is as valid as a Welch test's.
+    """
+    cols = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
+    x = np.vstack([features_p[:, cols], features_u[:, cols]])
+    sd = x.std(axis=0)
+    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    index = z.mean(axis=1)
+    n_p = len(features_p)
+    return float(welch_greater(index[:n_p], index[n_p:]).p_value)

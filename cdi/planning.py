@@ -229,16 +229,3 @@ def plan_audit(
         effects=tuple((str(names[j]), float(delta[j])) for j in order[:5]),
         bootstraps=bootstraps,
     )
-
-
-def plan_from_report(document: object, **options: object) -> Plan:
-    """:func:`plan_audit` with an earlier report's images as the pilot (any verdict).
-
-    ``document``: a parsed :class:`cdi.report.model.Report` or its JSON data.
-    """
-    from cdi.features.layout import FeatureSet
-    from cdi.report.model import Report, parse_report
-
-    report = document if isinstance(document, Report) else parse_report(document)  # type: ignore[arg-type]
-    xp, xu = report.used_features()
-    return plan_audit(xp, xu, FeatureSet(report.manifest.options.features).columns, **options)  # type: ignore[arg-type]

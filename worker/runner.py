@@ -19,6 +19,7 @@ those are recorded as a failed audit. It raises only for transient infrastructur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,9 +44,10 @@ from app.storage.blobs import BlobNotFound, BlobStore
 from app.storage.ledger import BlobLedger, release
 from app.storage.models import AuditState
 from app.storage.repositories import AuditRepository, FeatureRepository, ModelRepository, ShardRepository
-from cdi.report import seal_document, signing_key_from_env
+from cdi.report import result_to_dict, seal_document, signing_key_from_env
 
 if TYPE_CHECKING:
+    from cdi.audit import AuditOptions, AuditResult
     from cdi.images import ImageFile
     from cdi.models.base import DiffusionAdapter
 
@@ -189,7 +191,8 @@ class DatabaseFeatureStore:
 
 
 ModelLoader = Callable[[str, "str | None", str], "DiffusionAdapter"]
-AuditFunction = Callable[..., Any]
+#: :func:`cdi.audit.audit`'s signature (a test passes a stand-in).
+AuditFunction = Callable[..., "AuditResult"]
 
 
 class ShardQueue(Protocol):
@@ -252,10 +255,10 @@ class AuditRunner:
                            progress_stage="validating", progress_done=0,
                            progress_total=audit.n_published + audit.n_unpublished)
             session.commit()
-            job = _job(session, audit, repo.images(audit_id))
+            job = Job.read(session, audit, repo.images(audit_id))
         log.info("audit started", extra={"audit_id": str(audit_id), "attempt": attempt, "worker": owner})
 
-        run = RunState(stage="validating", total=len(job["published"]) + len(job["unpublished"]))
+        run = RunState(stage="validating", total=job.n_images)
         stop_heartbeat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(audit_id, owner, run, stop_heartbeat),
                                 name=f"heartbeat-{audit_id}", daemon=True)
@@ -273,57 +276,24 @@ class AuditRunner:
 
     # --- the work -------------------------------------------------------------------------
 
-    def _execute(self, audit_id: uuid.UUID, owner: str, attempt: int, job: dict[str, Any], run: RunState,
-                 store: DatabaseFeatureStore) -> Outcome:
+    def _guarded(self, audit_id: uuid.UUID, attempt: int, run: RunState, what: str, work: Callable[[], Outcome],
+                 release: Callable[[], None], fail: Callable[[str, str], Outcome]) -> Outcome:
+        """The one error path of a whole audit's and a shard's ``work``.
+
+        Stopped (cancelled, lease lost): the run is recorded so. The database unreachable:
+        ``release`` gives the lease back, so that a retry (or another worker) can take it at
+        once, and the error propagates for the task to retry; the features stored so far are
+        kept. Any other error: a stable code and message (:func:`_classify`) go to ``fail``.
+        """
         try:
-            # Read before the work, so that a bad deployment key fails the audit at once.
-            signing_key = signing_key_from_env()
-            result = self._audit(job, run, store)
-            run.check()
-            report = _jsonable(result.to_dict())
-            if signing_key is not None and report.get("schema_version") is not None:
-                report = seal_document(report, signing_key)
-            self._set_state(run, AuditState.REPORTING, "reporting")
-            with self.session_factory() as session:
-                audit = AuditRepository(session).get(audit_id)
-                assert audit is not None
-                meta = {"id": str(audit.id), "model": audit.model_id, "options": audit.options,
-                        "n_published": audit.n_published, "n_unpublished": audit.n_unpublished}
-            pdf = render_report_pdf(meta, report)
-            pdf_sha = hashlib.sha256(pdf).hexdigest()
-            # The PDF is claimed before it is stored and referenced in the transaction that
-            # releases the claim (app.storage.ledger): a concurrent collection cannot lose it.
-            claim_id = self.ledger.claim({pdf_sha: len(pdf)})
-            self.blobs.put_bytes(pdf)
-            forward, backward = _passes(result)
-            run.finishing = True
-            with self.session_factory() as session:
-                repo = AuditRepository(session)
-                finished = repo.finish(audit_id, owner, state=AuditState.DONE, report=report,
-                                       verdict=str(report.get("verdict")), p_value=_float(report.get("p_value")),
-                                       pdf_sha256=pdf_sha, progress_stage="reporting")
-                release(session, claim_id, 1)
-                repo.update_run(audit_id, attempt, outcome="done" if finished else "superseded",
-                                finished_at=_now(), forward_passes=forward, backward_passes=backward)
-                session.commit()
-            if not finished:
-                self.ledger.collect([pdf_sha])
-                return self._stopped_outcome(audit_id)
-            self.retire_images(audit_id)
-            return "done"
+            return work()
         except AuditStopped as stop:
             self._record_run(audit_id, attempt, stop.reason)
             return stop.reason
         except OperationalError:
-            # The database went away: give the audit back so that a retry (or another worker) can
-            # take it at once; the features stored so far are kept.
-            log.exception("database error while running audit %s; it will be retried", audit_id)
-            try:
-                with self.session_factory() as session:
-                    AuditRepository(session).release(audit_id, owner)
-                    session.commit()
-            except OperationalError:
-                pass
+            log.exception("database error in %s; it will be retried", what)
+            with contextlib.suppress(OperationalError):
+                release()
             raise
         except Exception as exc:
             if run.stop is not None:
@@ -331,11 +301,63 @@ class AuditRunner:
                 return run.stop.reason
             code, message = _classify(exc)
             if code == "internal_error":
-                log.exception("audit %s failed unexpectedly", audit_id)
+                log.exception("%s failed unexpectedly", what)
             run.finishing = True
-            return self._fail(audit_id, owner, attempt, code, message)
+            return fail(code, message)
 
-    def _audit(self, job: dict[str, Any], run: RunState, store: DatabaseFeatureStore) -> Any:
+    def _release(self, audit_id: uuid.UUID, owner: str) -> None:
+        with self.session_factory() as session:
+            AuditRepository(session).release(audit_id, owner)
+            session.commit()
+
+    def _execute(self, audit_id: uuid.UUID, owner: str, attempt: int, job: Job, run: RunState,
+                 store: DatabaseFeatureStore) -> Outcome:
+        return self._guarded(
+            audit_id, attempt, run, f"audit {audit_id}",
+            work=lambda: self._complete(audit_id, owner, attempt, job, run, store),
+            release=lambda: self._release(audit_id, owner),
+            fail=lambda code, message: self._fail(audit_id, owner, attempt, code, message))
+
+    def _complete(self, audit_id: uuid.UUID, owner: str, attempt: int, job: Job, run: RunState,
+                  store: DatabaseFeatureStore) -> Outcome:
+        """Run the audit, store its report and PDF, finish it."""
+        # Read before the work, so that a bad deployment key fails the audit at once.
+        signing_key = signing_key_from_env()
+        result = self._audit(job, run, store)
+        run.check()
+        report = _jsonable(result_to_dict(result))
+        if signing_key is not None and report.get("schema_version") is not None:
+            report = seal_document(report, signing_key)
+        self._set_state(run, AuditState.REPORTING, "reporting")
+        with self.session_factory() as session:
+            audit = AuditRepository(session).get(audit_id)
+            assert audit is not None
+            meta = {"id": str(audit.id), "model": audit.model_id, "options": audit.options,
+                    "n_published": audit.n_published, "n_unpublished": audit.n_unpublished}
+        pdf = render_report_pdf(meta, report)
+        pdf_sha = hashlib.sha256(pdf).hexdigest()
+        # The PDF is claimed before it is stored and referenced in the transaction that
+        # releases the claim (app.storage.ledger): a concurrent collection cannot lose it.
+        claim_id = self.ledger.claim({pdf_sha: len(pdf)})
+        self.blobs.put_bytes(pdf)
+        forward, backward = _passes(result)
+        run.finishing = True
+        with self.session_factory() as session:
+            repo = AuditRepository(session)
+            finished = repo.finish(audit_id, owner, state=AuditState.DONE, report=report,
+                                   verdict=str(report.get("verdict")), p_value=_float(report.get("p_value")),
+                                   pdf_sha256=pdf_sha, progress_stage="reporting")
+            release(session, claim_id, 1)
+            repo.update_run(audit_id, attempt, outcome="done" if finished else "superseded",
+                            finished_at=_now(), forward_passes=forward, backward_passes=backward)
+            session.commit()
+        if not finished:
+            self.ledger.collect([pdf_sha])
+            return self._stopped_outcome(audit_id)
+        self.retire_images(audit_id)
+        return "done"
+
+    def _audit(self, job: Job, run: RunState, store: DatabaseFeatureStore) -> AuditResult:
         from cdi.audit import Progress
 
         audit_fn = self.audit_fn
@@ -356,32 +378,29 @@ class AuditRunner:
             run.check()
 
         return audit_fn(
-            BlobImages(self.blobs, job["published"]), BlobImages(self.blobs, job["unpublished"]), adapter,
-            captions=job["captions"] or None, labels=job["labels"] or None, options=options,
-            progress=progress, feature_store=store,
-            **({"reference_model": reference} if reference is not None else {}),  # type: ignore[arg-type]
+            BlobImages(self.blobs, job.published), BlobImages(self.blobs, job.unpublished), adapter,
+            reference_model=reference, captions=job.captions or None, labels=job.labels or None,
+            options=options, progress=progress, feature_store=store,
             # Reports name models by their registered ids, never by where a host keeps them.
-            **({"model_name": job["model_id"], "reference_name": job["reference_id"]}
-               if self.audit_fn is None else {}),
+            model_name=job.model.id, reference_name=job.reference.id if job.reference is not None else None,
         )
 
-    def _prepare(self, job: dict[str, Any], run: RunState) -> tuple[Any, DiffusionAdapter, DiffusionAdapter | None]:
+    def _prepare(self, job: Job, run: RunState) -> tuple[AuditOptions, DiffusionAdapter, DiffusionAdapter | None]:
         """The audit's options on this worker's device, and its model (and reference), loaded."""
         device = resolve_device(self.settings.worker_device)
-        options = _options(job["options"], device, self.settings.worker_batch_size)
+        options = _options(job.options, device, self.settings.worker_batch_size)
         adapter, reference = self._models(job, device)
         run.check()
         return options, adapter, reference
 
-    def _models(self, job: dict[str, Any], device: str) -> tuple[DiffusionAdapter, DiffusionAdapter | None]:
+    def _models(self, job: Job, device: str) -> tuple[DiffusionAdapter, DiffusionAdapter | None]:
         """The audit's model (and reference), checked against the weights registered for them."""
-        adapter = self.load_model(job["model_source"], job["model_revision"], device)
-        _check_weights(adapter, job["model_id"], job["model_weights"])
-        ref = job["options"].get("reference_model")
-        if not ref:
+        adapter = self.load_model(job.model.source, job.model.revision, device)
+        _check_weights(adapter, job.model.id, job.model.weights)
+        if job.reference is None:
             return adapter, None
-        reference = self.load_model(ref["source"], ref.get("revision"), device)
-        _check_weights(reference, job["reference_id"], job["reference_weights"])
+        reference = self.load_model(job.reference.source, job.reference.revision, device)
+        _check_weights(reference, job.reference.id, job.reference.weights)
         return adapter, reference
 
     # --- sharded audits -------------------------------------------------------------------
@@ -440,7 +459,7 @@ class AuditRunner:
             session.commit()
             session.refresh(row)
             images = repo.images(audit_id)[row.first:row.first + row.count]
-            job = _job(session, audit, images)
+            job = Job.read(session, audit, images)
             total = int(row.progress_total)
         log.info("shard started", extra={"audit_id": str(audit_id), "shard": shard, "attempt": attempt,
                                          "worker": owner})
@@ -461,70 +480,64 @@ class AuditRunner:
                                        "features_reused": store.reused})
         return outcome
 
-    def _execute_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: dict[str, Any],
+    def _execute_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: Job,
                        run: RunState, store: DatabaseFeatureStore) -> Outcome:
+        def release() -> None:
+            with self.session_factory() as session:
+                ShardRepository(session).release(audit_id, shard, owner)
+                session.commit()
+
+        return self._guarded(
+            audit_id, attempt, run, f"shard {shard} of audit {audit_id}",
+            work=lambda: self._complete_shard(audit_id, shard, owner, attempt, job, run, store),
+            release=release, fail=lambda code, message: self._fail_shard(audit_id, attempt, code, message))
+
+    def _complete_shard(self, audit_id: uuid.UUID, shard: int, owner: str, attempt: int, job: Job,
+                        run: RunState, store: DatabaseFeatureStore) -> Outcome:
+        """Extract the shard's features, mark it done; the last shard sends the final step."""
         from cdi.audit import Progress, extract_shard
 
-        try:
-            options, adapter, reference = self._prepare(job, run)
+        options, adapter, reference = self._prepare(job, run)
 
-            def progress(p: Progress) -> None:
-                if p.stage == "extracting":
-                    with run.lock:
-                        run.done, run.total = int(p.done), int(p.total)
-                    run.changed.set()
-                run.check()
-
-            files = list(BlobImages(self.blobs, job["published"] + job["unpublished"]))
-            extraction = extract_shard(
-                files, adapter, store, reference_model=reference, captions=job["captions"] or None,
-                labels=job["labels"] or None, options=options, progress=progress)
+        def progress(p: Progress) -> None:
+            if p.stage == "extracting":
+                with run.lock:
+                    run.done, run.total = int(p.done), int(p.total)
+                run.changed.set()
             run.check()
-            run.finishing = True
+
+        files = list(BlobImages(self.blobs, job.published + job.unpublished))
+        extraction = extract_shard(
+            files, adapter, store, reference_model=reference, captions=job.captions or None,
+            labels=job.labels or None, options=options, progress=progress)
+        run.check()
+        run.finishing = True
+        with self.session_factory() as session:
+            marked, complete = ShardRepository(session).complete(audit_id, shard, owner)
+            AuditRepository(session).update_run(
+                audit_id, attempt, outcome="done" if marked else "superseded", finished_at=_now(),
+                forward_passes=extraction.forward_passes, backward_passes=extraction.backward_passes)
+            session.commit()
+        if complete:
+            self._finalise(audit_id)
+        else:
             with self.session_factory() as session:
-                marked, complete = ShardRepository(session).complete(audit_id, shard, owner)
-                AuditRepository(session).update_run(
-                    audit_id, attempt, outcome="done" if marked else "superseded", finished_at=_now(),
-                    forward_passes=extraction.forward_passes, backward_passes=extraction.backward_passes)
+                orphans = ShardRepository(session).orphans(audit_id)
                 session.commit()
-            if complete:
-                self._finalise(audit_id)
-            else:
-                with self.session_factory() as session:
-                    orphans = ShardRepository(session).orphans(audit_id)
-                    session.commit()
-                self._resend(audit_id, orphans)
-            return "done" if marked else "lost"
-        except AuditStopped as stop:
-            self._record_run(audit_id, attempt, stop.reason)
-            return stop.reason
-        except OperationalError:
-            log.exception("database error in shard %s of audit %s; it will be retried", shard, audit_id)
-            try:
-                with self.session_factory() as session:
-                    ShardRepository(session).release(audit_id, shard, owner)
-                    session.commit()
-            except OperationalError:
-                pass
-            raise
-        except Exception as exc:
-            if run.stop is not None:
-                self._record_run(audit_id, attempt, run.stop.reason)
-                return run.stop.reason
-            code, message = _classify(exc)
-            if code == "internal_error":
-                log.exception("shard %s of audit %s failed unexpectedly", shard, audit_id)
-            # A shard's failure is the audit's: its images or its model cannot be used.
-            run.finishing = True
-            with self.session_factory() as session:
-                repo = AuditRepository(session)
-                failed = repo.fail_unleased(audit_id, code, message)
-                repo.update_run(audit_id, attempt, outcome="failed", finished_at=_now())
-                session.commit()
-            if failed:
-                self.retire_images(audit_id)
-                return "failed"
-            return self._stopped_outcome(audit_id)
+            self._resend(audit_id, orphans)
+        return "done" if marked else "lost"
+
+    def _fail_shard(self, audit_id: uuid.UUID, attempt: int, code: str, message: str) -> Outcome:
+        """A shard's failure is the audit's: its images or its model cannot be used."""
+        with self.session_factory() as session:
+            repo = AuditRepository(session)
+            failed = repo.fail_unleased(audit_id, code, message)
+            repo.update_run(audit_id, attempt, outcome="failed", finished_at=_now())
+            session.commit()
+        if failed:
+            self.retire_images(audit_id)
+            return "failed"
+        return self._stopped_outcome(audit_id)
 
     def _resend(self, audit_id: uuid.UUID, shards: Sequence[int]) -> None:
         """Send again the tasks of shards whose worker died (the broker would, but only after
@@ -640,7 +653,7 @@ class AuditRunner:
             return "cancelled" if audit is not None and audit.state == AuditState.CANCELLED.value else "lost"
 
 
-def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> Any:
+def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> AuditOptions:
     """The library's options of an audit, as stored at submission."""
     from cdi.audit import AuditOptions
     from cdi.features.layout import FeatureSet
@@ -652,26 +665,56 @@ def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> Any:
                         **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
 
 
-def _job(session: Session, audit: Any, images: Sequence[Any]) -> dict[str, Any]:
-    """What a worker needs of an audit (or of one shard's ``images``), read in one transaction."""
-    models = ModelRepository(session)
-    options = dict(audit.options)
-    ref = options.get("reference_model") or {}
+@dataclass(frozen=True)
+class JobModel:
+    """A model as the worker loads it: its registered id, where it is, the weights registered for it."""
 
-    def registered(model_id: str | None) -> dict[str, str] | None:
-        row = models.get(model_id) if model_id else None
-        return dict(row.weight_sha256) if row is not None and row.weight_sha256 else None
+    id: str | None
+    source: str
+    revision: str | None
+    weights: Mapping[str, str] | None
 
-    return {
-        "model_id": audit.model_id, "model_source": audit.model_source, "model_revision": audit.model_revision,
-        "model_weights": registered(audit.model_id),
-        "reference_id": ref.get("id"), "reference_weights": registered(ref.get("id")),
-        "options": options,
-        "published": [(im.name, im.sha256) for im in images if im.role == "published"],
-        "unpublished": [(im.name, im.sha256) for im in images if im.role == "unpublished"],
-        "captions": {im.name: im.caption for im in images if im.caption is not None},
-        "labels": {im.name: im.label for im in images if im.label is not None},
-    }
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs of an audit (or of one shard's images), read in one transaction.
+
+    ``options`` are the audit's options as stored at submission (JSON); ``published`` and
+    ``unpublished`` are (name, SHA-256) pairs in the audit's order.
+    """
+
+    model: JobModel
+    reference: JobModel | None
+    options: Mapping[str, Any]
+    published: tuple[tuple[str, str], ...]
+    unpublished: tuple[tuple[str, str], ...]
+    captions: Mapping[str, str]
+    labels: Mapping[str, int]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.published) + len(self.unpublished)
+
+    @classmethod
+    def read(cls, session: Session, audit: Any, images: Sequence[Any]) -> Job:
+        models = ModelRepository(session)
+
+        def registered(model_id: str | None) -> dict[str, str] | None:
+            row = models.get(model_id) if model_id else None
+            return dict(row.weight_sha256) if row is not None and row.weight_sha256 else None
+
+        options = dict(audit.options)
+        ref = options.get("reference_model") or None
+        return cls(
+            model=JobModel(audit.model_id, audit.model_source, audit.model_revision, registered(audit.model_id)),
+            reference=None if ref is None else JobModel(ref.get("id"), ref["source"], ref.get("revision"),
+                                                        registered(ref.get("id"))),
+            options=options,
+            published=tuple((im.name, im.sha256) for im in images if im.role == "published"),
+            unpublished=tuple((im.name, im.sha256) for im in images if im.role == "unpublished"),
+            captions={im.name: im.caption for im in images if im.caption is not None},
+            labels={im.name: im.label for im in images if im.label is not None},
+        )
 
 
 def _check_weights(adapter: Any, model_id: str | None, expected: Mapping[str, str] | None) -> None:
@@ -693,7 +736,7 @@ def _now() -> Any:
     return utcnow()
 
 
-def _passes(result: Any) -> tuple[int, int]:
+def _passes(result: AuditResult) -> tuple[int, int]:
     """The attempt's (forward, backward) pass counts from ``AuditResult``."""
     return int(result.forward_passes), int(result.backward_passes)
 

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from app.storage.s3url import parse_s3_url
+
 if TYPE_CHECKING:
     from app.settings import Settings
 
@@ -172,20 +174,6 @@ class LocalBlobStore(BlobStore):
             return True
         except FileNotFoundError:
             return False
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` → ("bucket", "some/prefix"). Raises ValueError."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"not an s3:// URL: {url!r}")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    # S3's bucket naming rules (3-63 characters, lowercase letters, digits, dots, hyphens).
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-        raise ValueError(f"{url!r} does not name a valid bucket (3 to 63 lowercase letters, digits, '.' or '-')")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ValueError(f"{url!r} has an empty, '.' or '..' part in its prefix")
-    return bucket, prefix
 
 
 #: boto3's error codes of a missing object or bucket.

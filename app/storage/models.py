@@ -162,7 +162,7 @@ class Audit(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
 
-    #: The JSON report (``AuditResult.to_dict()``) and its PDF's blob, once done. Deferred: a
+    #: The JSON report (``cdi.report.result_to_dict``) and its PDF's blob, once done. Deferred: a
     #: report of thousands of images weighs megabytes, and status polls and list pages, which
     #: read the rest of the row, never load it (bench/status_reads.py); reading the attribute
     #: loads it then.

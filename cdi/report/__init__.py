@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdi.report.canonical import canonical_json, content_digest
 from cdi.report.curve import SubsamplingCurve, subsampling_curve
@@ -36,7 +36,10 @@ from cdi.report.integrity import (
 )
 from cdi.report.model import SCHEMA_ID, SCHEMA_VERSION, Report, build_report, json_schema, parse_report
 from cdi.report.pdf import render_pdf
-from cdi.report.recompute import Recomputation, recompute_document, recompute_report
+from cdi.report.recompute import Recomputation, plan_from_report, recompute_document, recompute_report
+
+if TYPE_CHECKING:
+    from cdi.audit import AuditResult
 
 __all__ = [
     "SCHEMA_ID",
@@ -57,11 +60,13 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "parse_report",
+    "plan_from_report",
     "read_document",
     "recompute_document",
     "recompute_report",
     "render_pdf",
     "report_json",
+    "result_to_dict",
     "schema_json",
     "seal",
     "seal_document",
@@ -77,6 +82,14 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "cdi-report-1.schema.json"
 def report_json(report: Report) -> str:
     """The report as the JSON text written to files: indented, UTF-8, numbers that read back exactly."""
     return json.dumps(report.to_document(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def result_to_dict(result: AuditResult) -> dict[str, Any]:
+    """An audit's sealed report as JSON data: schema ``cdi-report/1``, unsigned.
+
+    ``verdict`` and ``p_value`` are at the top level; ``integrity.digest`` seals the rest.
+    """
+    return seal(build_report(result)).to_document()
 
 
 def schema_json() -> str:

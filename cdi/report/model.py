@@ -688,7 +688,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
 
     ``created_at`` defaults to now (UTC).
     """
-    from cdi.audit import DIRECTION_FEATURES
+    from cdi.controls import DIRECTION_FEATURES
     from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, member_candidates
 
     test, verdict, options = result.test, result.verdict, result.options

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from cdi.planning import Plan, plan_audit
 from cdi.report.errors import ReportFormatError
 from cdi.report.model import ImageRow, ProtocolRun, Report, parse_report
 
-__all__ = ["Check", "Recomputation", "recompute_document", "recompute_report"]
+__all__ = ["Check", "Recomputation", "plan_from_report", "recompute_document", "recompute_report"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def _protocol_checks(group: str, recorded: ProtocolRun, result: Any) -> list[Che
 
 def recompute_report(report: Report) -> Recomputation:
     """Recompute ``report``'s test, negative control and verdict (see the module docstring)."""
-    from cdi.audit import _versions, direction_check
-    from cdi.controls import DistributionCheckResult, StatisticDifference, negative_control
+    from cdi.controls import DistributionCheckResult, StatisticDifference, direction_check, negative_control
+    from cdi.provenance import versions
     from cdi.stats import auc, cohens_d, recompute, run_test
     from cdi.verdict import decide
 
@@ -172,7 +173,7 @@ def recompute_report(report: Report) -> Recomputation:
     out.notes.append("the distribution check needs the images themselves: its AUC and p-value are taken "
                      "from the report")
 
-    current = _versions()
+    current = versions()
     differing = [f"{pkg} {report.manifest.versions.get(pkg)} → {current.get(pkg)}"
                  for pkg in ("numpy", "scipy", "scikit-learn", "cdi-audit")
                  if report.manifest.versions.get(pkg) != current.get(pkg)]
@@ -236,3 +237,16 @@ def _control_rows(nc: Any) -> list[Any]:
             raise ReportFormatError(f"negative control row U[{r.u_index}] is not in the half it claims")
         rows.append(ScoredImage(r.plays, index, r.role, r.fold, r.score))
     return rows
+
+
+def plan_from_report(document: Report | Mapping[str, Any], **options: Any) -> Plan:
+    """:func:`cdi.planning.plan_audit` with an earlier report's images as the pilot (any verdict).
+
+    ``document``: a parsed :class:`~cdi.report.model.Report` or its JSON data; ``options``
+    are :func:`~cdi.planning.plan_audit`'s keyword arguments.
+    """
+    from cdi.features.layout import FeatureSet
+
+    report = document if isinstance(document, Report) else parse_report(document)
+    xp, xu = report.used_features()
+    return plan_audit(xp, xu, FeatureSet(report.manifest.options.features).columns, **options)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from app.storage.db import session_scope
 from app.storage.models import Audit, AuditImage
+from cdi.report import result_to_dict
 
 from .conftest import Service, png, synthetic_archive, zip_bytes
 
@@ -399,7 +400,7 @@ def test_plans_from_a_report_or_an_own_finished_audit(service: Service, migrated
     from test_report import synthetic_result  # type: ignore[import-not-found]
 
     c = service.client
-    document = json.loads(json.dumps(synthetic_result("used", protocol="directional", seed=5).to_dict()))
+    document = json.loads(json.dumps(result_to_dict(synthetic_result("used", protocol="directional", seed=5))))
     r = c.post("/v1/plans", json={"report": document, "power": 0.8}, headers=service.headers(service.alice))  # type: ignore[attr-defined]
     assert r.status_code == 200, r.text
     body = r.json()

@@ -227,11 +227,10 @@ def test_retain_images_is_recorded(service: Service, model_id: str) -> None:
 
 
 def _reconcile(service: Service) -> Any:
-    from app.queue import CeleryQueue
+    from app.queue import CeleryQueue, make_celery
     from app.reconcile import reconcile
     from app.storage.blobs import open_blob_store
     from app.storage.db import session_factory
-    from worker.celery_app import make_celery
 
     s = service.settings
     queue = CeleryQueue(make_celery(s), s.audit_queue, s.callback_queue)  # type: ignore[attr-defined]
@@ -239,10 +238,9 @@ def _reconcile(service: Service) -> Any:
 
 
 def _stuck(service: Service) -> list[Any]:
-    from app.queue import CeleryQueue
+    from app.queue import CeleryQueue, make_celery
     from app.reconcile import find_stuck
     from app.storage.db import session_factory
-    from worker.celery_app import make_celery
 
     s = service.settings
     queue = CeleryQueue(make_celery(s), s.audit_queue, s.callback_queue)  # type: ignore[attr-defined]

@@ -71,11 +71,13 @@ class Result:
 
 @pytest.fixture
 def fake_library(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cdi.audit``'s option and progress types, whether or not the real module exists yet."""
+    """Stand-ins for ``cdi.audit``'s option and progress types and for the report of a result."""
     module = types.ModuleType("cdi.audit")
     module.AuditOptions = Options  # type: ignore[attr-defined]
     module.Progress = Progress  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cdi.audit", module)
+    # The stand-in result is no AuditResult: its report is its own ``to_dict``.
+    monkeypatch.setattr("worker.runner.result_to_dict", lambda result: result.to_dict())
 
 
 class ScriptedAudit:
@@ -91,7 +93,9 @@ class ScriptedAudit:
 
     def __call__(self, published: Sequence[Any], unpublished: Sequence[Any], model: Any, *,
                  captions: Mapping[str, str] | None = None, labels: Mapping[str, int] | None = None,
-                 options: Options, progress: Any, feature_store: Any, revision: Any = None) -> Result:
+                 options: Options, progress: Any, feature_store: Any, revision: Any = None,
+                 reference_model: Any = None, model_name: str | None = None,
+                 reference_name: str | None = None) -> Result:
         self.calls.append({"captions": captions, "labels": labels, "options": options, "model": model})
         files = list(published) + list(unpublished)
         progress(Progress("validating", len(files), len(files)))

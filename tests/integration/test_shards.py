@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from app.client import CdiClient
 from app.storage.db import session_scope
+from cdi.report import result_to_dict
 
 from .conftest import ROOT, Proc, S3Server, make_tenant, service_env
 from .test_end_to_end import (  # noqa: F401 - fixtures
@@ -138,8 +139,8 @@ def test_embedded_one_worker_and_sharded_agree(env: dict[str, str], start_api: C
     env = {**env, **s3_server.env(bucket)}
     forbidden = _host_paths(tmp_path, Path(str(zoo_model.path)))
     # (a) embedded: the library's report names the shipped model, not where it is installed.
-    assert_no_host_paths("library's report", json.dumps(reference.to_dict()), forbidden)
-    assert reference.to_dict()["manifest"]["model"]["source"] == zoo_model.name
+    assert_no_host_paths("library's report", json.dumps(result_to_dict(reference)), forbidden)
+    assert result_to_dict(reference)["manifest"]["model"]["source"] == zoo_model.name
 
     tenant = make_tenant(migrated, "shards")
     base = start_api(_host(env, tmp_path / "api-host"))
@@ -321,7 +322,7 @@ def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, 
     from cdi.models.detect import detect_family
     from cdi.models.loading import weight_hashes
     from worker.models import get_model
-    from worker.runner import AuditRunner
+    from worker.runner import AuditRunner, Job, JobModel
 
     from .conftest import png
 
@@ -337,8 +338,8 @@ def test_a_worker_refuses_weights_other_than_the_registered_ones(migrated: str, 
         row = ModelRepository(s).get(model_id)
         assert row is not None and row.weight_sha256 == weight_hashes(detect_family(str(copy)))
     runner = AuditRunner(settings, session_factory(migrated), open_blob_store(settings), get_model)
-    job = {"model_id": model_id, "model_source": str(copy), "model_revision": None,
-           "model_weights": row.weight_sha256, "reference_id": None, "reference_weights": None, "options": {}}
+    job = Job(model=JobModel(model_id, str(copy), None, row.weight_sha256), reference=None, options={},
+              published=(), unpublished=(), captions={}, labels={})
     adapter, _ = runner._models(job, "cpu")  # the registered weights load
     assert dict(adapter.identity.weight_sha256) == row.weight_sha256
 

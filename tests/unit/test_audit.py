@@ -17,6 +17,7 @@ from cdi.audit import AuditOptions, audit
 from cdi.cli import main
 from cdi.errors import InputError
 from cdi.images import ImageFile
+from cdi.report import result_to_dict
 from cdi.zoo import digits
 
 MODEL = "digits-memorised"
@@ -68,7 +69,7 @@ def test_members_against_held_out_is_used(model, store):
     assert result.p_value < 0.01
     assert result.test.direction == "P>U"
     assert {"validating", "extracting", "scoring", "testing"} <= set(stages)
-    report = result.to_dict()
+    report = result_to_dict(result)
     assert report["verdict"] == "used" and report["p_value"] == result.p_value
     assert len(report["images"]) == 2 * N and all(len(r["features"]) == 26 for r in report["images"])
 
@@ -232,7 +233,7 @@ def test_overwhelming_evidence_is_resolved_below_one_in_a_million_and_recomputes
     assert result.outcome == "used", result.verdict.reason
     assert result.p_value <= 1e-6
     assert result.test.n_permutations == result.options.max_permutations
-    document = result.to_dict()
+    document = result_to_dict(result)
     assert document["p_value"] <= 1e-6 and document["test"]["p_value_floor"] == result.p_value
     assert document["test"]["selected_feature"]
     check = recompute_report(parse_report(document))
@@ -245,7 +246,7 @@ def test_not_detected_report_says_how_many_images_would_detect_the_effect(model,
     unpublished = [png(i, model.image_size) for i in u_idx]
     result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
     assert result.outcome == "not_detected" and result.plan is not None
-    planning = result.to_dict()["planning"]
+    planning = result_to_dict(result)["planning"]
     assert planning["power"] == 0.9 and planning["summary"].startswith(("About", "The pilot shows no"))
     # Held-out against held-out: no real effect, so the planned size is large or unreachable.
     assert planning["n_per_set"] is None or planning["n_per_set"] > N

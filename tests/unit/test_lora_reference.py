@@ -14,6 +14,7 @@ from PIL import Image
 
 from cdi.errors import InputError, PickledWeightsError, UnsupportedModelError
 from cdi.models import load_model
+from cdi.report import result_to_dict
 
 
 def _peft_lora(model_dir: Path, out: Path, seed: int = 0) -> Path:
@@ -173,7 +174,7 @@ def test_calibrated_audit_tests_the_difference_under_the_same_noise(tiny_model_d
     items = [ExtractionInput(f.sha256, to_model_array(open_image(f.data, f.name), 16, 3)) for f in p[:3]]
     alone = FeatureExtractor(base, feature_set="gradient-free", seed=5).extract(items)
     np.testing.assert_allclose(alone, raw_r[:3], rtol=1e-5, atol=1e-6, equal_nan=True)
-    report = result.to_dict()
+    report = result_to_dict(result)
     text = json.dumps(report)
     assert "reference-calibrated" in text and base.identity.digest in text
     assert result.model["calibration"]["reference_model"]["digest"] == base.identity.digest

@@ -8,7 +8,8 @@ import pytest
 from cdi import stats
 from cdi.errors import InputError
 from cdi.features.layout import FEATURE_NAMES, FeatureSet, member_candidates
-from cdi.planning import plan_audit, plan_from_report, power_at
+from cdi.planning import plan_audit, power_at
+from cdi.report import plan_from_report, result_to_dict
 
 COLUMNS = FeatureSet.ALL.columns
 PIA = FEATURE_NAMES.index("pia")
@@ -81,7 +82,7 @@ def test_plan_from_an_earlier_report(tmp_path, capsys) -> None:
     from cdi.cli import main
     from cdi.report.model import parse_report
 
-    document = synthetic_result("used", protocol="directional", seed=3).to_dict()
+    document = result_to_dict(synthetic_result("used", protocol="directional", seed=3))
     plan = plan_from_report(document, power=0.8)
     assert plan.n_pilot_p == 30 and plan.n_pilot_u == 40
     # The report's own images are the pilot: the same plan as from their features directly.

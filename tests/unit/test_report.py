@@ -20,19 +20,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cdi.audit import DIRECTION_FEATURES, AuditImage, AuditOptions, AuditResult, _versions, direction_check
+from cdi.audit import AuditImage, AuditOptions, AuditResult
 from cdi.cli import main
 from cdi.controls import (
+    DIRECTION_FEATURES,
     IMAGE_STATISTIC_NAMES,
     DuplicateGroup,
     DuplicatePair,
     DuplicateReport,
     ImageRef,
+    direction_check,
     distribution_check,
     duplicates_to_exclude,
     negative_control,
 )
 from cdi.features.layout import FEATURE_NAMES
+from cdi.provenance import versions
 from cdi.report import (
     SCHEMA_PATH,
     ReportFormatError,
@@ -44,6 +47,7 @@ from cdi.report import (
     parse_report,
     recompute_document,
     report_json,
+    result_to_dict,
     schema_json,
     seal,
     seal_document,
@@ -100,7 +104,7 @@ def synthetic_result(kind: str, *, protocol: str = "crossfit", features: str = "
         feature_key=hashlib.sha256(b"key").hexdigest(), forward_passes=51 * (n_p + n_u),
         backward_passes=10 * (n_p + n_u), cached_images=0,
         timings={"validating": 0.1, "loading": 0.2, "extracting": 3.0, "scoring": 0.4, "testing": 0.5},
-        versions=_versions(),
+        versions=versions(),
     )
 
 
@@ -202,7 +206,7 @@ def test_report_holds_the_verdict_the_controls_every_image_and_the_manifest(resu
     assert {"torch", "diffusers", "scikit-learn", "scipy", "numpy", "cdi-audit"} <= set(m["versions"])
     assert m["timings_seconds"]["extracting"] == 3.0 and m["passes"]["forward"] == 51 * 70
     assert doc["decision"]["test_significant"] and doc["service"] is None
-    again = r.to_dict()  # AuditResult.to_dict is the same sealed report
+    again = result_to_dict(r)  # the same sealed report, in one call
     assert again == {**doc, "created_at": again["created_at"], "integrity": again["integrity"]}
     assert verify_document(again).ok
 

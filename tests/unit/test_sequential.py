@@ -14,6 +14,7 @@ from scipy import stats as sps
 from cdi import zoo
 from cdi.errors import InputError
 from cdi.options import MIN_LOOK_SET, ProtocolOptions, SequentialOptions, Spending
+from cdi.report import result_to_dict
 from cdi.sequential import design, run_look, sequential_p_value, sequential_test, spent
 
 FAST = ProtocolOptions(exceedances=20, max_permutations=20_000)
@@ -228,7 +229,7 @@ def test_a_sequential_audit_of_a_memorising_model_stops_early_and_recomputes(tmp
     assert all(np.isfinite(im.features[options.features.columns]).all() for im in result.images_p)
     assert "Sequential audit" in result.verdict.reason and "images used" in summary(result)
 
-    document = result.to_dict()
+    document = result_to_dict(result)
     record = document["sequential"]
     assert record["stop"] == "boundary" and record["p_value"] == document["p_value"] < 0.01
     assert len(record["unused"]) == len(result.unused) and len(document["images"]) == used

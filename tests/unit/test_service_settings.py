@@ -61,7 +61,7 @@ def test_invalid_values_are_refused(field: str, value: object) -> None:
 
 
 def test_celery_config_is_built_from_settings() -> None:
-    from worker.celery_app import celery_config
+    from app.queue import celery_config
 
     s = Settings(broker_url="redis://localhost:6379/3", broker_visibility_timeout=77, audit_queue="gpu")
     conf = celery_config(s)

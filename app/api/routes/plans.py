@@ -68,7 +68,7 @@ class PlanResponse(BaseModel):
 async def create_plan(body: PlanRequest, caller: CurrentCaller, session: SessionDep) -> PlanResponse:
     """Images per set for the requested power at α, with its uncertainty (``cdi plan``)."""
     from cdi.errors import CdiError
-    from cdi.planning import plan_from_report
+    from cdi.report import plan_from_report
     from cdi.report.errors import ReportFormatError
 
     document = body.report
@@ -79,6 +79,7 @@ async def create_plan(body: PlanRequest, caller: CurrentCaller, session: Session
         if audit.state != "done" or audit.report is None:
             raise Conflict(f"the audit is {audit.state}: it has no report to plan from", "report_not_ready")
         document = audit.report
+    assert document is not None  # the request holds exactly one of audit_id and report
     try:
         plan = await run_in_threadpool(plan_from_report, document, alpha=body.alpha, power=body.power,
                                        u_ratio=body.u_ratio, bootstraps=100)
