@@ -56,7 +56,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 def _submit(service: Service, tenant: Any, model: str, archive: Path) -> str:
     r = service.client.post(  # type: ignore[attr-defined]
-        "/v1/audits", headers=service.headers(tenant), data={"model": model, "seed": "3"},
+        "/v1/audits", headers=service.headers(tenant),
+        data={"model": model, "seed": "3", "features": "gradient-free"},
         files={"archive": ("audit.zip", archive.read_bytes(), "application/zip")})
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
