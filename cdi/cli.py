@@ -240,9 +240,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     options = _audit_options(args)
     check_device(args.device)
-    if not args.out:
+    chosen = not args.out
+    if chosen:
         args.out = str(default_report_path())
-        print(f"the report will be written to {args.out} (choose with --out FILE)", file=sys.stderr)
     store = None
     if not args.no_cache:
         from cdi.cache import LocalFeatureStore
@@ -254,6 +254,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     unpublished = _read_folder(args.unpublished)
     captions = read_conditions(args.captions, "caption") if args.captions else None
     labels = read_conditions(args.labels, "label") if args.labels else None
+    if chosen:  # said once the inputs are known to be usable, before the long part
+        print(f"the report will be written to {args.out} (choose with --out FILE)", file=sys.stderr)
     result = audit(
         published, unpublished, args.model, revision=args.revision,
         lora=args.lora, lora_scale=args.lora_scale,
