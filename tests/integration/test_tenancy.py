@@ -18,6 +18,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,12 @@ def test_tenants_take_turns_and_see_nothing_of_each_other(
     assert started[b_id] is not None
     assert started[a_ids[2]] is None or started[b_id] < started[a_ids[2]], started
     assert started[a_ids[0]] is not None and started[a_ids[0]] < started[b_id]
+    # "Within one audit's time": B waited for A's first audit alone, not for a second one.
+    a_started, a_finished = (datetime.fromisoformat(first[k]) for k in ("started_at", "finished_at"))
+    waited = (started[b_id] - a_started).total_seconds()
+    one_audit = (a_finished - a_started).total_seconds()
+    print(f"B started {waited:.1f} s after A's first audit started; that audit took {one_audit:.1f} s")
+    assert waited <= 2 * one_audit
 
     # Privacy: A computed every feature first; B's audit found none of them.
     a_run, b_run = _run(migrated, a_ids[0]), _run(migrated, b_id)

@@ -43,7 +43,10 @@ def get_retention(caller: CurrentCaller, session: SessionDep, settings: Settings
     return _answer(settings, tenant.retention_days if tenant is not None else None)
 
 
-@router.put("", response_model=Retention, responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+@router.put("", response_model=Retention,
+            responses={400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+                       401: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                       429: {"model": ErrorResponse, "description": "Rate limited; see `Retry-After`."}},
             summary="Set this tenant's retention period (longer or shorter than the default)")
 def set_retention(change: RetentionChange, caller: CurrentCaller, session: SessionDep,
                   settings: SettingsDep) -> Retention:
