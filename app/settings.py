@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdi.runtime import DEFAULT_BATCH_SIZE
+
 Environment = Literal["development", "production", "test"]
 
 
@@ -64,7 +66,7 @@ class Settings(BaseSettings):
     worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
     #: torch device of the worker: "cpu", "cuda", "cuda:1", "auto" (cuda when available).
     worker_device: str = "auto"
-    worker_batch_size: int = Field(default=32, ge=1)
+    worker_batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     #: Images per shard: an audit with more images has its feature extraction split into
     #: shards that any worker can take (each a task of its own), then scored by one final task.
     #: The default keeps small audits to one task.

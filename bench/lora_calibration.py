@@ -31,7 +31,8 @@ from scipy.stats import binomtest
 
 from cdi.audit import AuditOptions
 from cdi.errors import InputError
-from cdi.stats import DEFAULT_EXCEEDANCES, DEFAULT_PROTOCOL, run_test
+from cdi.options import DEFAULT_EXCEEDANCES, DEFAULT_PROTOCOL
+from cdi.stats import run_test
 
 LORA = "digits-hard-lora"
 ALPHA = 0.01

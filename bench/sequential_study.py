@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from statistics_study import draw, interval, zoo_features
 
 from cdi.features.layout import FeatureSet, member_candidates
-from cdi.options import SequentialOptions, Spending
+from cdi.options import DEFAULT_EXCEEDANCES, ProtocolOptions, SequentialOptions, Spending
 from cdi.sequential import design, sequential_test
-from cdi.stats import DEFAULT_EXCEEDANCES, ProtocolOptions, directional_test
+from cdi.stats import directional_test
 
 SIZES = (10, 20, 30, 50)
 

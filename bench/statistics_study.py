@@ -35,7 +35,8 @@ from scipy import stats as sps
 from scipy.stats import binomtest
 
 from cdi.features.layout import FEATURE_NAMES, MEMBER_LOWER, FeatureSet, member_candidates
-from cdi.stats import DEFAULT_EXCEEDANCES, DEFAULT_PROTOCOL, Protocol, ProtocolOptions, run_test
+from cdi.options import DEFAULT_EXCEEDANCES, DEFAULT_PROTOCOL, Protocol, ProtocolOptions
+from cdi.stats import run_test
 
 SIZES = (10, 20, 30, 50, 100)
 #: Also studied where a model has that many members: weak models reach 90 % power only there.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdi.errors import InputError
+from cdi.runtime import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from cdi.audit import AuditResult, Progress
@@ -130,7 +131,7 @@ def extract_features(
     labels: Conditions = None,
     seed: int = 0,
     feature_set: str = "all",
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",
 ) -> ExtractionResult:
     """The 26 CDI features of each image: ``rows`` (name, SHA-256, ``values`` ``[26]``) and ``failures``.

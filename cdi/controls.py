@@ -60,14 +60,17 @@ from cdi.features.layout import FEATURE_NAMES
 
 # The colour-mode conversion the models' inputs go through; reused, not copied.
 from cdi.images import _to_8bit
-from cdi.scoring import validate_features
-from cdi.stats import (
+from cdi.options import (
     DEFAULT_ALPHA,
     DEFAULT_N_FOLDS,
     DEFAULT_N_PERMUTATIONS,
     DEFAULT_PROTOCOL,
     Protocol,
     ProtocolOptions,
+)
+from cdi.reads import DIRECTION_FEATURES  # declared with the other parts of the verdict that read features
+from cdi.scoring import validate_features
+from cdi.stats import (
     ProtocolResult,
     auc,
     check_sizes,
@@ -565,7 +568,8 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 def _hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances ``[len(a), len(b)]`` of uint64 hash arrays."""
     x = a[:, None] ^ b[None, :]
-    return _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    counts: np.ndarray = _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    return counts
 
 
 # The verification compares two thumbnails after undoing a light crop of either: along each
@@ -904,8 +908,6 @@ def duplicates_to_exclude(report: DuplicateReport) -> Exclusion:
     return Exclusion(p=tuple(sorted(drop_p)), u=tuple(sorted(drop_u)), reasons=tuple(reasons))
 
 
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
 
 
 def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:

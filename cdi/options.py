@@ -1,11 +1,13 @@
 """The options of the statistical test, declared once: protocols, defaults, limits, α's rule.
 
 Pure Python (no numpy, no scipy), so that the command line can build its help and validate
-its arguments without loading the statistics; :mod:`cdi.stats` re-exports every name.
+its arguments without loading the statistics. Import them from here: :mod:`cdi.stats` uses
+them but does not re-export them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,8 +34,14 @@ __all__ = [
     "Protocol",
     "ProtocolOptions",
     "SequentialOptions",
+    "SetSizes",
     "Spending",
     "check_alpha",
+    "fit_count",
+    "minimum_set_size",
+    "minimum_sizes",
+    "protocol_of",
+    "set_size_ok",
 ]
 
 #: Significance level of the verdict (method §6).
@@ -97,7 +105,8 @@ class ProtocolOptions:
     ``max_permutations`` (directional): the sequential p-value's stopping rule (h ≥ 1, N ≥ 1;
     N must allow p < α). ``candidates`` (directional): the statistics it takes the largest
     of, each a group of feature columns (indices into the tested columns) whose values are
-    expected to be *lower* for a training image; ``None`` makes every column a candidate.
+    expected to be *lower* for a training image; ``None``: those every audit of the 26
+    features tests (:meth:`candidates_for`).
     ``combined`` (directional): the mean of the candidates is one more candidate, where
     there are at least two.
     """
@@ -131,6 +140,87 @@ class ProtocolOptions:
             if not groups or any(not g or min(g) < 0 for g in groups):
                 raise InputError("candidates must be non-empty groups of non-negative column indices")
             object.__setattr__(self, "candidates", groups)
+
+    def candidates_for(self, n_columns: int) -> tuple[tuple[int, ...], ...]:
+        """The candidate groups of a test of ``n_columns`` feature columns.
+
+        ``candidates`` if given; else, for the layout's 26 columns, the loss-type member
+        candidates an audit of every feature tests (so that the library's default test is the
+        audit's); else each column alone.
+        """
+        if self.candidates is not None:
+            return self.candidates
+        from cdi.features.layout import FEATURE_NAMES, member_candidates
+
+        if n_columns == len(FEATURE_NAMES):
+            return member_candidates(tuple(range(n_columns)))[1]
+        return tuple((j,) for j in range(n_columns))
+
+
+def protocol_of(protocol: Protocol | str) -> Protocol:
+    """``protocol`` as a :class:`Protocol`; :class:`InputError` naming the choices if unknown."""
+    try:
+        return Protocol(protocol)
+    except ValueError:
+        choices = ", ".join(p.value for p in Protocol)
+        raise InputError(f"unknown protocol {protocol!r}; choose one of: {choices}") from None
+
+
+def fit_count(n: int, fit_fraction: float) -> int:
+    """Images of a set of ``n`` the reference protocol fits its scorer on."""
+    # Round half up, so that 0.5 of an odd set puts the extra image in the fitting part
+    # deterministically (not by banker's rounding).
+    return math.floor(fit_fraction * n + 0.5)
+
+
+def set_size_ok(n: int, protocol: Protocol, options: ProtocolOptions) -> bool:
+    """Whether one set of ``n`` images is enough for ``protocol`` with ``options``."""
+    if protocol is Protocol.DIRECTIONAL:
+        return n >= (MIN_DIRECTIONAL_SET if options.min_set is None else options.min_set)
+    if protocol is Protocol.REFERENCE:
+        n_fit = fit_count(n, options.fit_fraction)
+        return min(n_fit, n - n_fit) >= MIN_REFERENCE_PART
+    return n >= max(MIN_CROSSFIT_SET, MIN_CROSSFIT_PER_FOLD * options.n_folds)
+
+
+def minimum_set_size(protocol: Protocol | str, options: ProtocolOptions | None = None) -> int:
+    """The fewest images one set may hold for ``protocol`` with ``options``.
+
+    Directional: ≥ :data:`MIN_DIRECTIONAL_SET`. Reference: each set's fitting and test parts
+    hold ≥ :data:`MIN_REFERENCE_PART` images (10 per set at the default fit fraction).
+    Crossfit: ≥ :data:`MIN_CROSSFIT_SET` and ≥ :data:`MIN_CROSSFIT_PER_FOLD` per fold (10 at
+    the default 5 folds).
+    """
+    proto = protocol_of(protocol)
+    opts = options or ProtocolOptions()
+    n = 2
+    while not set_size_ok(n, proto, opts):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SetSizes:
+    """The fewest published (``p``) and unpublished (``u``) images an audit accepts."""
+
+    p: int
+    u: int
+
+
+def minimum_sizes(protocol: Protocol | str = DEFAULT_PROTOCOL, options: ProtocolOptions | None = None, *,
+                  negative_control: bool = True) -> SetSizes:
+    """The fewest images of P and of U for ``protocol``: the one statement of the minimum that the
+    size check, its error messages, the planner and the service's form all read.
+
+    With ``negative_control`` (every audit runs it) U also splits into two halves that are
+    each tested like a set, so U needs about twice :func:`minimum_set_size`.
+    """
+    proto = protocol_of(protocol)
+    opts = options or ProtocolOptions()
+    p = u = minimum_set_size(proto, opts)
+    while negative_control and not set_size_ok(u // 2, proto, opts):
+        u += 1
+    return SetSizes(p, u)
 
 
 def check_alpha(alpha: float) -> float:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdi.errors import InputError
-from cdi.options import DEFAULT_ALPHA, MIN_DIRECTIONAL_SET, ProtocolOptions, check_alpha
+from cdi.options import DEFAULT_ALPHA, Protocol, ProtocolOptions, check_alpha, minimum_sizes
 
 __all__ = ["DEFAULT_POWER", "MAX_PLANNED_SET", "Plan", "plan_audit", "power_at"]
 
@@ -128,7 +128,10 @@ class _Power:
         return float((((self.z + shift) * scale).max(axis=1) >= critical).mean())
 
     def smallest(self, target: float, ratio: float) -> int | None:
-        lo, hi = MIN_DIRECTIONAL_SET, MIN_DIRECTIONAL_SET
+        # No fewer published images than an audit accepts, nor so few that U (ratio times as
+        # many) would be refused: the negative control splits U in two.
+        sizes = minimum_sizes(Protocol.DIRECTIONAL)
+        lo = hi = max(sizes.p, math.ceil(sizes.u / ratio))
         while self(hi, hi * ratio) < target:
             if hi >= MAX_PLANNED_SET:
                 return None
@@ -191,7 +194,7 @@ def plan_audit(
     """Plan an audit from pilot features of the tested columns (see the module docstring).
 
     ``features_p`` ``[n_p, k]``, ``features_u`` ``[n_u, k]``: the pilot's features, the layout
-    columns ``columns`` (those the audit's test sees: ``FeatureSet(...).columns``).
+    columns ``columns`` (those the audit's test sees: ``AuditOptions.tested_columns``).
     ``u_ratio``: U's size relative to P's in the planned audit (default: the pilot's). Raises
     :class:`InputError` for a pilot of fewer than 3 images per set or options out of range.
     """

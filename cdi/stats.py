@@ -45,40 +45,23 @@ from scipy import stats as sps
 from cdi.errors import InputError
 from cdi.options import (
     DEFAULT_ALPHA,
-    DEFAULT_EXCEEDANCES,
-    DEFAULT_FIT_FRACTION,
-    DEFAULT_MAX_PERMUTATIONS,
-    DEFAULT_N_FOLDS,
-    DEFAULT_N_PERMUTATIONS,
     DEFAULT_PROTOCOL,
-    MAX_ALPHA,
     MIN_CROSSFIT_PER_FOLD,
     MIN_CROSSFIT_SET,
-    MIN_DIRECTIONAL_SET,
     MIN_REFERENCE_PART,
     Protocol,
     ProtocolOptions,
     check_alpha,
+    fit_count,
+    minimum_set_size,
+    minimum_sizes,
+    protocol_of,
 )
 from cdi.scoring import batched_fit_predict, fit_scoring_model, score, validate_features
 
 __all__ = [
-    "DEFAULT_ALPHA",
-    "DEFAULT_EXCEEDANCES",
-    "DEFAULT_FIT_FRACTION",
-    "DEFAULT_MAX_PERMUTATIONS",
-    "DEFAULT_N_FOLDS",
-    "DEFAULT_N_PERMUTATIONS",
-    "DEFAULT_PROTOCOL",
-    "MAX_ALPHA",
-    "MIN_CROSSFIT_PER_FOLD",
-    "MIN_CROSSFIT_SET",
-    "MIN_DIRECTIONAL_SET",
-    "MIN_REFERENCE_PART",
     "CrossfitReplicates",
     "Direction",
-    "Protocol",
-    "ProtocolOptions",
     "ProtocolResult",
     "RecomputedTest",
     "ScoredImage",
@@ -86,13 +69,11 @@ __all__ = [
     "WelchResult",
     "auc",
     "candidate_matrix",
-    "check_alpha",
     "check_sizes",
     "cohens_d",
     "crossfit_replicates",
     "crossfit_test",
     "directional_test",
-    "minimum_set_size",
     "permutation_p_value",
     "recompute",
     "reference_test",
@@ -333,37 +314,6 @@ def resolve_seed(random_state: int | None) -> int:
     return int(random_state)
 
 
-def _fit_count(n: int, fit_fraction: float) -> int:
-    # Round half up, so that 0.5 of an odd set puts the extra image in the fitting part
-    # deterministically (not by banker's rounding).
-    return math.floor(fit_fraction * n + 0.5)
-
-
-def _set_size_ok(n: int, protocol: Protocol, options: ProtocolOptions) -> bool:
-    if protocol is Protocol.DIRECTIONAL:
-        return n >= (MIN_DIRECTIONAL_SET if options.min_set is None else options.min_set)
-    if protocol is Protocol.REFERENCE:
-        n_fit = _fit_count(n, options.fit_fraction)
-        return min(n_fit, n - n_fit) >= MIN_REFERENCE_PART
-    return n >= max(MIN_CROSSFIT_SET, MIN_CROSSFIT_PER_FOLD * options.n_folds)
-
-
-def minimum_set_size(protocol: Protocol | str, options: ProtocolOptions | None = None) -> int:
-    """The fewest images one set may hold for ``protocol`` with ``options``.
-
-    Directional: ≥ :data:`MIN_DIRECTIONAL_SET`. Reference: each set's fitting and test parts
-    hold ≥ :data:`MIN_REFERENCE_PART` images (10 per set at the default fit fraction).
-    Crossfit: ≥ :data:`MIN_CROSSFIT_SET` and ≥ :data:`MIN_CROSSFIT_PER_FOLD` per fold (10 at
-    the default 5 folds).
-    """
-    proto = _protocol(protocol)
-    opts = options or ProtocolOptions()
-    n = 2
-    while not _set_size_ok(n, proto, opts):
-        n += 1
-    return n
-
-
 def check_sizes(
     n_p: int,
     n_u: int,
@@ -378,9 +328,10 @@ def check_sizes(
     an audit always runs it) U must also split into two halves that each satisfy the
     minimum, i.e. hold about twice :func:`minimum_set_size`.
     """
-    proto = _protocol(protocol)
+    proto = protocol_of(protocol)
     opts = options or ProtocolOptions()
     minimum = minimum_set_size(proto, opts)
+    sizes = minimum_sizes(proto, opts, negative_control=negative_control)
     if proto is Protocol.DIRECTIONAL:
         why = f"the directional protocol needs at least {minimum} images per set"
     elif proto is Protocol.REFERENCE:
@@ -401,20 +352,11 @@ def check_sizes(
         problems.append(f"U holds {n_u} images")
     if problems:
         raise InputError(f"{' and '.join(problems)}, but {why}")
-    if negative_control and not _set_size_ok(n_u // 2, proto, opts):
-        need = 2 * minimum
+    if n_u < sizes.u:
         raise InputError(
             f"U holds {n_u} images, but the negative control splits U into two halves that are "
-            f"tested like P and U, and {why}: U needs at least {need} images"
+            f"tested like P and U, and {why}: U needs at least {sizes.u} images"
         )
-
-
-def _protocol(protocol: Protocol | str) -> Protocol:
-    try:
-        return Protocol(protocol)
-    except ValueError:
-        choices = ", ".join(p.value for p in Protocol)
-        raise InputError(f"unknown protocol {protocol!r}; choose one of: {choices}") from None
 
 
 def _features(features_p: np.ndarray, features_u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -457,7 +399,7 @@ def reference_test(
     parts = []
     for n in (n_p, n_u):
         order = rng.permutation(n)
-        n_fit = _fit_count(n, opts.fit_fraction)
+        n_fit = fit_count(n, opts.fit_fraction)
         parts.append((np.sort(order[:n_fit]), np.sort(order[n_fit:])))
     (fit_p, test_p), (fit_u, test_u) = parts
     model = fit_scoring_model(xp[fit_p], xu[fit_u], random_state=seed)
@@ -757,12 +699,12 @@ def directional_test(
     n_p, n_u = len(xp), len(xu)
     check_sizes(n_p, n_u, Protocol.DIRECTIONAL, opts, negative_control=False)
     seed = resolve_seed(random_state)
-    x = candidate_matrix(np.vstack([xp, xu]), opts.candidates, opts.combined)
+    x = candidate_matrix(np.vstack([xp, xu]), opts.candidates_for(xp.shape[1]), opts.combined)
     if not np.any(x.std(axis=0) > 0):
         raise InputError("no candidate feature varies between images: there is nothing to test")
 
     def statistic(is_p: np.ndarray) -> np.ndarray:
-        return welch_t_columns(x, is_p).max(axis=1)
+        return np.asarray(welch_t_columns(x, is_p).max(axis=1))
 
     _, seq = sequential_permutation_p_value(
         statistic, n_p + n_u, n_p, exceedances=opts.exceedances, max_permutations=opts.max_permutations,
@@ -814,7 +756,7 @@ def run_test(
 
     The default is :data:`DEFAULT_PROTOCOL`, the one every audit uses unless told otherwise.
     """
-    proto = _protocol(protocol)
+    proto = protocol_of(protocol)
     run = {
         Protocol.DIRECTIONAL: directional_test,
         Protocol.REFERENCE: reference_test,
@@ -831,7 +773,7 @@ def recompute(rows: Sequence[ScoredImage], protocol: Protocol | str) -> Recomput
     statistic (``df`` and ``p_value`` are ``None``: the permutation p-value needs the
     features).
     """
-    proto = _protocol(protocol)
+    proto = protocol_of(protocol)
     tested = [r for r in rows if r.role == "test"]
     if any(r.score is None for r in tested):
         raise InputError("a test row has no score")

@@ -301,10 +301,11 @@ class FeatureRow(Base):
     """A cached per-image feature vector.
 
     ``cache_key`` is computed by :func:`cdi.audit.audit` from the model's identity, the feature
-    layout version, the feature configuration, the seed and the feature set, and scoped to
-    ``tenant_id`` (:func:`app.storage.repositories.hash_cache_key`): with the image's SHA-256
-    it identifies the vector exactly, and no tenant's audit reads another tenant's rows. A row
-    with no tenant belongs to the shared cache (``CDI_FEATURE_CACHE_SCOPE=shared``).
+    layout version, the feature configuration, the seed, the dtype and the precision, and
+    scoped to ``tenant_id`` (:func:`app.storage.repositories.hash_cache_key`): with the image's
+    SHA-256 it identifies the vector exactly, and no tenant's audit reads another tenant's rows.
+    A row with no tenant belongs to the shared cache (``CDI_FEATURE_CACHE_SCOPE=shared``). A
+    vector may be partial (NaN where a feature was not computed); a later save completes it.
     """
 
     __tablename__ = "features"

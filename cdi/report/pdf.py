@@ -378,6 +378,9 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
     cfg = m.options.feature_config
     flow.append(_kv_table([
         ("layout version", layout.version), ("feature set", m.options.features),
+        *((("features computed", f"{len(layout.computed)} of {len(layout.names)}: {', '.join(layout.computed)}; "
+            "the others were not computed (empty in the JSON report), not missing values"),)
+          if layout.computed is not None and len(layout.computed) < len(layout.names) else ()),
         ("features used", f"{len(layout.used)} of {len(layout.names)}: {', '.join(layout.used)}"),
         *((f"parameter {k}", _fmt(v)) for k, v in sorted(cfg.items())),
         ("feature store key", m.feature_key),
@@ -514,7 +517,7 @@ def _pdf_date(when: datetime) -> str:
 def _canvas_maker(draw: Callable[[Any, int], None], created: datetime | None = None) -> type:
     from reportlab.pdfgen.canvas import Canvas
 
-    class NumberedCanvas(Canvas):
+    class NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
         """Keeps every page until the end, to write "page n of N" on each."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:

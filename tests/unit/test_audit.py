@@ -288,7 +288,7 @@ def test_extract_shard_names_every_unreadable_image(model):
     files += [ImageFile("broken-1.png", b"not an image"), ImageFile("broken-2.png", b"\x89PNG\r\n")]
     with pytest.raises(InputError, match="2 image") as err:
         extract_shard(files, MODEL, MemoryStore())
-    assert len(err.value.image_errors) == 2  # type: ignore[attr-defined]
+    assert len(err.value.image_errors) == 2
 
 
 def test_a_second_cli_audit_of_the_same_images_computes_no_feature(model, tmp_path, capsys, monkeypatch):

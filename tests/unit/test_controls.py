@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from cdi import controls
 from cdi.controls import IMAGE_STATISTIC_NAMES, ImageFingerprint
 from cdi.errors import InputError
-from cdi.stats import Protocol, ProtocolOptions
+from cdi.options import Protocol, ProtocolOptions
 from cdi.zoo import digits
 
 # --- helpers ----------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from cdi.features.layout import FEATURE_NAMES
+from cdi.options import Protocol, ProtocolOptions
 from cdi.scoring import make_scoring_model
-from cdi.stats import Protocol, ProtocolOptions, run_test
+from cdi.stats import run_test
 
 LOSS_TYPE = ["dl", "ml_t000", "ml_t100", "ml_t200", "pia", "secmi_stat"]
 

@@ -8,6 +8,7 @@ import pytest
 from cdi import stats
 from cdi.errors import InputError
 from cdi.features.layout import FEATURE_NAMES, FeatureSet, member_candidates
+from cdi.options import ProtocolOptions
 from cdi.planning import plan_audit, power_at
 from cdi.report import plan_from_report, result_to_dict
 
@@ -26,7 +27,7 @@ def test_predicted_power_matches_the_test_it_plans_for() -> None:
     rng = np.random.default_rng(0)
     # A large pilot, so that the comparison is of the power model, not of the pilot's noise.
     pilot_p, pilot_u = losses(rng, 3000, shift=0.25), losses(rng, 3000)
-    options = stats.ProtocolOptions(candidates=member_candidates(COLUMNS)[1], max_permutations=10_000)
+    options = ProtocolOptions(candidates=member_candidates(COLUMNS)[1], max_permutations=10_000)
     n = 40
     predicted = power_at(pilot_p, pilot_u, COLUMNS, n, n, alpha=0.05)
     runs = 200
@@ -50,6 +51,22 @@ def test_plan_grows_as_the_effect_shrinks_and_brackets_its_estimate() -> None:
     assert lo is not None and lo <= weak.n_per_set and (hi is None or weak.n_per_set <= hi)
     assert strong.effects[0][0] == "pia" and strong.effects[0][1] > 0
     assert "published images" in strong.summary() and strong.additional_p == max(0, strong.n_per_set - 30)
+
+
+def test_the_plan_never_proposes_fewer_images_than_an_audit_accepts() -> None:
+    from cdi.options import minimum_sizes
+    from cdi.stats import check_sizes
+
+    rng = np.random.default_rng(4)
+    pilot_p, pilot_u = losses(rng, 30, shift=1.5), losses(rng, 30)  # an effect the fewest images show
+    sizes = minimum_sizes()
+    assert sizes.u > sizes.p  # the negative control splits U in two
+    twice = plan_audit(pilot_p, pilot_u, COLUMNS, u_ratio=sizes.u / sizes.p, bootstraps=20)
+    same = plan_audit(pilot_p, pilot_u, COLUMNS, u_ratio=1.0, bootstraps=20)
+    assert twice.n_per_set == sizes.p and same.n_per_set == sizes.u
+    for plan in (twice, same):
+        assert plan.n_per_set is not None
+        check_sizes(plan.n_per_set, round(plan.n_per_set * plan.u_ratio), "directional")  # accepted
 
 
 def test_no_effect_is_no_plan() -> None:
@@ -88,7 +105,7 @@ def test_plan_from_an_earlier_report(tmp_path, capsys) -> None:
     # The report's own images are the pilot: the same plan as from their features directly.
     report = parse_report(document)
     xp, xu = report.used_features()
-    columns = FeatureSet(report.manifest.options.features).columns
+    columns = [FEATURE_NAMES.index(n) for n in report.feature_layout.used]
     assert plan == plan_audit(xp, xu, columns, power=0.8)
     assert plan.n_per_set is not None and plan.effects
     path = tmp_path / "report.json"

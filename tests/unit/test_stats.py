@@ -14,9 +14,20 @@ from sklearn.metrics import roc_auc_score
 
 from cdi import scoring, stats
 from cdi.errors import InputError
-from cdi.stats import Protocol, ProtocolOptions
+from cdi.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_EXCEEDANCES,
+    DEFAULT_MAX_PERMUTATIONS,
+    DEFAULT_PROTOCOL,
+    Protocol,
+    ProtocolOptions,
+    check_alpha,
+    minimum_set_size,
+)
 
 K = 26  # features per image, as the layout
+#: Every column its own candidate (the default on K columns is the audit's loss-type candidates).
+EVERY_COLUMN = ProtocolOptions(candidates=tuple((j,) for j in range(K)))
 
 
 def gaussian_sets(
@@ -199,11 +210,11 @@ def test_batched_solver_equals_the_pipeline() -> None:
 
 
 def test_minimum_sizes() -> None:
-    assert stats.minimum_set_size(Protocol.DIRECTIONAL) == 10
-    assert stats.minimum_set_size(Protocol.REFERENCE) == 10
-    assert stats.minimum_set_size("crossfit") == 10
-    assert stats.minimum_set_size(Protocol.REFERENCE, ProtocolOptions(fit_fraction=0.7)) == 16
-    assert stats.minimum_set_size(Protocol.CROSSFIT, ProtocolOptions(n_folds=10)) == 20
+    assert minimum_set_size(Protocol.DIRECTIONAL) == 10
+    assert minimum_set_size(Protocol.REFERENCE) == 10
+    assert minimum_set_size("crossfit") == 10
+    assert minimum_set_size(Protocol.REFERENCE, ProtocolOptions(fit_fraction=0.7)) == 16
+    assert minimum_set_size(Protocol.CROSSFIT, ProtocolOptions(n_folds=10)) == 20
     stats.check_sizes(10, 20, "reference")
     stats.check_sizes(10, 10, "reference", negative_control=False)
 
@@ -310,10 +321,10 @@ def test_directional_is_the_default_everywhere() -> None:
 
     from cdi import audit, controls
 
-    assert stats.DEFAULT_PROTOCOL is Protocol.DIRECTIONAL
-    assert inspect.signature(stats.run_test).parameters["protocol"].default is stats.DEFAULT_PROTOCOL
-    assert inspect.signature(controls.negative_control).parameters["protocol"].default is stats.DEFAULT_PROTOCOL
-    assert audit.AuditOptions().protocol == stats.DEFAULT_PROTOCOL.value
+    assert DEFAULT_PROTOCOL is Protocol.DIRECTIONAL
+    assert inspect.signature(stats.run_test).parameters["protocol"].default is DEFAULT_PROTOCOL
+    assert inspect.signature(controls.negative_control).parameters["protocol"].default is DEFAULT_PROTOCOL
+    assert audit.AuditOptions().protocol == DEFAULT_PROTOCOL.value
 
 
 def test_candidates_are_logged_standardised_group_means_without_labels() -> None:
@@ -367,7 +378,7 @@ def test_welch_t_columns_equals_scipy() -> None:
 def test_directional_detects_lower_losses_only_in_the_tested_columns() -> None:
     rng = np.random.default_rng(21)
     xp, xu = gaussian_sets(rng, 30, 30, shift=-1.0, columns=1)
-    res = stats.directional_test(xp, xu, random_state=0)
+    res = stats.directional_test(xp, xu, EVERY_COLUMN, random_state=0)
     assert res.significant and res.selected_column == 0 and res.statistic_name == "max_welch_t"
     # Column 0 not among the candidates: nothing else carries a signal.
     others = tuple((j,) for j in range(1, K))
@@ -378,14 +389,14 @@ def test_directional_detects_lower_losses_only_in_the_tested_columns() -> None:
     grouped = stats.directional_test(xp2, xu2, ProtocolOptions(candidates=((0, 1), (2, 3))), random_state=0)
     assert grouped.significant and grouped.selected_column == 0
     # P *higher* in a tested column (less member-like) is never significant.
-    up = stats.directional_test(-xp, -xu, random_state=0)
+    up = stats.directional_test(-xp, -xu, EVERY_COLUMN, random_state=0)
     assert not up.significant and up.p_value > 0.5
 
 
 def test_directional_scores_carry_the_statistic_and_recompute() -> None:
     rng = np.random.default_rng(22)
     xp, xu = gaussian_sets(rng, 17, 25, shift=-0.8, columns=3)
-    res = stats.directional_test(xp, xu, random_state=5)
+    res = stats.directional_test(xp, xu, EVERY_COLUMN, random_state=5)
     assert [r.index for r in res.rows] == [*range(17), *range(25)]
     assert all(r.role == "test" and r.fold is None for r in res.rows)
     candidates = stats.candidate_matrix(np.vstack([xp, xu]), None, combined=True)
@@ -395,18 +406,18 @@ def test_directional_scores_carry_the_statistic_and_recompute() -> None:
     welch = sps.ttest_ind(scores[:17], scores[17:], equal_var=False).statistic
     assert res.statistic == pytest.approx(welch, rel=1e-12)
     assert stats.recompute(res.rows, "directional").statistic == res.statistic
-    assert stats.directional_test(xp, xu, random_state=5) == res  # a pure function of its seed
+    assert stats.directional_test(xp, xu, EVERY_COLUMN, random_state=5) == res  # a pure function of its seed
 
 
 def test_sequential_p_value_resolves_strong_evidence_and_stops_early_on_weak() -> None:
     rng = np.random.default_rng(23)
     strong = stats.directional_test(*gaussian_sets(rng, 75, 75, shift=-1.5), random_state=1)
-    assert strong.p_value <= 1e-6 and strong.n_permutations == stats.DEFAULT_MAX_PERMUTATIONS
-    assert strong.p_value == 1 / (1 + stats.DEFAULT_MAX_PERMUTATIONS) == strong.p_value_floor
+    assert strong.p_value <= 1e-6 and strong.n_permutations == DEFAULT_MAX_PERMUTATIONS
+    assert strong.p_value == 1 / (1 + DEFAULT_MAX_PERMUTATIONS) == strong.p_value_floor
     weak = stats.directional_test(*gaussian_sets(rng, 30, 30), random_state=2)
-    assert weak.exceedances == stats.DEFAULT_EXCEEDANCES
+    assert weak.exceedances == DEFAULT_EXCEEDANCES
     assert weak.n_permutations is not None and weak.n_permutations < 5_000
-    assert weak.p_value == stats.DEFAULT_EXCEEDANCES / weak.n_permutations
+    assert weak.p_value == DEFAULT_EXCEEDANCES / weak.n_permutations
 
 
 def test_resolving_further_never_changes_the_verdict() -> None:
@@ -447,10 +458,10 @@ def test_one_rule_for_alpha(alpha: object) -> None:
     from cdi.audit import AuditOptions
 
     with pytest.raises(InputError, match="alpha"):
-        stats.check_alpha(alpha)  # type: ignore[arg-type]
+        check_alpha(alpha)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="alpha"):
         AuditOptions(alpha=alpha)  # type: ignore[arg-type]
-    assert stats.check_alpha(0.49) == 0.49
+    assert check_alpha(0.49) == 0.49
 
 
 def test_p_scoring_lower_than_u_is_never_significant() -> None:
@@ -510,5 +521,50 @@ def test_the_service_form_offers_the_library_protocols_and_alpha_rule() -> None:
 
     assert set(PROTOCOLS) == {p.value for p in Protocol}
     fields = AuditOptionsForm.model_fields
-    assert fields["protocol"].default == stats.DEFAULT_PROTOCOL.value
-    assert fields["alpha"].default == stats.DEFAULT_ALPHA
+    assert fields["protocol"].default == DEFAULT_PROTOCOL.value
+    assert fields["alpha"].default == DEFAULT_ALPHA
+
+
+def test_the_library_default_test_is_the_audits() -> None:
+    # run_test(xp, xu) on the 26 features runs what every audit of them runs: the same
+    # protocol, α, stopping rule and loss-type candidates (not every column). The audit
+    # extracts and tests only the columns its verdict reads; the candidates are the same
+    # features, so the statistics and the p-value are the same.
+    from cdi.audit import AuditOptions, test_step
+    from cdi.features.layout import FEATURE_NAMES, member_candidates
+
+    assert len(FEATURE_NAMES) == K
+    options = AuditOptions()
+    cols = options.tested_columns
+    library_groups = ProtocolOptions().candidates_for(K)
+    assert library_groups == member_candidates(tuple(range(K)))[1]
+    audit_groups = options.protocol_options.candidates
+    assert audit_groups is not None
+    assert [tuple(cols[i] for i in g) for g in audit_groups] == [tuple(g) for g in library_groups]
+    assert library_groups != EVERY_COLUMN.candidates
+    xp, xu = gaussian_sets(np.random.default_rng(32), 20, 24)
+    library = stats.run_test(xp, xu, random_state=options.seed)
+    audit = test_step(xp[:, cols], xu[:, cols], options)
+    assert (library.p_value, library.statistic, library.protocol, library.alpha) == (
+        audit.p_value, audit.statistic, audit.protocol, audit.alpha)
+    assert library.protocol == options.protocol and library.alpha == options.alpha
+
+
+def test_the_minimum_set_sizes_are_stated_once() -> None:
+    # The size check, its messages, the README and the service's form (whose description the
+    # web page shows) all state cdi.options.minimum_sizes.
+    from pathlib import Path
+
+    from app.forms import AuditOptionsForm
+    from cdi.options import minimum_sizes
+
+    sizes = minimum_sizes()
+    stats.check_sizes(sizes.p, sizes.u, DEFAULT_PROTOCOL)
+    with pytest.raises(InputError, match=f"U needs at least {sizes.u} images"):
+        stats.check_sizes(sizes.p, sizes.u - 1, DEFAULT_PROTOCOL)
+    with pytest.raises(InputError, match=f"at least {sizes.p} images per set"):
+        stats.check_sizes(sizes.p - 1, sizes.u, DEFAULT_PROTOCOL)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"at least **{sizes.p} published and {sizes.u} unpublished images**" in readme
+    described = AuditOptionsForm.model_fields["protocol"].description or ""
+    assert f"at least {sizes.p} published and {sizes.u} unpublished images" in described

@@ -12,7 +12,8 @@ import pytest
 from cdi import controls, stats, verdict
 from cdi.controls import DistributionCheckResult, NegativeControlResult
 from cdi.errors import InputError
-from cdi.stats import Protocol, ProtocolOptions, ProtocolResult
+from cdi.options import Protocol, ProtocolOptions
+from cdi.stats import ProtocolResult
 from cdi.verdict import Outcome
 
 FAST = ProtocolOptions(n_permutations=199, max_permutations=20_000)
