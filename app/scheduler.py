@@ -39,10 +39,10 @@ def next_audits(session: Session, limit: int = 20) -> list[uuid.UUID]:
     if not waiting:
         return []
     tenants = {row.tenant_id for row in waiting}
-    running = dict(session.execute(  # type: ignore[arg-type]
+    running = dict(session.execute(
         select(Audit.tenant_id, func.count()).where(Audit.tenant_id.in_(tenants), Audit.state.in_(RUNNING_STATES))
         .group_by(Audit.tenant_id)).all())
-    served = dict(session.execute(  # type: ignore[arg-type]
+    served = dict(session.execute(
         select(Audit.tenant_id, func.max(Audit.started_at)).where(Audit.tenant_id.in_(tenants))
         .group_by(Audit.tenant_id)).all())
     queues: dict[uuid.UUID, list[uuid.UUID]] = {}

@@ -17,8 +17,8 @@ from typing import Any
 from cdi.errors import CdiError, InputError
 from cdi.features.layout import FeatureSet
 from cdi.options import DEFAULT_ALPHA
-from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 from cdi.pvalue import format_p_value
+from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 
 
 class ProgressBar:
