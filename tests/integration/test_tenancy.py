@@ -138,6 +138,10 @@ def test_tenants_take_turns_and_see_nothing_of_each_other(
     a_report = service.client.get(f"/v1/audits/{a_ids[0]}/report", headers=service.headers(alice)).json()  # type: ignore[attr-defined]
     b_report = service.client.get(f"/v1/audits/{b_id}/report", headers=service.headers(bob)).json()  # type: ignore[attr-defined]
     assert b_report["manifest"]["passes"]["cached_images"] == 0
+    # Timings: the same stages, and B's extraction a computation's, not a cache read's (a cached
+    # one took 0.04 s where computing took seconds).
+    a_t, b_t = a_report["manifest"]["timings_seconds"], b_report["manifest"]["timings_seconds"]
+    assert set(a_t) == set(b_t) and b_t["extracting"] >= 0.25 * a_t["extracting"] > 0, (a_t, b_t)
     assert _comparable(b_report) == _comparable(a_report)
     for key in ("state", "verdict", "p_value", "progress", "n_published", "n_unpublished", "error"):
         assert b_status[key] == first[key], key
