@@ -336,7 +336,8 @@ def _client_call(fn: Any) -> Any:
 @_client_call
 def cmd_submit(args: argparse.Namespace) -> int:
     options = {"alpha": args.alpha, "protocol": args.protocol, "features": args.features, "seed": args.seed,
-               "callback_url": args.callback_url, "captions": args.captions, "labels": args.labels}
+               "precision": args.precision, "batch_size": args.batch_size, "callback_url": args.callback_url,
+               "captions": args.captions, "labels": args.labels}
     with _client(args) as client:
         if len(args.images) == 1:
             # A folder holding published/ and unpublished/ is zipped with both at the top.
@@ -455,7 +456,10 @@ def register_submit(sub: Any) -> None:
     p.add_argument("--model", required=True, help="a model id (see GET /v1/models)")
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--protocol", choices=[p.value for p in Protocol], default=None)
-    p.add_argument("--features", choices=["all", "gradient-free"], default=None)
+    p.add_argument("--features", choices=["verdict", "all", "gradient-free"], default=None,
+                   help="verdict (the service's default): only what the verdict reads; all: the 26 features")
+    p.add_argument("--precision", choices=["fp32", "auto", "bf16", "fp16"], default=None)
+    p.add_argument("--batch-size", default=None, metavar="N|auto")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--captions", default=None, help="CSV or JSONL of captions")
     p.add_argument("--labels", default=None, help="CSV or JSONL of class labels")

@@ -102,14 +102,21 @@ class CdiClient:
                unpublished: PathOrFile | None = None, captions: PathOrFile | None = None,
                labels: PathOrFile | None = None, alpha: float | None = None, protocol: str | None = None,
                features: str | None = None, seed: int | None = None,
-               callback_url: str | None = None, reference_model: str | None = None) -> dict[str, Any]:
+               callback_url: str | None = None, reference_model: str | None = None,
+               precision: str | None = None, batch_size: int | str | None = None,
+               sequential: bool | None = None, looks: int | None = None, spending: str | None = None,
+               futility: bool | None = None) -> dict[str, Any]:
         """Upload one ``archive`` (or ``published`` and ``unpublished`` zips); the files stream."""
         if (archive is None) == (published is None or unpublished is None):
             raise ValueError("give either archive, or both published and unpublished")
         data: dict[str, str] = {"model": model}
         options: dict[str, object] = {"alpha": alpha, "protocol": protocol, "features": features, "seed": seed,
-                                      "callback_url": callback_url, "reference_model": reference_model}
+                                      "callback_url": callback_url, "reference_model": reference_model,
+                                      "precision": precision, "batch_size": batch_size, "looks": looks,
+                                      "spending": spending}
         data.update({k: str(v) for k, v in options.items() if v is not None})
+        data.update({k: str(v).lower() for k, v in (("sequential", sequential), ("futility", futility))
+                     if v is not None})
         uploads: dict[str, PathOrFile | None] = {"archive": archive, "published": published,
                                                  "unpublished": unpublished, "captions": captions,
                                                  "labels": labels}

@@ -22,13 +22,16 @@ from cdi.options import (
     minimum_sizes,
 )
 
-__all__ = ["FEATURE_SETS", "PROTOCOLS", "SPENDING_RULES", "AuditForm", "AuditOptionsForm", "FeatureSetName",
-           "ProtocolName", "SpendingName", "form_schema"]
+__all__ = ["FEATURE_SETS", "PRECISIONS", "PROTOCOLS", "SPENDING_RULES", "AuditForm", "AuditOptionsForm",
+           "FeatureSetName", "PrecisionName", "ProtocolName", "SpendingName", "form_schema"]
 
 ProtocolName = Literal["directional", "crossfit", "reference"]
-FeatureSetName = Literal["all", "gradient-free"]
+FeatureSetName = Literal["verdict", "all", "gradient-free"]
+PrecisionName = Literal["fp32", "auto", "bf16", "fp16"]
 PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
 FEATURE_SETS: tuple[str, ...] = get_args(FeatureSetName)
+#: The values of :data:`cdi.features.passes.PRECISIONS` (a test keeps them equal).
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 #: The values of :class:`cdi.options.Spending` (a test keeps them equal).
 SpendingName = Literal["obrien-fleming", "pocock"]
 SPENDING_RULES: tuple[str, ...] = get_args(SpendingName)
@@ -63,7 +66,17 @@ class AuditOptionsForm(BaseModel):
                     "`crossfit`: every image scored by a model that never saw it, permutation test; "
                     "`reference`: the published method's split and Welch test. " + _minimum_sizes_sentence())
     features: FeatureSetName = Field(
-        "all", description="`gradient-free` skips the two families that need gradients (faster, less power).")
+        "verdict", description="`verdict` (the default): only the features the verdict reads (about a fifth of "
+                               "the network passes of all 26, the same verdict); `all`: all 26 features, for "
+                               "studying them; `gradient-free`: the families that need no gradient.")
+    precision: PrecisionName = Field(
+        "fp32", description="The network passes' arithmetic: `fp32` (the default), `auto` (bfloat16 on a GPU, "
+                            "float32 on a CPU), `bf16` or `fp16`. Features computed at another precision are "
+                            "cached apart.")
+    batch_size: str | None = Field(
+        None, pattern=r"^(auto|[1-9][0-9]{0,2}|10[01][0-9]|102[0-4])$",
+        description="Images per batch (1 to 1024), or `auto`: sized from the accelerator's free memory (default: "
+                    "the deployment's).")
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds every random draw: the same seed, the same report.")
     sequential: bool = Field(
         _SEQUENTIAL.enabled,
@@ -123,8 +136,8 @@ def form_schema() -> dict[str, Any]:
     properties = {name: _flatten(prop) for name, prop in schema["properties"].items()}
     # The model first, then the images, then the options: the order a person fills them in.
     order = ["model", "reference_model", "archive", "published", "unpublished", "alpha", "protocol", "features",
-             "seed", "sequential", "looks", "spending", "futility", "captions", "labels", "callback_url",
-             "retain_images"]
+             "precision", "batch_size", "seed", "sequential", "looks", "spending", "futility", "captions", "labels",
+             "callback_url", "retain_images"]
     properties = {k: properties[k] for k in order if k in properties} | properties
     return {"title": "AuditForm", "description": AuditForm.__doc__, "type": "object", "properties": properties,
             "required": ["model"],

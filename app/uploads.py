@@ -69,6 +69,9 @@ class AuditRequestOptions:
     looks: int
     spending: str
     futility: bool
+    precision: str = "fp32"
+    #: Images per batch, ``"auto"``, or ``None`` (the deployment's).
+    batch_size: int | str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +79,8 @@ class AuditRequestOptions:
 
 def _option_error(exc: ValidationError) -> BadInput:
     err = exc.errors()[0]
-    name = ".".join(str(p) for p in err["loc"]) or "options"
+    # A field of several types (batch_size: a number or "auto") names the type tried after the field.
+    name = str(err["loc"][0]) if err["loc"] else "options"
     if err["type"] == "extra_forbidden":
         return BadInput(f"unknown option {name!r}", E.INVALID_OPTIONS)
     prop = AuditOptionsForm.model_json_schema()["properties"].get(name, {})
@@ -87,6 +91,8 @@ def _option_error(exc: ValidationError) -> BadInput:
         allowed = " (0 < alpha < 0.5)"
     elif name == "seed":
         allowed = " (an integer, 0 ≤ seed < 2**32)"
+    elif name == "batch_size":
+        allowed = " (an integer from 1 to 1024, or auto)"
     elif name == "callback_url":
         allowed = " (an http or https URL)"
     return BadInput(f"{name}{allowed}: {err['msg'].lower()}, got {err.get('input')!r}", E.INVALID_OPTIONS)
@@ -105,7 +111,9 @@ def parse_options(fields: Mapping[str, str]) -> tuple[AuditRequestOptions, str |
                        E.INVALID_OPTIONS)
     options = AuditRequestOptions(alpha=form.alpha, protocol=form.protocol, features=form.features, seed=form.seed,
                                   sequential=form.sequential, looks=form.looks, spending=form.spending,
-                                  futility=form.futility)
+                                  futility=form.futility, precision=form.precision,
+                                  batch_size=form.batch_size if form.batch_size in (None, "auto")
+                                  else int(str(form.batch_size)))
     return options, form.callback_url
 
 

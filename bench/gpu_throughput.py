@@ -2,8 +2,9 @@
 
 Builds, from configs and with random weights (nothing downloaded), a DiT-XL/2 at 256 px, an
 SD-1.5-sized UNet at 512 px and an SDXL-sized UNet at 1024 px (each with an SD-sized
-KL autoencoder to encode the images), runs all 26 features on random images with each
-precision, and prints images/s, network passes per image and peak memory.
+KL autoencoder to encode the images), runs the default audit's features (``verdict``: what
+its verdict reads) and all 26 on random images with each precision, and prints images/s,
+network passes per image, peak memory, and each default audit's speed-up over all 26.
 
     python bench/gpu_throughput.py                      # on CUDA (see bench/gpu.sh)
     python bench/gpu_throughput.py --device cpu --tiny  # the same code on tiny configs
@@ -150,7 +151,7 @@ def peak_memory(device: torch.device) -> float:
 
 
 def measure(model: RandomModel, spec: Spec, precision: str, batch_size: int | None, seconds: float,
-            tiny: bool) -> dict[str, float]:
+            tiny: bool, features: str = "all") -> dict[str, float]:
     rng = np.random.default_rng(0)
     size = model.image_size
     cond: ImageCondition = 3 if spec.kind == "dit" else "a caption"
@@ -159,7 +160,7 @@ def measure(model: RandomModel, spec: Spec, precision: str, batch_size: int | No
         return [ExtractionInput(f"{k:032x}{i:032x}", rng.uniform(-1, 1, (3, size, size)).astype(np.float32), cond)
                 for i in range(n)]
 
-    ex = FeatureExtractor(model, batch_size=batch_size, precision=precision, prefetch=False)
+    ex = FeatureExtractor(model, feature_set=features, batch_size=batch_size, precision=precision, prefetch=False)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     n = ex.batch_size if batch_size is not None else 1
@@ -191,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="same as --device cpu --tiny --seconds 0")
     ap.add_argument("--models", nargs="+", default=[s.name for s in SPECS], choices=[s.name for s in SPECS])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--seconds", type=float, default=40.0, help="timed seconds per model and precision (≥ 1 batch)")
+    ap.add_argument("--features", nargs="+", default=["verdict", "all"], choices=["verdict", "all", "gradient-free"],
+                    help="feature sets to measure (default: the default audit's, and all 26)")
+    ap.add_argument("--seconds", type=float, default=20.0,
+                    help="timed seconds per model, precision and feature set (≥ 1 batch)")
     ap.add_argument("--auto-batch", action="store_true", help="size batches from free memory instead of the caps")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -202,15 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    print(f"{'model':16s} {'params':>7s} {'precision':9s} {'batch':>5s} {'images/s':>9s} {'passes/img':>10s} "
-          f"{'peak GiB':>8s}")
+    print(f"{'model':16s} {'params':>7s} {'precision':9s} {'features':13s} {'batch':>5s} {'images/s':>9s} "
+          f"{'passes/img':>10s} {'peak GiB':>8s}")
     for spec in (s for s in SPECS if s.name in args.models):
         model = RandomModel(spec, device, args.tiny)
         for precision in args.precisions:
             batch_size = None if args.auto_batch else (2 if args.tiny else spec.batch_size)
-            r = measure(model, spec, precision, batch_size, args.seconds, args.tiny)
-            print(f"{spec.name:16s} {model.parameters / 1e6:6.1f}M {precision:9s} {r['batch']:5d} "
-                  f"{r['images_per_s']:9.2f} {r['passes']:10.1f} {r['peak_gib']:8.2f}", flush=True)
+            rates = {}
+            for features in args.features:
+                r = measure(model, spec, precision, batch_size, args.seconds, args.tiny, features)
+                rates[features] = r["images_per_s"]
+                print(f"{spec.name:16s} {model.parameters / 1e6:6.1f}M {precision:9s} {features:13s} {r['batch']:5d} "
+                      f"{r['images_per_s']:9.2f} {r['passes']:10.1f} {r['peak_gib']:8.2f}", flush=True)
+            if "verdict" in rates and "all" in rates:
+                print(f"{spec.name:16s} {'':7s} {precision:9s} default audit {rates['verdict'] / rates['all']:.2f}x "
+                      "the images/s of all 26", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -70,6 +70,7 @@ from cdi.options import (
 from cdi.options import Protocol as TestProtocol
 from cdi.planning import Plan, plan_audit
 from cdi.provenance import versions
+from cdi.reads import columns_read, tested_columns
 from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 from cdi.sequential import SequentialDesign, SequentialResult, control_options, design, sequential_test
 from cdi.stats import ProtocolResult, check_sizes, run_test
@@ -87,11 +88,17 @@ class AuditOptions:
 
     alpha: float = DEFAULT_ALPHA
     protocol: str = DEFAULT_PROTOCOL.value
-    features: FeatureSet = FeatureSet.ALL
+    #: ``verdict``: the features the verdict reads and nothing else (:mod:`cdi.reads`);
+    #: ``all``: the 26; ``gradient-free``: the families that need no gradient.
+    features: FeatureSet = FeatureSet.VERDICT
     seed: int = 0
     device: str = "cpu"
     dtype: str = DEFAULT_DTYPE
-    batch_size: int = DEFAULT_BATCH_SIZE
+    #: Images per batch; ``None``: sized from the accelerator's free memory (the default size on the CPU).
+    batch_size: int | None = DEFAULT_BATCH_SIZE
+    #: The passes' arithmetic: ``fp32`` (the default: the stored features' reference),
+    #: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bf16`` or ``fp16``.
+    precision: str = "fp32"
     fit_fraction: float = DEFAULT_FIT_FRACTION
     n_folds: int = DEFAULT_N_FOLDS
     n_permutations: int = DEFAULT_N_PERMUTATIONS
@@ -108,9 +115,18 @@ class AuditOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         protocol_of(self.protocol)
-        object.__setattr__(self, "features", FeatureSet(self.features))
-        if self.batch_size < 1:
-            raise InputError("batch_size must be at least 1")
+        try:
+            object.__setattr__(self, "features", FeatureSet(self.features))
+        except ValueError:
+            choices = ", ".join(f.value for f in FeatureSet)
+            raise InputError(f"unknown feature set {self.features!r}; choose one of: {choices}") from None
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise InputError(f"batch_size must be a positive integer or None (automatic), got {self.batch_size!r}")
+        from cdi.features.passes import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.protocol_options  # noqa: B018 - validates the protocol's options
@@ -124,12 +140,22 @@ class AuditOptions:
         return SequentialOptions(bool(self.sequential), self.looks, self.spending, bool(self.futility))  # type: ignore[arg-type]
 
     @property
+    def columns(self) -> list[int]:
+        """The layout columns the audit extracts (:func:`cdi.reads.columns_read`)."""
+        return columns_read(self)
+
+    @property
+    def tested_columns(self) -> list[int]:
+        """The layout columns its test and negative control see (:func:`cdi.reads.tested_columns`)."""
+        return tested_columns(self)
+
+    @property
     def protocol_options(self) -> ProtocolOptions:
         """The test's options; the directional protocol tests the selected loss-type columns."""
         return ProtocolOptions(
             self.fit_fraction, self.n_folds, self.n_permutations,
             exceedances=self.exceedances, max_permutations=self.max_permutations,
-            candidates=member_candidates(self.features.columns)[1],
+            candidates=member_candidates(self.tested_columns)[1],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,14 +235,21 @@ class AuditResult:
 
 
 def feature_key(model_digest: str, options: AuditOptions) -> str:
-    """The identity of a set of stored features: model weights, layout, parameters, seed."""
+    """The identity of a set of stored features: model weights, layout, parameters, seed,
+    the weights' dtype and the passes' precision.
+
+    Not the feature set: a feature's value does not depend on which others are computed
+    (each image's noise comes from the seed and its SHA-256, each family's calls are its
+    own), so audits of different feature sets share the rows, each adding what it lacks.
+    Nor the batch size, which moves values only by float rounding.
+    """
     payload = {
         "model": model_digest,
         "layout": LAYOUT_VERSION,
         "config": options.feature_config.to_dict(),
-        "features": options.features.value,
         "seed": options.seed,
         "dtype": options.dtype,
+        "precision": options.precision,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -314,23 +347,35 @@ def _extract(
     adapter: DiffusionAdapter, prepared: _Prepared, options: AuditOptions, key: str,
     store: FeatureStore | None, report: Callable[[str, int, int], None], rows: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, int, int, int]:
-    """Features ``[n, 26]`` of the prepared images (only ``rows`` of them if given: NaN elsewhere)."""
+    """Features ``[n, 26]`` of the prepared images (only ``rows`` of them if given: NaN elsewhere).
+
+    Of each image, the columns the options extract (NaN elsewhere): those the store holds
+    are loaded, only the missing ones computed, and each stored row is completed with them.
+    Returns the features, the images found complete in the store, and the passes made.
+    """
     from cdi.features import FeatureExtractor
     from cdi.features.extractor import ExtractionInput
 
     wanted = range(len(prepared.files)) if rows is None else rows
+    columns = options.columns
     all_shas = [f.sha256 for f in prepared.files]
     shas = [all_shas[i] for i in wanted]
     known = store.load(key, sorted(set(shas))) if store is not None else {}
     features = np.full((len(all_shas), len(FEATURE_NAMES)), np.nan)
-    todo: list[int] = []  # the first row of each image still to compute
+    stored: dict[str, np.ndarray] = {}  # each image's row as stored (or NaN), to complete
+    todo: dict[tuple[int, ...], list[int]] = {}  # missing columns → the first row of each such image
     todo_rows: dict[str, list[int]] = {}
     for i, sha in zip(wanted, shas, strict=True):
-        if sha in known:
-            features[i] = known[sha]
+        row = np.asarray(known.get(sha, np.full(len(FEATURE_NAMES), np.nan)), dtype=np.float64)
+        if row.shape != (len(FEATURE_NAMES),):
+            row = np.full(len(FEATURE_NAMES), np.nan)  # a row of another layout: recomputed
+        features[i, columns] = row[columns]
+        missing = tuple(c for c in columns if np.isnan(row[c]))
+        if not missing:
             continue
         if sha not in todo_rows:
-            todo.append(i)
+            stored[sha] = row.copy()
+            todo.setdefault(missing, []).append(i)
             todo_rows[sha] = []
         todo_rows[sha].append(i)
 
@@ -342,25 +387,32 @@ def _extract(
         return ExtractionInput(f.sha256, pixels, prepared.conditions[i], displayed_size(img))
 
     cached = len(shas) - sum(len(v) for v in todo_rows.values())
-    # Passes run in the model's own dtype, never under autocast: stored features are keyed by
-    # that dtype (feature_key), and bfloat16 autocast's verdicts are not yet measured on a GPU.
     extractor = FeatureExtractor(
-        adapter, feature_set=options.features, config=options.feature_config,
-        seed=options.seed, batch_size=options.batch_size, precision="fp32",
+        adapter, columns=columns, config=options.feature_config,
+        seed=options.seed, batch_size=options.batch_size, precision=options.precision,
     )
-
-    def on_batch(items: Sequence[ExtractionInput], values: np.ndarray) -> None:
-        for it, v in zip(items, values, strict=True):
-            for row in todo_rows[it.sha256]:
-                features[row] = v
-        if store is not None:
-            store.save(key, {it.sha256: v for it, v in zip(items, values, strict=True)})
-
     report("extracting", cached, len(shas))
-    extractor.extract(
-        todo, progress=lambda done, _total: report("extracting", cached + done, len(shas)),
-        on_batch=on_batch, load=load,
-    )
+    done = cached
+    for missing, images in todo.items():
+
+        def on_batch(items: Sequence[ExtractionInput], values: np.ndarray, missing: tuple[int, ...] = missing) -> None:
+            cols = list(missing)
+            complete = {}
+            for it, v in zip(items, values, strict=True):
+                row = stored[it.sha256]
+                row[cols] = v[cols]
+                complete[it.sha256] = row
+                for r in todo_rows[it.sha256]:
+                    features[r, cols] = v[cols]
+            if store is not None:
+                store.save(key, complete)
+
+        offset = done
+        extractor.extract(
+            images, progress=lambda d, _total, offset=offset: report("extracting", offset + d, len(shas)),  # type: ignore[misc]
+            on_batch=on_batch, load=load, columns=missing,
+        )
+        done += len(images)
     return features, cached, extractor.passes.forward, extractor.passes.backward
 
 
@@ -638,7 +690,7 @@ def controls_step(features_p: np.ndarray, features_u: np.ndarray, stats_p: np.nd
                   options: AuditOptions, protocol_options: ProtocolOptions) -> Controls:
     """The negative control (U's halves, ``protocol_options``), the model-free distribution
     check (image statistics ``stats_*``) and the direction check, on full feature rows ``[n, 26]``."""
-    control = negative_control(features_u[:, options.features.columns], options.protocol, protocol_options,
+    control = negative_control(features_u[:, options.tested_columns], options.protocol, protocol_options,
                                alpha=options.alpha, random_state=options.seed + 1)
     dist = distribution_check(stats_p, stats_u, random_state=options.seed + 2)
     return Controls(control, dist, direction_check(features_p, features_u))
@@ -658,7 +710,7 @@ def _fixed(models: Models, prepared: _Prepared, options: AuditOptions, store: Fe
            report: ProgressFn) -> tuple[Tested, dict[str, float]]:
     """Extract every image, then test, control and decide once."""
     p_rows, u_rows = _set_rows(prepared)
-    cols = options.features.columns
+    cols = options.tested_columns
     features, extracting = _timed(
         lambda: extract_step(models, prepared, options, store, range(len(prepared.files)), report))
     report("scoring", 0, 1)
@@ -692,7 +744,7 @@ class _Looks:
         self.extracting = 0.0
 
     def features_for(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        look, cols = self.design.looks[k], self.options.features.columns
+        look, cols = self.design.looks[k], self.options.tested_columns
         wanted = np.r_[self.p_rows[: look.n_p], self.u_rows[: look.n_u]].tolist()
         rows = [i for i in wanted if np.isnan(self.features.values[i]).all()]
         if rows:
@@ -726,7 +778,7 @@ def _sequential(models: Models, prepared: _Prepared, options: AuditOptions, stor
     design_ = design(len(p_rows), len(u_rows), options.sequential_options, options.alpha,
                      floor=1.0 / (1 + options.max_permutations))
     looks = _Looks(models, prepared, options, store, report, design_)
-    empty = np.empty((0, len(options.features.columns)))
+    empty = np.empty((0, len(options.tested_columns)))
     seq, seconds = _timed(lambda: sequential_test(empty, empty, design_, options.protocol_options,
                                                   random_state=options.seed, controls=looks.passes,
                                                   features_for=looks.features_for))
@@ -746,7 +798,7 @@ def plan_step(tested: Tested, prepared: _Prepared, options: AuditOptions) -> Pla
     if tested.verdict.outcome is not Outcome.NOT_DETECTED:
         return None
     p_rows, u_rows = _set_rows(prepared)
-    cols, x = options.features.columns, tested.features.values
+    cols, x = options.tested_columns, tested.features.values
     return plan_audit(x[p_rows[: tested.n_p]][:, cols], x[u_rows[: tested.n_u]][:, cols], cols,
                       alpha=options.alpha, bootstraps=100, random_state=options.seed)
 

@@ -86,7 +86,7 @@ def cmd_features(args: argparse.Namespace) -> int:
                          allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale,
                          config=args.config)
     extractor = FeatureExtractor(
-        adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size
+        adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size, precision=args.precision
     )
     result = extractor.extract_files(files, conditions, progress=ProgressBar("features"))
     for err in result.failures:
@@ -101,7 +101,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         check_reference(adapter, reference)
         # The same seed and image hashes: the same per-image noise as the audited model's.
         ref_extractor = FeatureExtractor(
-            reference, feature_set=args.features, seed=args.seed, batch_size=args.batch_size
+            reference, feature_set=args.features, seed=args.seed, batch_size=args.batch_size,
+            precision=args.precision,
         )
         reference_rows = ref_extractor.extract_files(files, conditions, progress=ProgressBar("reference")).rows
     out = Path(args.out)
@@ -218,7 +219,7 @@ def _audit_options(args: argparse.Namespace) -> Any:
 
     return AuditOptions(
         alpha=args.alpha, protocol=args.protocol, features=args.features, seed=args.seed,
-        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, precision=args.precision,
         sequential=args.sequential, looks=args.looks, spending=args.spending, futility=args.futility,
     )
 
@@ -293,6 +294,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cdi.planning import plan_audit
+    from cdi.reads import columns_read, tested_columns
 
     options = {"alpha": args.alpha, "power": args.power, "u_ratio": args.u_ratio, "random_state": args.seed}
     if args.report:
@@ -305,10 +307,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from cdi.features import FeatureExtractor
         from cdi.models import load_model
 
-        columns = FeatureSet(args.features).columns
+        # The pilot's features: those the planned (directional) audit's test reads.
+        planned = argparse.Namespace(protocol="directional", features=args.features)
+        columns = tested_columns(planned)
         adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                              config=args.config)
-        extractor = FeatureExtractor(adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size)
+        extractor = FeatureExtractor(adapter, columns=columns_read(planned), seed=args.seed,
+                                     batch_size=args.batch_size, precision=args.precision)
         pilot = []
         for folder in (args.published, args.unpublished):
             files = _read_folder(folder)
@@ -405,13 +410,39 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin, .ckpt, .pt), which run code when loaded "
                         "(also CDI_ALLOW_PICKLE=1); only for files you trust")
-    p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.ALL.value)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    _add_feature_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
+
+
+def _batch_size(text: str) -> int | None:
+    """``--batch-size``: a positive integer, or ``auto`` (sized from the accelerator's memory)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer or auto, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer or auto, not {text!r}")
+    return value
+
+
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    from cdi.features.passes import PRECISIONS
+
+    p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.VERDICT.value,
+                   help="verdict: only the features the verdict reads (the default of cdi audit and cdi plan); "
+                        "all: the 26 (the default of cdi features); "
+                        "gradient-free: the families that need no gradient")
+    p.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE, metavar="N|auto",
+                   help=f"images per batch, or auto: sized from the accelerator's free memory "
+                        f"(default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="network passes' arithmetic: fp32 (default), auto (bfloat16 on CUDA), bf16 or fp16")
 
 
 def _alpha(text: str) -> float:
@@ -463,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.set_defaults(func=cmd_features)
+    # A feature table is for studying the features: all 26 unless asked for fewer.
+    p.set_defaults(func=cmd_features, features="all")
 
     p = sub.add_parser("plan", help="how many images an audit needs, from a pilot or an earlier report")
     p.add_argument("--report", help="an earlier report (JSON): its images are the pilot")
@@ -473,8 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
     p.add_argument("--published", help="folder of a few published images (the pilot's P)")
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
-    p.add_argument("--features", choices=[f.value for f in FeatureSet], default=FeatureSet.ALL.value)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    _add_feature_options(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")

@@ -68,6 +68,7 @@ from cdi.options import (
     Protocol,
     ProtocolOptions,
 )
+from cdi.reads import DIRECTION_FEATURES  # declared with the other parts of the verdict that read features
 from cdi.scoring import validate_features
 from cdi.stats import (
     ProtocolResult,
@@ -907,8 +908,6 @@ def duplicates_to_exclude(report: DuplicateReport) -> Exclusion:
     return Exclusion(p=tuple(sorted(drop_p)), u=tuple(sorted(drop_u)), reasons=tuple(reasons))
 
 
-#: Loss-type features computed in both feature sets, lower for training images (method §4).
-DIRECTION_FEATURES = ("dl", "ml_t000", "ml_t100", "ml_t200")
 
 
 def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:

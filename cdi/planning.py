@@ -194,7 +194,7 @@ def plan_audit(
     """Plan an audit from pilot features of the tested columns (see the module docstring).
 
     ``features_p`` ``[n_p, k]``, ``features_u`` ``[n_u, k]``: the pilot's features, the layout
-    columns ``columns`` (those the audit's test sees: ``FeatureSet(...).columns``).
+    columns ``columns`` (those the audit's test sees: ``AuditOptions.tested_columns``).
     ``u_ratio``: U's size relative to P's in the planned audit (default: the pilot's). Raises
     :class:`InputError` for a pilot of fewer than 3 images per set or options out of range.
     """

@@ -158,10 +158,13 @@ class DatabaseFeatureStore:
         self.run = run
         self.reused = 0
         self.computed = 0
+        #: Rows found stored: one the audit then completes (a partial row) counts as computed.
+        self._loaded: set[str] = set()
 
     def load(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         with self.session_factory() as session:
             rows = FeatureRepository(session).load(key, sha256s)
+            self._loaded.update(rows)
             self.reused += len(rows)
             AuditRepository(session).update_run(self.audit_id, self.attempt, features_reused=self.reused)
             session.commit()
@@ -172,7 +175,11 @@ class DatabaseFeatureStore:
         with self.session_factory() as session:
             FeatureRepository(session).save(key, rows)
             self.computed += len(rows)
-            AuditRepository(session).update_run(self.audit_id, self.attempt, features_computed=self.computed)
+            completed = self._loaded.intersection(rows)
+            self._loaded -= completed
+            self.reused -= len(completed)
+            AuditRepository(session).update_run(self.audit_id, self.attempt, features_computed=self.computed,
+                                                features_reused=self.reused)
             session.commit()
         self.run.check()
 
@@ -643,11 +650,14 @@ def _options(opts: Mapping[str, Any], device: str, batch_size: int) -> AuditOpti
     from cdi.audit import AuditOptions
     from cdi.features.layout import FeatureSet
 
+    # Audits queued before these options existed hold no such keys: the defaults of then.
+    extra = {k: opts[k] for k in ("sequential", "looks", "spending", "futility", "precision") if k in opts}
+    chosen = opts.get("batch_size")  # the form's: a number, "auto", or absent (the deployment's)
+    if chosen is not None:
+        extra["batch_size"] = None if chosen == "auto" else int(chosen)
     return AuditOptions(alpha=float(opts["alpha"]), protocol=str(opts["protocol"]),
                         features=FeatureSet(opts["features"]), seed=int(opts["seed"]), device=device,
-                        batch_size=batch_size,
-                        # Audits queued before sequential audits existed hold no such keys.
-                        **{k: opts[k] for k in ("sequential", "looks", "spending", "futility") if k in opts})
+                        **{"batch_size": batch_size, **extra})
 
 
 @dataclass(frozen=True)

@@ -298,8 +298,9 @@ class FeatureRow(Base):
     """A cached per-image feature vector.
 
     ``cache_key`` is computed by :func:`cdi.audit.audit` from the model's identity, the feature
-    layout version, the feature configuration, the seed and the feature set; with the image's
-    SHA-256 it identifies the vector exactly, whichever audit or tenant computed it.
+    layout version, the feature configuration, the seed, the dtype and the precision; with the
+    image's SHA-256 it identifies the vector exactly, whichever audit or tenant computed it.
+    A vector may be partial (NaN where a feature was not computed); a later save completes it.
     """
 
     __tablename__ = "features"

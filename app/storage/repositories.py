@@ -584,27 +584,43 @@ class FeatureRepository:
         return out
 
     def save(self, key: str, rows: Mapping[str, np.ndarray]) -> None:
-        """Store the rows (a row stored already, e.g. by a concurrent audit, is kept)."""
+        """Store the rows; a row may be partial (NaN where a feature was not computed).
+
+        A row stored already is completed, never overwritten: its values stay, and the new
+        row fills only its NaN entries (a later audit that needed more features adds them).
+        """
         if not rows:
             return
         hashed = hash_cache_key(key)
+        stored = self.load(key, rows.keys())
         values = []
         for sha, vec in rows.items():
             arr = np.ascontiguousarray(vec)
+            old = stored.get(sha)
+            if old is not None and old.shape == arr.shape:
+                if not np.isnan(old).any():
+                    continue
+                arr = np.ascontiguousarray(np.where(np.isnan(old), arr, old).astype(arr.dtype))
             values.append({"cache_key": hashed, "sha256": sha, "dtype": arr.dtype.str,
                            "shape": ",".join(str(s) for s in arr.shape), "data": arr.tobytes(),
                            "created_at": utcnow()})
+        if not values:
+            return
         dialect = self.session.get_bind().dialect.name
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            stmt: Any = pg_insert(FeatureRow).on_conflict_do_nothing(index_elements=["cache_key", "sha256"])
+            insert: Any = pg_insert(FeatureRow)
         elif dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-            stmt = sqlite_insert(FeatureRow).on_conflict_do_nothing(index_elements=["cache_key", "sha256"])
+            insert = sqlite_insert(FeatureRow)
         else:  # pragma: no cover - only Postgres and SQLite are supported
             raise RuntimeError(f"unsupported database {dialect}")
+        stmt = insert.on_conflict_do_update(
+            index_elements=["cache_key", "sha256"],
+            set_={"dtype": insert.excluded.dtype, "shape": insert.excluded.shape, "data": insert.excluded.data},
+        )
         self.session.execute(stmt, values)
 
     def count(self, key: str | None = None) -> int:

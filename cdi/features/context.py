@@ -132,12 +132,16 @@ class Batch:
     """
 
     def __init__(self, adapter: DiffusionAdapter, z0: torch.Tensor, noise: NoiseDraws,
-                 config: FeatureConfig, *, rounding: float = FP32_ROUNDING, isolate_gm: bool = False) -> None:
+                 config: FeatureConfig, *, rounding: float = FP32_ROUNDING, isolate_gm: bool = False,
+                 timesteps: dict[str, tuple[int, ...]] | None = None) -> None:
         self.adapter = adapter
         self.z0 = z0
         self.noise = noise
         self.config = config
         self.schedule = adapter.schedule
+        #: The timesteps GM and ML compute (default: all of the layout's), in layout order.
+        self.gm_timesteps = (timesteps or {}).get("gm", tuple(config.gm_timesteps))
+        self.ml_timesteps = (timesteps or {}).get("ml", tuple(config.gm_timesteps))
         #: How far (relative to a sample's largest entry) a gradient of a fused network call
         #: may stray from the same sample's gradient computed alone, with room to spare.
         self.rounding = rounding

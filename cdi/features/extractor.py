@@ -7,7 +7,7 @@ generator (seed, SHA-256), so an image's features do not depend on its batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +16,9 @@ import torch
 
 from cdi.errors import ImageError, InputError
 from cdi.features.config import FeatureConfig
-from cdi.features.context import Batch, FamilyRun, NoiseDraws, PassCounter
+from cdi.features.context import Batch, CallResult, FamilyRun, NoiseDraws, PassCounter
 from cdi.features.gradient_masking import gradient_masking
-from cdi.features.layout import FAMILY_COLUMNS, FEATURE_NAMES, FeatureSet
+from cdi.features.layout import FEATURE_NAMES, FeatureSet
 from cdi.features.loss import denoising_loss, multiple_loss
 from cdi.features.noise_optimisation import noise_optimisation, noise_optimisation_depth
 from cdi.features.passes import PRECISIONS, MemoryBudget, PassRunner, free_device_memory
@@ -28,7 +28,17 @@ from cdi.features.scheduler import CallScheduler
 from cdi.features.secmi import secmi_depth, secmi_stat
 from cdi.images import ImageFile, displayed_size, open_image, to_model_array
 from cdi.models.base import DiffusionAdapter, ImageCondition
+from cdi.options import DEFAULT_PROTOCOL
+from cdi.reads import columns_read, family_columns, timesteps_of
 from cdi.runtime import DEFAULT_BATCH_SIZE
+
+
+@dataclass(frozen=True)
+class _DefaultOptions:
+    """A feature set under the default protocol, for :func:`cdi.reads.columns_read`."""
+
+    features: FeatureSet
+    protocol: str = DEFAULT_PROTOCOL.value
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,13 @@ MEMORY_SHARE = 0.8
 class FeatureExtractor:
     """Computes CDI features for batches of images with one model.
 
+    ``columns`` (indices into :data:`~cdi.features.layout.FEATURE_NAMES`) chooses the
+    features computed, finer than families (ML and GM at some timesteps only); by default
+    those of ``feature_set`` (``verdict``: what the default audit's verdict reads, see
+    :mod:`cdi.reads`). The features the default verdict reads are always computed first, on
+    their own (with the same calls whatever else is asked), so that they are the same bits
+    in every feature set; later features reuse their calls where they can.
+
     Parameters are stored as given; ``share_work=False`` runs each family on its own, with
     its own encoding and passes, as the reference code does (the benchmark's baseline).
 
@@ -123,6 +140,7 @@ class FeatureExtractor:
         adapter: DiffusionAdapter,
         *,
         feature_set: FeatureSet | str = FeatureSet.ALL,
+        columns: Sequence[int] | None = None,
         config: FeatureConfig | None = None,
         seed: int = 0,
         batch_size: int | None = DEFAULT_BATCH_SIZE,
@@ -135,6 +153,12 @@ class FeatureExtractor:
     ) -> None:
         self.adapter = adapter
         self.feature_set = FeatureSet(feature_set)
+        if columns is None:
+            columns = columns_read(_DefaultOptions(self.feature_set))
+        bad = [c for c in columns if not 0 <= int(c) < len(FEATURE_NAMES)]
+        if bad or not columns:
+            raise InputError(f"columns must be a non-empty list of indices 0 … {len(FEATURE_NAMES) - 1}")
+        self.columns = sorted({int(c) for c in columns})
         self.config = config or FeatureConfig()
         self.seed = int(seed)
         if batch_size is not None and batch_size < 1:
@@ -202,32 +226,44 @@ class FeatureExtractor:
             return None
         return torch.cat([p for p in parts if p is not None])
 
-    def _batch(self, prepared: _Prepared) -> np.ndarray:
+    def _stages(self, columns: Sequence[int]) -> list[dict[str, list[int]]]:
+        """``columns`` by family, in stages: first those the default verdict reads, then the rest."""
+        first = set(columns_read(_DefaultOptions(FeatureSet.VERDICT)))
+        stages = [family_columns([c for c in columns if c in first]),
+                  family_columns([c for c in columns if c not in first])]
+        return [s for s in stages if s]
+
+    def _batch(self, prepared: _Prepared, columns: Sequence[int] | None = None) -> np.ndarray:
         items, pixels, cond = prepared.items, prepared.pixels, prepared.cond
         shas = [it.sha256 for it in items]
         out = np.full((len(items), len(FEATURE_NAMES)), np.nan, dtype=np.float64)
-        families = [f for f in FAMILIES if f in self.feature_set.families]
+        stages = self._stages(self.columns if columns is None else columns)
 
-        def batch(z0: torch.Tensor | None = None) -> Batch:
+        def batch(wanted: dict[str, list[int]], z0: torch.Tensor | None = None) -> Batch:
             z0 = self._encode(pixels) if z0 is None else z0
             noise = NoiseDraws.draw(self.seed, shas, z0.shape[1:], self.config.dl_repeats, z0.device)
             return Batch(self.adapter, z0, noise, self.config, rounding=self.runner.rounding,
-                         isolate_gm=self._isolate_gm())
+                         isolate_gm=self._isolate_gm(),
+                         timesteps={f: timesteps_of(f, wanted[f]) for f in ("gm", "ml") if f in wanted})
 
-        if self.share_work:
-            b = batch(prepared.z0)
-            runs = {f: FAMILIES[f].run(b) for f in families}
-            depths = {f: FAMILIES[f].depth(self.config) for f in families}
-            values = self._scheduler(cond).run(runs, depths)
-            self._gm_recomputed += b.gm_recomputed
-            self._gm_masks += b.gm_masks
-        else:
-            # As the reference code does: each family encodes again and makes its own calls.
-            values = {}
-            for f in families:
-                values.update(self._scheduler(cond).run({f: FAMILIES[f].run(batch())}))
-        for f in families:
-            out[:, FAMILY_COLUMNS[f]] = values[f].detach().double().cpu().numpy()
+        cache: dict[Hashable, CallResult] = {}
+        for wanted in stages:
+            if self.share_work:
+                # One cache for every stage: a later stage reuses the earlier stages' calls
+                # (PIA's ε̂(z0, 0) is SecMI's first step); an earlier one never sees a later call.
+                b = batch(wanted, prepared.z0)
+                runs = {f: FAMILIES[f].run(b) for f in wanted}
+                depths = {f: FAMILIES[f].depth(self.config) for f in wanted}
+                values = self._scheduler(cond, cache).run(runs, depths)
+                self._gm_recomputed += b.gm_recomputed
+                self._gm_masks += b.gm_masks
+            else:
+                # As the reference code does: each family encodes again and makes its own calls.
+                values = {}
+                for f in wanted:
+                    values.update(self._scheduler(cond).run({f: FAMILIES[f].run(batch(wanted))}))
+            for f, cols in wanted.items():
+                out[:, cols] = values[f].detach().double().cpu().numpy()
         return out
 
     def _isolate_gm(self) -> bool:
@@ -235,9 +271,10 @@ class FeatureExtractor:
         the masks seen so far were near-ties, fusing first only adds a pass."""
         return self._gm_masks >= GM_MASKS_SEEN and self._gm_recomputed > self._gm_masks / 2
 
-    def _scheduler(self, cond: torch.Tensor | None) -> CallScheduler:
+    def _scheduler(self, cond: torch.Tensor | None,
+                   cache: dict[Hashable, CallResult] | None = None) -> CallScheduler:
         return CallScheduler(self.adapter, cond, self.passes, share=self.share_work,
-                             max_fused=self.runner.budget.counts[False], runner=self.runner)
+                             max_fused=self.runner.budget.counts[False], runner=self.runner, cache=cache)
 
     def _auto_batch_size(self, first: ExtractionInput) -> None:
         """Size batches by the memory a gradient pass takes per sample (accelerators only),
@@ -264,8 +301,12 @@ class FeatureExtractor:
         progress: Callable[[int, int], None] | None = None,
         on_batch: Callable[[Sequence[ExtractionInput], np.ndarray], None] | None = None,
         load: Callable[[Any], ExtractionInput] | None = None,
+        columns: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Features ``[N, 26]`` float64 of ``items``, in order.
+        """Features ``[N, 26]`` float64 of ``items``, in order (NaN where not computed).
+
+        ``columns``: compute these instead of the extractor's :attr:`columns` (the features an
+        image still lacks, where the others are stored already).
 
         ``items`` are :class:`ExtractionInput` s, or anything ``load`` turns into one: then
         each batch is loaded (decoded, preprocessed) in the prefetch thread while the previous
@@ -284,7 +325,7 @@ class FeatureExtractor:
 
         done = 0
         for prepared in prefetched(chunks, prepare, enabled=self.prefetch):
-            values = self._batch(prepared)
+            values = self._batch(prepared, columns)
             n = len(prepared.items)
             out[done : done + n] = values
             done += n

@@ -36,7 +36,7 @@ def near_tie(g: torch.Tensor, ratio: float, rounding: float) -> torch.Tensor:
 
 
 def gradient_masking(b: Batch) -> FamilyRun:
-    """GM ``[B, len(T)]`` (method §4, idx 4–13).
+    """GM ``[B, len(T)]`` at the timesteps ``b.gm_timesteps`` (method §4, idx 4–13).
 
     The mask is a discontinuous function of the gradient, so it is always the mask of the
     gradient computed from the image's own input alone: the gradient passes run fused
@@ -46,7 +46,7 @@ def gradient_masking(b: Batch) -> FamilyRun:
     with it the feature, is then the same in every batch. Where most masks are near-ties
     (large inputs, reduced precision), ``b.isolate_gm`` isolates every gradient pass at once.
     """
-    noise, z0, ts, ratio = b.noise.shared, b.z0, b.config.gm_timesteps, b.config.gm_mask_ratio
+    noise, z0, ts, ratio = b.noise.shared, b.z0, b.gm_timesteps, b.config.gm_mask_ratio
     inputs = [b.q(t, noise) for t in ts]
     fused = yield [Call(shared_noise_key(t), x, t, target=noise, isolated=b.isolate_gm)
                    for t, x in zip(ts, inputs, strict=True)]

@@ -86,22 +86,31 @@ FAMILY_COLUMNS: dict[str, slice] = {
 class FeatureSet(str, Enum):
     """Which features are computed.
 
-    ``ALL`` is the "grey-box" set of all 26; ``GRADIENT_FREE`` needs only noise predictions
-    (DL, SecMI, PIA, PIAN, ML), for models served without gradient access.
+    ``VERDICT`` (the default) is what the audit's verdict reads and nothing else: the union
+    of the declarations in :mod:`cdi.reads`, which depends on the protocol (the directional
+    test reads six features; a scorer protocol every one of the 26). ``ALL`` is the
+    "grey-box" set of all 26; ``GRADIENT_FREE`` needs only noise predictions (DL, SecMI, PIA,
+    PIAN, ML), for models served without gradient access.
     """
 
+    VERDICT = "verdict"
     ALL = "all"
     GRADIENT_FREE = "gradient-free"
 
     @property
     def families(self) -> tuple[str, ...]:
-        if self is FeatureSet.ALL:
+        """The families the set may compute (``VERDICT``: any of them, as its readers ask)."""
+        if self is not FeatureSet.GRADIENT_FREE:
             return ("dl", "secmi", "pia", "pian", "gm", "ml", "no")
         return ("dl", "secmi", "pia", "pian", "ml")
 
     @property
     def columns(self) -> list[int]:
-        """Indices into :data:`FEATURE_NAMES` of the features this set computes."""
+        """Indices into :data:`FEATURE_NAMES` of the features this set may compute.
+
+        For ``VERDICT`` that is all 26; what an audit extracts of them is
+        :func:`cdi.reads.columns_read` of its options.
+        """
         out: list[int] = []
         for family in self.families:
             sl = FAMILY_COLUMNS[family]

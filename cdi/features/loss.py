@@ -17,7 +17,7 @@ def denoising_loss(b: Batch) -> FamilyRun:
 
 
 def multiple_loss(b: Batch) -> FamilyRun:
-    """ML ``[B, len(T)]``: ‖ε̂(q(z0,t,ε),t) − ε‖₂ for each t, with the shared ε."""
-    noise, ts = b.noise.shared, b.config.gm_timesteps
+    """ML ``[B, len(T)]``: ‖ε̂(q(z0,t,ε),t) − ε‖₂ for each t of ``b.ml_timesteps``, with the shared ε."""
+    noise, ts = b.noise.shared, b.ml_timesteps
     results = yield [Call(shared_noise_key(t), b.q(t, noise), t) for t in ts]
     return torch.stack([l2(r.eps - noise) for r in results], dim=1)

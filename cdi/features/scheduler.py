@@ -53,14 +53,16 @@ class _Slot:
 
 class CallScheduler:
     def __init__(self, adapter: DiffusionAdapter, cond: torch.Tensor | None, counter: PassCounter,
-                 *, share: bool = True, max_fused: int = 512, runner: PassRunner | None = None) -> None:
+                 *, share: bool = True, max_fused: int = 512, runner: PassRunner | None = None,
+                 cache: dict[Hashable, CallResult] | None = None) -> None:
         self.adapter = adapter
         self.cond = cond
         self.counter = counter
         self.share = share
         self.max_fused = max(1, max_fused)
         self.runner = runner or PassRunner(adapter)
-        self._cache: dict[Hashable, CallResult] = {}
+        #: Results by call key; shared with the caller's other schedulers when it gives one.
+        self._cache: dict[Hashable, CallResult] = {} if cache is None else cache
 
     def run(self, families: dict[str, FamilyRun],
             depths: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:

@@ -97,13 +97,13 @@ def subsampling_curve(
     crossfit = test.protocol == "crossfit"
     if crossfit:
         n_perm: int | None = curve_permutations(test.alpha, opts.n_permutations)
-        options = opts.protocol_options(n_permutations=n_perm)
+        options = opts.protocol_options(report.feature_layout.used, n_permutations=n_perm)
     elif test.protocol == "directional":
         # The curve shows p-values around α: resolving each below 1/(2·h/α) would cost seconds a draw.
         n_perm = min(opts.max_permutations, math.ceil(2 * opts.exceedances / test.alpha))
-        options = opts.protocol_options(max_permutations=n_perm)
+        options = opts.protocol_options(report.feature_layout.used, max_permutations=n_perm)
     else:
-        n_perm, options = None, opts.protocol_options()
+        n_perm, options = None, opts.protocol_options(report.feature_layout.used)
     draws = draws if draws is not None else (8 if crossfit else 40)
     if draws < 1:
         raise ValueError("draws must be at least 1")

@@ -11,7 +11,8 @@ Numbers are IEEE-754 doubles written with enough digits to read back exactly, so
 can be rerun bit for bit from the file (``cdi recompute``). Values that may be infinite (a
 statistic whose samples have no spread) are written as the strings ``"Infinity"``,
 ``"-Infinity"`` or ``"NaN"``, since JSON has no such numbers. A feature that was not computed
-(the gradient-free feature set) is ``null``.
+is ``null``, and ``feature_layout.computed`` names those that were (the audit's feature set:
+by default only what the verdict reads).
 
 Changing the meaning or the shape of a field means a new ``schema_version``.
 """
@@ -360,6 +361,11 @@ class FeatureLayout(_Model):
     version: str = Field(description="version of the 26-feature layout")
     names: list[str] = Field(description="the 26 feature names, in the order of every row's features")
     used: list[str] = Field(description="the features the test used")
+    computed: list[str] | None = Field(
+        default=None, description="the features the audit extracted (its feature set: options.features); every "
+                                  "other feature of a row is null because it was not computed, not for want of a "
+                                  "value. Absent from reports made before the audits extracted by need: then "
+                                  "every non-null feature")
 
 
 class ImageRow(_Model):
@@ -408,11 +414,14 @@ class AuditOptionsRecord(_Model):
 
     alpha: FiniteFloat
     protocol: Literal["directional", "reference", "crossfit"]
-    features: Literal["all", "gradient-free"]
+    features: Literal["verdict", "all", "gradient-free"] = Field(
+        description="verdict: only the features the verdict reads; all: the 26; gradient-free: no gradient families")
     seed: Count
     device: str
     dtype: str
-    batch_size: int
+    batch_size: int | None = Field(description="images per batch; null: sized from the accelerator's memory")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="the network passes' arithmetic (fp32 in reports made before it was an option)")
     fit_fraction: FiniteFloat
     n_folds: int
     n_permutations: int
@@ -427,15 +436,21 @@ class AuditOptionsRecord(_Model):
                                                           description="sequential: alpha-spending rule")
     futility: bool = Field(default=False, description="sequential: stop not_detected for futility")
 
-    def protocol_options(self, **changes: Any) -> ProtocolOptions:
-        """The test's options as the audit ran it (``cdi.audit.AuditOptions.protocol_options``)."""
-        from cdi.features.layout import FeatureSet, member_candidates
-        from cdi.options import ProtocolOptions
+    def protocol_options(self, used: Sequence[str] | None = None, **changes: Any) -> ProtocolOptions:
+        """The test's options as the audit ran it (``cdi.audit.AuditOptions.protocol_options``).
 
+        ``used``: the names of the features the test used (the report's ``feature_layout.used``);
+        by default those the options give.
+        """
+        from cdi.features.layout import FEATURE_NAMES, member_candidates
+        from cdi.options import ProtocolOptions
+        from cdi.reads import tested_columns
+
+        columns = tested_columns(self) if used is None else [FEATURE_NAMES.index(n) for n in used]
         fields: dict[str, Any] = {
             "fit_fraction": self.fit_fraction, "n_folds": self.n_folds, "n_permutations": self.n_permutations,
             "exceedances": self.exceedances, "max_permutations": self.max_permutations,
-            "candidates": member_candidates(FeatureSet(self.features).columns)[1],
+            "candidates": member_candidates(columns)[1],
         }
         return ProtocolOptions(**{**fields, **changes})
 
@@ -561,6 +576,17 @@ class Report(_Model):
         width = len(self.feature_layout.names)
         if any(len(r.features) != width for r in self.images):
             problems.append(f"an image row does not hold {width} features")
+        layout = self.feature_layout
+        if layout.computed is not None:
+            unknown = [n for n in [*layout.computed, *layout.used] if n not in layout.names]
+            if unknown:
+                problems.append(f"feature_layout names unknown features: {', '.join(unknown)}")
+            elif not set(layout.used) <= set(layout.computed):
+                problems.append("the test used features the audit did not compute")
+            else:
+                absent = [i for i, n in enumerate(layout.names) if n not in layout.computed]
+                if any(r.features[i] is not None for r in self.images if len(r.features) == width for i in absent):
+                    problems.append("an image row holds a value for a feature the audit did not compute")
         counts = {s: sum(1 for r in self.images if r.set == s) for s in ("P", "U")}
         if (counts["P"], counts["U"]) != (t.n_p, t.n_u):
             problems.append(f"{counts['P']} P rows and {counts['U']} U rows, but the test counted {t.n_p} and {t.n_u}")
@@ -689,11 +715,11 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
 
     ``created_at`` defaults to now (UTC).
     """
-    from cdi.controls import DIRECTION_FEATURES
     from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, member_candidates
+    from cdi.reads import DIRECTION_FEATURES
 
     test, verdict, options = result.test, result.verdict, result.options
-    tested_names = member_candidates(options.features.columns)[0]
+    tested_names = member_candidates(options.tested_columns)[0]
     rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in test.rows}
     images: list[ImageRow] = []
     sides: tuple[tuple[SetName, Sequence[Any]], ...] = (("P", result.images_p), ("U", result.images_u))
@@ -776,7 +802,8 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),
         ),
         feature_layout=FeatureLayout(version=LAYOUT_VERSION, names=list(FEATURE_NAMES),
-                                     used=[FEATURE_NAMES[c] for c in options.features.columns]),
+                                     used=[FEATURE_NAMES[c] for c in options.tested_columns],
+                                     computed=[FEATURE_NAMES[c] for c in options.columns]),
         images=images,
         manifest=Manifest(
             model=model_record,

@@ -380,6 +380,9 @@ def _manifest_appendix(report: Report, curve: SubsamplingCurve, st: dict[str, An
     cfg = m.options.feature_config
     flow.append(_kv_table([
         ("layout version", layout.version), ("feature set", m.options.features),
+        *((("features computed", f"{len(layout.computed)} of {len(layout.names)}: {', '.join(layout.computed)}; "
+            "the others were not computed (empty in the JSON report), not missing values"),)
+          if layout.computed is not None and len(layout.computed) < len(layout.names) else ()),
         ("features used", f"{len(layout.used)} of {len(layout.names)}: {', '.join(layout.used)}"),
         *((f"parameter {k}", _fmt(v)) for k, v in sorted(cfg.items())),
         ("feature store key", m.feature_key),

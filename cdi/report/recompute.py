@@ -101,7 +101,7 @@ def recompute_report(report: Report) -> Recomputation:
     out = Recomputation()
     test = report.test
     opts = report.manifest.options
-    options = opts.protocol_options()
+    options = opts.protocol_options(report.feature_layout.used)
 
     # 1. From the scores alone.
     out.checks += _score_checks(report)
@@ -260,8 +260,9 @@ def plan_from_report(document: Report | Mapping[str, Any], **options: Any) -> Pl
     ``document``: a parsed :class:`~cdi.report.model.Report` or its JSON data; ``options``
     are :func:`~cdi.planning.plan_audit`'s keyword arguments.
     """
-    from cdi.features.layout import FeatureSet
+    from cdi.features.layout import FEATURE_NAMES
 
     report = document if isinstance(document, Report) else parse_report(document)
     xp, xu = report.used_features()
-    return plan_audit(xp, xu, FeatureSet(report.manifest.options.features).columns, **options)
+    columns = [FEATURE_NAMES.index(n) for n in report.feature_layout.used]
+    return plan_audit(xp, xu, columns, **options)

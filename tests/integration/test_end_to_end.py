@@ -160,6 +160,43 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
+def test_a_sequential_audit_on_a_real_worker(pg_env: dict[str, str], start_api: Callable[[dict[str, str]], str],
+                                             start_worker: Callable[..., Proc], zoo_model: Any, migrated: str,
+                                             tmp_path: Path) -> None:
+    """``sequential=true`` in the form reaches a real worker, which runs the looks and records them."""
+    from cdi.audit import AuditOptions, audit
+    from cdi.images import ImageFile
+
+    # Two looks of at least 10 + 20 images each: the controls of a crossing look need ten per set.
+    zoo_model.export(tmp_path / "export", members=20, held_out=40)
+    published, unpublished = (sorted(d.glob("*.png")) for d in _image_dirs(tmp_path / "export"))
+    archive = tmp_path / "sequential.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for folder, paths in (("published", published), ("unpublished", unpublished)):
+            for p in paths:
+                zf.write(p, f"{folder}/{p.name}")
+    library = audit([ImageFile.read(p) for p in published], [ImageFile.read(p) for p in unpublished],
+                    str(zoo_model.path), options=AuditOptions(seed=SEED, sequential=True, looks=2, spending="pocock"))
+    tenant = make_tenant(migrated, "sequential")
+    base = start_api(pg_env)
+    worker = start_worker(pg_env)
+    with CdiClient(base, tenant.key) as client:
+        accepted = client.submit(model=zoo_model.name, archive=archive, seed=SEED, sequential=True,
+                                 looks=2, spending="pocock")
+        status = client.wait(accepted["id"], poll=0.5, timeout=WAIT)
+        assert status["state"] == "done", (status, worker.output()[-4000:])
+        report = client.report(accepted["id"])
+    assert_same_verdict(report, library)
+    opts = report["manifest"]["options"]
+    assert (opts["sequential"], opts["looks"], opts["spending"], opts["features"]) == (True, 2, "pocock", "verdict")
+    seq = report["sequential"]
+    assert seq is not None and 1 <= len(seq["looks"]) <= 2
+    assert len(seq["looks"]) == len(library.sequential.looks)
+    # The features were extracted by need: the six the verdict reads, no gradient pass.
+    assert report["feature_layout"]["computed"] == ["dl", "pia", "ml_t000", "ml_t100", "ml_t200", "ml_t300"]
+    assert report["manifest"]["passes"]["backward"] == 0
+
+
 def test_end_to_end(pg_env: dict[str, str], start_api: Callable[[dict[str, str]], str],
                     start_worker: Callable[..., Proc], dataset: dict[str, Any], reference: Any,
                     zoo_model: Any, migrated: str, callbacks: Callbacks, s3_server: S3Server,

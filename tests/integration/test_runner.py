@@ -330,6 +330,25 @@ def test_feature_repository_round_trip(migrated: str) -> None:
         assert loaded[sha].dtype == np.float64
 
 
+def test_feature_repository_completes_partial_rows(migrated: str) -> None:
+    """A row stored with some features (NaN for the rest) is completed by a later save, never overwritten."""
+    key = f"partial rows {uuid.uuid4()}"
+    sha = "ab" * 32
+    partial = np.full(26, np.nan)
+    partial[[0, 2, 14]] = [1.0, 2.0, 3.0]
+    later = np.arange(26, dtype=np.float64) + 100.0  # a whole row, with other bits for the first three
+    with session_scope(migrated) as s:
+        FeatureRepository(s).save(key, {sha: partial})
+    with session_scope(migrated) as s:
+        FeatureRepository(s).save(key, {sha: later})
+        FeatureRepository(s).save(key, {sha: np.full(26, np.nan)})  # a row with less changes nothing
+    with session_scope(migrated) as s:
+        row = FeatureRepository(s).load(key, [sha])[sha]
+    expected = later.copy()
+    expected[[0, 2, 14]] = [1.0, 2.0, 3.0]
+    np.testing.assert_array_equal(row, expected)
+
+
 # --- retention, crashed attempts, image error codes ------------------------------------------
 
 

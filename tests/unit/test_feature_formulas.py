@@ -332,20 +332,29 @@ def test_levelling_fills_the_deep_chains_rounds_with_the_shallow_families_work(m
     rng = np.random.default_rng(8)
     items = [ExtractionInput(f"{i:064x}", rng.uniform(-1, 1, (1, 4, 4)).astype(np.float32)) for i in range(8)]
     levelled_adapter = RecordingAdapter()
+    # The features the default verdict does not read: one stage, whose families the scheduler
+    # levels together (those the verdict reads run first, on their own, in a stage of their own).
+    from cdi.features.extractor import _DefaultOptions
+    from cdi.reads import columns_read
+
+    first = set(columns_read(_DefaultOptions(FeatureSet.VERDICT)))
+    later = [c for c in range(len(FEATURE_NAMES)) if c not in first]
     # Forward passes fused over up to 4 batches (the default on accelerators; 1 on the CPU).
-    levelled = FeatureExtractor(levelled_adapter, seed=3, batch_size=8, max_fused=32).extract(items)
+    levelled = FeatureExtractor(levelled_adapter, columns=later, seed=3, batch_size=8, max_fused=32).extract(items)
     # The same extraction with every call due in the round it is asked for.
     flat = {name: extractor_module.Family(f.run, lambda c: 1) for name, f in extractor_module.FAMILIES.items()}
     monkeypatch.setattr(extractor_module, "FAMILIES", flat)
     eager_adapter = RecordingAdapter()
-    eager = FeatureExtractor(eager_adapter, seed=3, batch_size=8, max_fused=32).extract(items)
+    eager = FeatureExtractor(eager_adapter, columns=later, seed=3, batch_size=8, max_fused=32).extract(items)
     np.testing.assert_allclose(levelled, eager, rtol=1e-6)
     assert sum(levelled_adapter.calls) == sum(eager_adapter.calls)
     assert sum(levelled_adapter.grad_calls) == sum(eager_adapter.grad_calls)
     # Eagerly, SecMI's chain runs alone in batch-sized calls; levelled, the shallow
-    # families' calls join it, so no call is as small and the largest is smaller.
+    # families' calls join it, so fewer calls are as small and the largest is smaller.
+    # (Without DL's five draws, which the verdict's own stage takes, there is less work to
+    # spread: some of SecMI's rounds stay alone.)
     assert eager_adapter.calls.count(8) >= 8
-    assert levelled_adapter.calls.count(8) <= 1
+    assert levelled_adapter.calls.count(8) <= eager_adapter.calls.count(8) - 4
     assert max(levelled_adapter.calls) < max(eager_adapter.calls)
 
 

@@ -105,7 +105,7 @@ def test_plan_from_an_earlier_report(tmp_path, capsys) -> None:
     # The report's own images are the pilot: the same plan as from their features directly.
     report = parse_report(document)
     xp, xu = report.used_features()
-    columns = FeatureSet(report.manifest.options.features).columns
+    columns = [FEATURE_NAMES.index(n) for n in report.feature_layout.used]
     assert plan == plan_audit(xp, xu, columns, power=0.8)
     assert plan.n_per_set is not None and plan.effects
     path = tmp_path / "report.json"

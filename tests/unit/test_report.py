@@ -74,13 +74,13 @@ def synthetic_result(kind: str, *, protocol: str = "crossfit", features: str = "
         loss = [FEATURE_NAMES.index(n) for n in DIRECTION_FEATURES]
         feats[:n_p] -= 0.4
         feats[:n_p, loss] -= 0.8
-    not_computed = [c for c in range(len(FEATURE_NAMES)) if c not in options.features.columns]
+    not_computed = [c for c in range(len(FEATURE_NAMES)) if c not in options.columns]
     feats[:, not_computed] = np.nan
     stats = rng.normal(size=(n_p + n_u, len(IMAGE_STATISTIC_NAMES)))
     if kind == "shift":
         stats[:n_p, :6] += 2.0
     is_p = np.arange(n_p + n_u) < n_p
-    cols = options.features.columns
+    cols = options.tested_columns
     xp, xu = feats[is_p][:, cols], feats[~is_p][:, cols]
     test = run_test(xp, xu, protocol, options.protocol_options, alpha=options.alpha, random_state=seed)
     control = negative_control(xu, protocol, options.protocol_options, alpha=options.alpha, random_state=seed + 1)
@@ -117,6 +117,7 @@ def results() -> dict[str, AuditResult]:
         "reference": synthetic_result("used", protocol="reference", features="gradient-free", seed=2,
                                       duplicates=True),
         "directional": synthetic_result("used", protocol="directional", seed=4),
+        "verdict": synthetic_result("used", protocol="directional", features="verdict", seed=5),
     }
     for name in ("used", "not_detected", "inconclusive"):
         assert out[name].outcome == name, out[name].verdict.reason
@@ -222,6 +223,27 @@ def test_reference_report_marks_fit_rows_and_features_not_computed(results, docu
     assert "gm_t000" not in doc["feature_layout"]["used"]
     ex = doc["controls"]["excluded"]
     assert ex["p"] == [3] and ex["u"] == [7] and "dup-a.png" in ex["reasons"][0]
+
+
+def test_a_verdict_report_records_its_feature_set_and_marks_the_others_not_computed(results, documents) -> None:
+    doc = documents["verdict"]
+    layout = doc["feature_layout"]
+    read = ["dl", "pia", "ml_t000", "ml_t100", "ml_t200", "ml_t300"]
+    assert doc["manifest"]["options"]["features"] == "verdict"
+    assert layout["computed"] == read and layout["used"] == read
+    for row in doc["images"]:
+        values = dict(zip(layout["names"], row["features"], strict=True))
+        assert all(values[n] is not None for n in read)
+        assert all(v is None for n, v in values.items() if n not in read)
+    assert verify_document(doc).ok
+    # A value where the report says nothing was computed is data posing as not computed.
+    bad = json.loads(json.dumps(doc))
+    bad["images"][0]["features"][FEATURE_NAMES.index("gm_t000")] = 1.0
+    with pytest.raises(ReportFormatError, match="did not compute"):
+        parse_report(bad)
+    # The same test as the audit of all 26 features would have run: the test reads the same columns.
+    full = synthetic_result("used", protocol="directional", features="all", seed=5)
+    assert full.p_value == results["verdict"].p_value and full.outcome == results["verdict"].outcome
 
 
 def test_non_finite_statistics_are_written_as_strings(results) -> None:
@@ -342,7 +364,7 @@ def test_signature_with_a_deployment_key(results, key_pair, monkeypatch) -> None
 # --- recompute -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["used", "inconclusive", "reference", "directional"])
+@pytest.mark.parametrize("name", ["used", "inconclusive", "reference", "directional", "verdict"])
 def test_recompute_reproduces_the_test_and_the_verdict_exactly(documents, name: str) -> None:
     result = recompute_document(documents[name])
     assert result.ok, [(c.group, c.name, c.recorded, c.recomputed) for c in result.failures]

@@ -90,3 +90,14 @@ def test_same_report_same_bytes_and_the_curve_follows_its_seed() -> None:
     again = subsampling_curve(report, draws=5)
     assert (again.p_values == curve.p_values).all()
     assert render_pdf(report, curve=curve) == render_pdf(report, curve=again)
+
+
+def test_a_verdict_reports_pdf_says_which_features_were_not_computed() -> None:
+    PdfReader = pypdf.PdfReader
+    report = seal(build_report(synthetic_result("used", protocol="directional", features="verdict", seed=5)))
+    text = _flat(" ".join(p.extract_text() for p in PdfReader(io.BytesIO(render_pdf(report))).pages))
+    assert "features computed 6 of 26: dl, pia, ml_t000, ml_t100, ml_t200, ml_t300" in text
+    assert "not computed" in text
+    everything = seal(build_report(synthetic_result("used", protocol="directional", features="all", seed=5)))
+    text = _flat(" ".join(p.extract_text() for p in PdfReader(io.BytesIO(render_pdf(everything))).pages))
+    assert "features computed" not in text

@@ -297,12 +297,16 @@ def test_labels_must_be_integers_and_cover_every_image(tmp_path: Path, settings:
 
 def test_options_defaults_and_values() -> None:
     opts, cb = parse_options({})
-    assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "all", "seed": 0,
-                              "sequential": False, "looks": 4, "spending": "obrien-fleming", "futility": False}
+    assert opts.to_dict() == {"alpha": 0.01, "protocol": "directional", "features": "verdict", "seed": 0,
+                              "sequential": False, "looks": 4, "spending": "obrien-fleming", "futility": False,
+                              "precision": "fp32", "batch_size": None}
     assert cb is None
     opts, cb = parse_options({"alpha": "0.05", "protocol": "reference", "features": "gradient-free",
-                              "seed": "7", "callback_url": "https://example.org/hook"})
+                              "seed": "7", "callback_url": "https://example.org/hook", "precision": "bf16",
+                              "batch_size": "64"})
     assert (opts.alpha, opts.protocol, opts.features, opts.seed) == (0.05, "reference", "gradient-free", 7)
+    assert (opts.precision, opts.batch_size) == ("bf16", 64)
+    assert parse_options({"batch_size": "auto", "features": "all"})[0].batch_size == "auto"
     assert cb == "https://example.org/hook"
 
 

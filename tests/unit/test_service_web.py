@@ -82,15 +82,17 @@ def test_the_submit_form_is_described_from_its_typed_model(client: Any) -> None:
     assert (props["alpha"]["exclusiveMinimum"], props["alpha"]["exclusiveMaximum"]) == (0, 0.5)
     assert props["protocol"]["enum"] == ["directional", "crossfit", "reference"]
     assert props["protocol"]["default"] == "directional"
-    assert props["features"]["enum"] == ["all", "gradient-free"]
+    assert props["features"]["enum"] == ["verdict", "all", "gradient-free"]
+    assert props["features"]["default"] == "verdict" and props["precision"]["default"] == "fp32"
     for name in ("archive", "published", "unpublished", "captions", "labels"):
         assert props[name] == {**props[name], "type": "string", "format": "binary"}
     assert schema["required"] == ["model"]
     assert all("anyOf" not in p for p in props.values())
     # The parser reads the same model: its defaults are the schema's.
     options, callback = parse_options({})
-    assert options.to_dict() == {k: props[k]["default"] for k in ("alpha", "protocol", "features", "seed",
-                                                                   "sequential", "looks", "spending", "futility")}
+    assert options.to_dict() == {**{k: props[k]["default"] for k in ("alpha", "protocol", "features", "seed",
+                                                                      "sequential", "looks", "spending", "futility",
+                                                                      "precision")}, "batch_size": None}
     assert props["sequential"]["type"] == "boolean" and props["sequential"]["default"] is False
     assert (props["looks"]["minimum"], props["looks"]["maximum"]) == (1, 10)
     assert callback is None
@@ -101,6 +103,10 @@ def test_the_submit_form_is_described_from_its_typed_model(client: Any) -> None:
     ({"protocol": "magic"}, ["protocol", "crossfit, reference", "magic"]),
     ({"seed": "-1"}, ["seed", "-1"]),
     ({"callback_url": "ftp://x"}, ["callback_url", "http or https"]),
+    ({"batch_size": "0"}, ["batch_size", "1 to 1024, or auto", "'0'"]),
+    ({"batch_size": "1025"}, ["batch_size", "1 to 1024, or auto"]),
+    ({"features": "some"}, ["features", "verdict, all, gradient-free"]),
+    ({"precision": "fp8"}, ["precision", "fp32, auto, bf16, fp16"]),
 ])
 def test_option_errors_name_what_is_allowed(fields: dict[str, str], words: list[str]) -> None:
     with pytest.raises(BadInput) as info:

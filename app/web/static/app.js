@@ -233,10 +233,21 @@
       if (p.default !== undefined) select.value = p.default;
       described($(`${id}-help`), p.description);
     };
+    const flag = (id, p) => {
+      if (!p) return;
+      $(id).checked = p.default === true;
+      described($(`${id}-help`), p.description);
+    };
     num("alpha", props.alpha);
     num("seed", props.seed);
+    num("looks", props.looks);
     choice("protocol", props.protocol);
     choice("features", props.features);
+    choice("precision", props.precision);
+    choice("spending", props.spending);
+    flag("sequential", props.sequential);
+    flag("futility", props.futility);
+    if (props.batch_size) described($("batch_size-help"), props.batch_size.description);
   }
 
   async function loadModels() {
@@ -392,9 +403,18 @@
     try {
       const form = new FormData();
       form.append("model", $("model").value);
-      for (const name of ["alpha", "protocol", "features", "seed"]) {
+      for (const name of ["alpha", "protocol", "features", "precision", "batch_size", "seed"]) {
         const v = $(name).value.trim();
         if (v !== "") form.append(name, v);
+      }
+      // The sequential design's options travel only with a sequential audit.
+      if ($("sequential").checked) {
+        form.append("sequential", "true");
+        for (const name of ["looks", "spending"]) {
+          const v = $(name).value.trim();
+          if (v !== "") form.append(name, v);
+        }
+        if ($("futility").checked) form.append("futility", "true");
       }
       for (const role of ["published", "unpublished"]) {
         const s = state.sets[role];
