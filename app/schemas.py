@@ -127,7 +127,10 @@ class ModelList(BaseModel):
 
 class RegisterModel(BaseModel):
     id: str = Field(min_length=1, max_length=200)
-    source: str = Field(min_length=1, description="A diffusers directory on the workers, or a hub id.")
+    source: str = Field(min_length=1, description=(
+        "A diffusers directory on the workers, or a hub id. A model published in parts (one "
+        "checkpoint file and its configs, or a UNet/transformer file on a base model) is a directory "
+        "holding a cdi_model.json that names them."))
     revision: str | None = None
     description: str = ""
 

@@ -84,7 +84,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
     adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                          allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale,
-                         config=args.config)
+                         config=args.config, components=_components(args), resolution=args.resolution)
     extractor = FeatureExtractor(
         adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size, precision=args.precision
     )
@@ -97,7 +97,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
         reference = load_model(args.reference_model, revision=args.reference_revision, device=args.device,
                                dtype=args.dtype, allow_pickle=args.allow_pickle or None,
-                               config=args.reference_config)
+                               config=args.reference_config, resolution=args.resolution)
         check_reference(adapter, reference)
         # The same seed and image hashes: the same per-image noise as the audited model's.
         ref_extractor = FeatureExtractor(
@@ -241,6 +241,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         lora=args.lora, lora_scale=args.lora_scale,
         reference_model=args.reference_model, reference_revision=args.reference_revision,
         allow_pickle=args.allow_pickle or None, config=args.config, reference_config=args.reference_config,
+        components=_components(args), resolution=args.resolution,
         captions=captions, labels=labels,  # type: ignore[arg-type]
         options=options, progress=AuditProgress(),
     )
@@ -311,7 +312,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         planned = argparse.Namespace(protocol="directional", features=args.features)
         columns = tested_columns(planned)
         adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                             config=args.config)
+                             config=args.config, components=_components(args), resolution=args.resolution)
         extractor = FeatureExtractor(adapter, columns=columns_read(planned), seed=args.seed,
                                      batch_size=args.batch_size, precision=args.precision)
         pilot = []
@@ -399,6 +400,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--config", metavar="DIR", default=None,
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
+    _add_component_options(p)
     p.add_argument("--lora", metavar="FILE_OR_DIR",
                    help="LoRA to load onto the model: a .safetensors file, a peft folder, or a shipped LoRA")
     p.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default 1.0)")
@@ -416,6 +418,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
+
+
+def _add_component_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unet", metavar="FILE", default=None,
+                   help="a fine-tune published as its UNet alone (.safetensors): audited with --model's other "
+                        "components (SD 1.x/2.x, SDXL)")
+    p.add_argument("--transformer", metavar="FILE", default=None,
+                   help="a fine-tune published as its transformer alone, with --model's other components (SD3, Flux)")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="Flux: the image side to audit at (default: the model's config, else 1024)")
+
+
+def _components(args: argparse.Namespace) -> dict[str, str] | None:
+    files = {role: getattr(args, role, None) for role in ("unet", "transformer")}
+    return {role: f for role, f in files.items() if f} or None
 
 
 def _batch_size(text: str) -> int | None:
@@ -503,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--config", metavar="DIR", default=None,
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
+    _add_component_options(p)
     p.add_argument("--published", help="folder of a few published images (the pilot's P)")
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
     _add_feature_options(p)
