@@ -350,6 +350,12 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
 
 
 def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendices A (the manifest) to D (integrity)."""
+    return _manifest_appendix(report, curve, st, width) + _records_appendix(report, st, width)
+
+
+def _manifest_appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendix A: the model, features, protocol, seeds and software: everything to rerun the audit."""
     from reportlab.platypus import PageBreak, Paragraph
 
     m = report.manifest
@@ -410,8 +416,14 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
         ("forward passes", m.passes.forward), ("backward passes", m.passes.backward),
         ("images with stored features", m.passes.cached_images),
     ], st, width))
+    return flow
 
-    flow += [Paragraph("Appendix B. Duplicates and exclusions", st["h1"])]
+
+def _records_appendix(report: Report, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendices B (duplicates, exclusions, warnings), C (the images) and D (integrity)."""
+    from reportlab.platypus import PageBreak, Paragraph
+
+    flow: list[Any] = [Paragraph("Appendix B. Duplicates and exclusions", st["h1"])]
     ex = report.controls.excluded
     dups = report.controls.duplicates
     if not dups.groups:
