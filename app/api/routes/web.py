@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 router = APIRouter(include_in_schema=False)
@@ -54,6 +54,16 @@ def docs_assets_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+#: The sidebar logo ReDoc's bundle would fetch from its makers' CDN on every visit.
+REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+def _redoc_bundle(path: Path) -> bytes:
+    """ReDoc's bundle with its CDN logo replaced by an empty ``data:`` URL, so the page asks
+    nothing of another host (ReDoc hides the logo when it fails to load)."""
+    return path.read_bytes().replace(REDOC_CDN_LOGO, b"data:,")
+
+
 @router.get("/", response_class=HTMLResponse)
 def index() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html",
@@ -87,10 +97,17 @@ def install(app: FastAPI) -> None:
             swagger_favicon_url="/docs-assets/favicon.png",
         ))
 
+    redoc_js = _redoc_bundle(assets / "redoc.standalone.js")
+
+    @app.get("/docs-local/redoc.standalone.js", include_in_schema=False)
+    def redoc_bundle() -> Response:
+        return Response(redoc_js, media_type="text/javascript",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
+
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
         return _hardened(get_redoc_html(
             openapi_url=openapi_url, title=f"{title}: API reference",
-            redoc_js_url="/docs-assets/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
+            redoc_js_url="/docs-local/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
             with_google_fonts=False,
         ))
