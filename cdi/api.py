@@ -17,6 +17,8 @@ from image file name to caption or class. Errors in the input raise
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +103,7 @@ def run_audit(
     transformer: str | None = None,
     resolution: int | None = None,
     progress: Callable[[Progress], None] | None = None,
+    cache: bool | str | os.PathLike[str] = True,
     **options: Any,
 ) -> AuditResult:
     """Test whether ``model`` was trained on the ``published`` images (P) rather than the ``unpublished`` (U).
@@ -111,15 +114,26 @@ def run_audit(
     ``inconclusive``), ``p_value``, ``verdict.reason``, the test and the controls.
     ``config``: a single-file checkpoint's local folder of configs; ``unet``, ``transformer``,
     ``resolution``: see :func:`load_model`.
+    ``progress``: called at every step; by default, when stderr is a terminal, a progress bar
+    per stage is drawn there (as ``cdi audit`` does), and nothing otherwise.
+    ``cache``: the local feature cache (:mod:`cdi.cache`; ``True``: the user's cache folder, a
+    path: that folder, ``False``: none), so that a repeat audit of the same images computes
+    no feature.
     """
     from cdi.audit import AuditOptions
     from cdi.audit import audit as _audit
+    from cdi.cache import LocalFeatureStore
 
+    if progress is None and sys.stderr is not None and sys.stderr.isatty():
+        from cdi.cli import AuditProgress
+
+        progress = AuditProgress()
+    store = None if cache is False else LocalFeatureStore(None if cache is True else cache)
     return _audit(
         _images(published, "published"), _images(unpublished, "unpublished"), model, revision=revision,
         config=config, components=_component_files(unet, transformer), resolution=resolution,
         captions=_conditions(captions, "caption"), labels=_conditions(labels, "label"),
-        options=AuditOptions(**options), progress=progress,
+        options=AuditOptions(**options), progress=progress, feature_store=store,
     )
 
 

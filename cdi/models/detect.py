@@ -289,6 +289,26 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             f"{ref.source}: pipeline {pipeline} is not supported (supported: {supported})"
         )
 
+    folders_of, classes, configs = _components(ref, index, family, pipeline)
+    size, channels, conditioning, num_classes = _geometry(ref, family, configs, folders_of)
+
+    return ModelInfo(
+        reference=ref,
+        family=family,
+        components=folders_of,
+        classes=classes,
+        conditioning=conditioning,
+        image_size=size,
+        image_channels=channels,
+        num_classes=num_classes,
+        configs=configs,
+        pipeline=pipeline,
+    )
+
+
+def _components(ref: ModelReference, index: dict[str, Any], family: FamilyName, pipeline: str,
+                ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, Any]]]:
+    """Each component the family needs: its folder, its class (checked) and its config."""
     folders_of: dict[str, str] = {}
     classes: dict[str, str] = {}
     configs: dict[str, dict[str, Any]] = {}
@@ -324,7 +344,12 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         raise MalformedModelError(
             f"{ref.source}: scheduler config has neither num_train_timesteps nor trained_betas"
         )
+    return folders_of, classes, configs
 
+
+def _geometry(ref: ModelReference, family: FamilyName, configs: dict[str, dict[str, Any]],
+              folders_of: dict[str, str]) -> tuple[int, int, Conditioning, int | None]:
+    """The model's image size, channels, conditioning and class count, from its configs."""
     num_classes: int | None = None
     if family in ("pixel", "latent"):
         unet = configs["unet"]
@@ -360,19 +385,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         conditioning = "text"
     if channels not in (1, 3):
         raise UnsupportedModelError(f"{ref.source}: models with {channels} image channels are not supported")
-
-    return ModelInfo(
-        reference=ref,
-        family=family,
-        components=folders_of,
-        classes=classes,
-        conditioning=conditioning,
-        image_size=size,
-        image_channels=channels,
-        num_classes=num_classes,
-        configs=configs,
-        pipeline=pipeline,
-    )
+    return size, channels, conditioning, num_classes
 
 
 def _component_files(info: ModelInfo, components: dict[str, str]) -> tuple[tuple[str, str], ...]:
