@@ -24,7 +24,6 @@ from cdi.calibration import (
     shift_check,
 )
 from cdi.controls import (
-    DIRECTION_FEATURES,
     DistributionCheckResult,
     NegativeControlResult,
     direction_check,
@@ -33,6 +32,7 @@ from cdi.controls import (
 )
 from cdi.errors import InputError
 from cdi.options import Protocol, ProtocolOptions
+from cdi.reads import DIRECTION_FEATURES
 from cdi.stats import (
     ProtocolResult,
     ScoredImage,
