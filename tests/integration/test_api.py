@@ -130,8 +130,9 @@ def test_submit_poll_list_and_isolation(service: Service, model_id: str) -> None
 
     status = service.client.get(f"/v1/audits/{audit_id}", headers=service.headers(service.alice)).json()  # type: ignore[attr-defined]
     assert status["state"] == "queued" and status["model"] == model_id
-    assert status["options"] == {"alpha": 0.05, "protocol": "directional", "features": "all", "seed": 3,
-                                 "sequential": True, "looks": 3, "spending": "obrien-fleming", "futility": False}
+    assert status["options"] == {"alpha": 0.05, "protocol": "directional", "features": "verdict", "seed": 3,
+                                 "sequential": True, "looks": 3, "spending": "obrien-fleming", "futility": False,
+                                 "precision": "fp32", "batch_size": None}
     assert status["progress"] == {"stage": None, "done": 0, "total": 0}
     assert status["n_published"] == 10 and status["n_unpublished"] == 20
     assert status["error"] is None and status["created_at"] and status["updated_at"]
