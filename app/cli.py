@@ -244,7 +244,7 @@ def _with_database(fn: Any) -> Any:
 def cmd_requeue(args: argparse.Namespace) -> int:
     from app.admin import cmd_reconcile
 
-    return _with_database(cmd_reconcile)(args)  # type: ignore[no-any-return]
+    return _with_database(cmd_reconcile)(args)
 
 
 # --- client commands ------------------------------------------------------------------------

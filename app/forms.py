@@ -60,7 +60,7 @@ class AuditOptionsForm(BaseModel):
     alpha: float = Field(DEFAULT_ALPHA, gt=0.0, lt=MAX_ALPHA, allow_inf_nan=False,
                          description="Significance level α of the test: `used` needs p < α.")
     protocol: ProtocolName = Field(
-        DEFAULT_PROTOCOL.value,  # type: ignore[arg-type]
+        DEFAULT_PROTOCOL.value,
         description="`directional` (the default): the largest Welch t over the loss-type features, whose "
                     "direction the method fixes, with a permutation p-value resolved down to 1e-6; "
                     "`crossfit`: every image scored by a model that never saw it, permutation test; "
@@ -85,7 +85,7 @@ class AuditOptionsForm(BaseModel):
     looks: int = Field(_SEQUENTIAL.looks, ge=1, le=MAX_LOOKS,
                        description="Sequential audits: how many looks (rounds) at most.")
     spending: SpendingName = Field(
-        _SEQUENTIAL.spending.value,  # type: ignore[arg-type]
+        _SEQUENTIAL.spending.value,
         description="Sequential audits: how α is spent over the looks (`pocock`: about evenly, stops earlier; "
                     "`obrien-fleming`: mostly at the last look).")
     futility: bool = Field(_SEQUENTIAL.futility,

@@ -125,7 +125,7 @@ def _pending(queue: AuditQueue | None) -> set[str] | None:
     if inspect is None:
         return None
     try:
-        return inspect()  # type: ignore[no-any-return]
+        return inspect()
     except Exception:
         log.warning("the broker could not be inspected; falling back to CDI_REQUEUE_AFTER", exc_info=True)
         return None

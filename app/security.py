@@ -47,13 +47,3 @@ def parse_key(key: str) -> tuple[str, str] | None:
 
 def secret_matches(secret: str, stored_sha256: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_sha256)
-
-
-def parse_bearer(header: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, else ``None``."""
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()

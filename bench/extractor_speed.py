@@ -78,7 +78,7 @@ def zoo_inputs(name: str, n: int) -> list[Any]:
     """``n`` images (members first) of the shipped model ``name``, preprocessed."""
     from cdi import zoo
     from cdi.features.extractor import ExtractionInput
-    from cdi.images import ImageFile, load_model_input
+    from cdi.images import ImageFile, open_image, to_model_array
 
     model = zoo.get(name)
     indices = (list(model.members) + list(model.held_out))[:n]
@@ -88,7 +88,8 @@ def zoo_inputs(name: str, n: int) -> list[Any]:
         model.image(i).save(buf, format="PNG")
         f = ImageFile(f"{name}-{i}.png", buf.getvalue())
         cond = model.label(i) if model.conditioning == "class" else None
-        out.append(ExtractionInput(f.sha256, load_model_input(f, model.image_size, model.image_channels), cond))
+        pixels = to_model_array(open_image(f.data, f.name), model.image_size, model.image_channels)
+        out.append(ExtractionInput(f.sha256, pixels, cond))
     return out
 
 

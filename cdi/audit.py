@@ -284,7 +284,6 @@ def _validate(
     captions: Mapping[str, Any] | None, labels: Mapping[str, Any] | None, options: AuditOptions,
     report: Callable[[str, int, int], None],
 ) -> tuple[_Prepared, DuplicateReport, Exclusion]:
-    check_sizes(len(published), len(unpublished), options.protocol, options.protocol_options)
     files = list(published) + list(unpublished)
     names = [f.name for f in files]
     for group, label in ((published, "published"), (unpublished, "unpublished")):
@@ -332,9 +331,7 @@ def _unusable(errors: Sequence[ImageError]) -> InputError:
     """One error naming the images that cannot be decoded (the first five, and how many more)."""
     listed = "; ".join(str(e) for e in errors[:5])
     more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
-    failure = InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}")
-    failure.image_errors = list(errors)  # type: ignore[attr-defined]  # each with its own stable code
-    return failure
+    return InputError(f"{len(errors)} image(s) cannot be used: {listed}{more}", image_errors=errors)
 
 
 def _exclusion_message(excl: Exclusion, n_p: int, n_u: int, exc: InputError) -> str:

@@ -568,7 +568,8 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 def _hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances ``[len(a), len(b)]`` of uint64 hash arrays."""
     x = a[:, None] ^ b[None, :]
-    return _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    counts: np.ndarray = _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    return counts
 
 
 # The verification compares two thumbnails after undoing a light crop of either: along each

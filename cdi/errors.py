@@ -7,6 +7,8 @@ status with a stable code. Each class carries a stable ``code`` string for that 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class CdiError(Exception):
     """Base class of every error raised on purpose by :mod:`cdi`."""
@@ -94,9 +96,17 @@ class DecompressionBombError(ImageError):
 
 
 class InputError(CdiError):
-    """Invalid arguments or data given to the method (sizes, captions, labels, options)."""
+    """Invalid arguments or data given to the method (sizes, captions, labels, options).
+
+    ``image_errors``: where the input holds images that cannot be decoded, each one's own
+    :class:`ImageError` (with its stable code).
+    """
 
     code = "invalid_input"
+
+    def __init__(self, message: str, image_errors: Sequence[ImageError] = ()) -> None:
+        super().__init__(message)
+        self.image_errors: tuple[ImageError, ...] = tuple(image_errors)
 
 
 # --- the device ---------------------------------------------------------------------------

@@ -259,13 +259,6 @@ def to_model_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(arr / 127.5 - 1.0, dtype=np.float32)
 
 
-def load_model_input(
-    file: ImageFile, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """Decode and preprocess one file; raises :class:`~cdi.errors.ImageError` on bad input."""
-    return to_model_array(open_image(file.data, file.name, max_pixels), size, channels)
-
-
 def list_image_files(directory: str | Path) -> list[Path]:
     """The image files directly inside ``directory`` (by suffix), sorted by name."""
     d = Path(directory)

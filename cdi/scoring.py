@@ -204,7 +204,8 @@ def _newton(
 
     def objective(beta: np.ndarray, eta: np.ndarray, idx: np.ndarray) -> np.ndarray:
         loss = (np.logaddexp(0.0, eta) - yf[idx] * eta) * f[idx]
-        return loss.sum(axis=1) + 0.5 * (penalty[idx] * beta * beta).sum(axis=1)
+        total: np.ndarray = loss.sum(axis=1) + 0.5 * (penalty[idx] * beta * beta).sum(axis=1)
+        return total
 
     # Start at the best intercept-only model (the fitting rows' log-odds): one Newton
     # iteration fewer than starting from zero.

@@ -704,7 +704,7 @@ def directional_test(
         raise InputError("no candidate feature varies between images: there is nothing to test")
 
     def statistic(is_p: np.ndarray) -> np.ndarray:
-        return welch_t_columns(x, is_p).max(axis=1)
+        return np.asarray(welch_t_columns(x, is_p).max(axis=1))
 
     _, seq = sequential_permutation_p_value(
         statistic, n_p + n_u, n_p, exceedances=opts.exceedances, max_permutations=opts.max_permutations,

@@ -94,7 +94,7 @@ def decide(
 
     α is ``test.alpha``. The negative control must have run the same protocol as the test.
     ``reversal_p`` is the one-sided p-value of "P's loss-type features are higher than U's"
-    (see :func:`cdi.audit.direction_check`); ``None`` skips the direction check.
+    (see :func:`cdi.controls.direction_check`); ``None`` skips the direction check.
     """
     if not 0.0 < alpha_control < 1.0:
         raise InputError(f"alpha_control must lie strictly between 0 and 1, got {alpha_control}")

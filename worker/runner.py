@@ -761,12 +761,12 @@ def _jsonable(obj: Any) -> Any:
 
 def _classify(exc: Exception) -> tuple[str, str]:
     """A failed audit's stable error code and message."""
-    from cdi.errors import CdiError
+    from cdi.errors import CdiError, InputError
 
     if isinstance(exc, CdiError):
         # The library gathers the images it cannot decode into one error; their own codes
         # (image_corrupt, image_truncated, ...) are the documented ones.
-        image_errors = getattr(exc, "image_errors", None)
+        image_errors = exc.image_errors if isinstance(exc, InputError) else ()
         if image_errors:
             codes = {e.code for e in image_errors}
             return (codes.pop() if len(codes) == 1 else "image_corrupt"), str(exc)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def settings() -> Settings:
-    return celery.conf.cdi_settings  # type: ignore[no-any-return]
+    return celery.conf.cdi_settings
 
 
 @lru_cache(maxsize=1)

@@ -50,14 +50,14 @@ def no_unknown_query(request: Request) -> None:
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_session_factory(request: Request) -> Callable[[], Session]:
-    return request.app.state.session_factory  # type: ignore[no-any-return]
+    return request.app.state.session_factory
 
 
 SessionFactoryDep = Annotated[Callable[[], Session], Depends(get_session_factory)]
@@ -72,14 +72,14 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_blobs(request: Request) -> BlobStore:
-    return request.app.state.blobs  # type: ignore[no-any-return]
+    return request.app.state.blobs
 
 
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 
 
 def get_queue(request: Request) -> AuditQueue:
-    return request.app.state.queue  # type: ignore[no-any-return]
+    return request.app.state.queue
 
 
 QueueDep = Annotated[AuditQueue, Depends(get_queue)]

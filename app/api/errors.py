@@ -46,7 +46,7 @@ STATUS: dict[type[ServiceError], int] = {
 def status_of(exc: ServiceError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

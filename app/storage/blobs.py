@@ -277,7 +277,7 @@ class S3BlobStore(BlobStore):
             if str(exc.response.get("Error", {}).get("Code", "")) in _MISSING:
                 raise BlobNotFound(sha256) from None
             raise
-        return obj["Body"]  # type: ignore[no-any-return]  # botocore's StreamingBody, an io.IOBase
+        return obj["Body"]  # botocore's StreamingBody, an io.IOBase
 
     def delete(self, sha256: str) -> bool:
         # DELETE answers 204 whether or not the object was there: ask first, for the count.
@@ -292,11 +292,3 @@ def open_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_url:
         return S3BlobStore.from_settings(settings)
     return LocalBlobStore(settings.blobs)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -65,7 +65,8 @@ class NoiseDraws:
 
 def l2(x: torch.Tensor) -> torch.Tensor:
     """Plain L2 norm over all entries of each sample: ``[B, …] → [B]``."""
-    return x.flatten(1).norm(p=2, dim=1)
+    norms: torch.Tensor = x.flatten(1).norm(p=2, dim=1)
+    return norms
 
 
 @dataclass(frozen=True)

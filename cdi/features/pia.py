@@ -10,7 +10,8 @@ from cdi.features.context import Batch, Call, FamilyRun, z0_key
 
 
 def _l5(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(p=5, dim=1)
+    norms: torch.Tensor = x.flatten(1).norm(p=5, dim=1)
+    return norms
 
 
 def normalise_noise(eps0: torch.Tensor) -> torch.Tensor:

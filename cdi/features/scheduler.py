@@ -263,6 +263,6 @@ class CallScheduler:
         eps, grad = self.runner.run(z, t, cond, target)
         self.counter.forward += total
         if grad is None:
-            return [CallResult(e) for e in eps.split(sizes)]
+            return [CallResult(e) for e in torch.split(eps, sizes)]
         self.counter.backward += total
-        return [CallResult(e, g) for e, g in zip(eps.split(sizes), grad.split(sizes), strict=True)]
+        return [CallResult(e, g) for e, g in zip(torch.split(eps, sizes), torch.split(grad, sizes), strict=True)]

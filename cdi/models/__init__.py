@@ -70,15 +70,10 @@ def load_model(
         from cdi.models.loading import load_single_file
 
         info = dataclasses.replace(info, preloaded=load_single_file(info, resolved_dtype))
-    adapters: dict[str, type[DiffusersAdapter]] = {
-        "pixel": PixelAdapter,
-        "latent": LatentAdapter,
-        "dit": DiTAdapter,
-        "stable-diffusion": StableDiffusionAdapter,
-        "stable-diffusion-xl": StableDiffusionXLAdapter,
-        "sd3": SD3Adapter,
-        "flux": FluxAdapter,
-    }
+    # Each adapter names its family (``family``); one adapter per family.
+    adapters: dict[str, type[DiffusersAdapter]] = {cls.family: cls for cls in (
+        PixelAdapter, LatentAdapter, DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter, SD3Adapter,
+        FluxAdapter)}
     if lora is not None and info.lora is not None:
         raise InputError(f"{source} is a LoRA model already; --lora adds a LoRA to a base model")
     if info.lora is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
@@ -14,6 +14,11 @@ from cdi.models.schedule import NoiseSchedule
 Conditioning = Literal["none", "class", "text"]
 #: What one image contributes as conditioning: nothing, a class id, or a caption.
 ImageCondition = int | str | None
+
+
+#: The model families, named once: the detection tables, the adapters and the reports use these.
+FamilyName = Literal["pixel", "latent", "dit", "stable-diffusion", "stable-diffusion-xl", "sd3", "flux"]
+FAMILIES: tuple[FamilyName, ...] = get_args(FamilyName)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class DiffusionAdapter(abc.ABC):
     (``requires_grad_(False)``) and put every network in ``eval()`` mode.
     """
 
-    family: ClassVar[str]
+    family: ClassVar[FamilyName]
 
     #: (a_t, s_t) for t = 0 … T−1 and how the network's output becomes ε̂ (method §10.1),
     #: from the model's own scheduler config.

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from cdi.errors import InputError, MalformedModelError, ModelNotFoundError, UnsupportedModelError
-from cdi.models.base import Conditioning, ModelReference
+from cdi.models.base import Conditioning, FamilyName, ModelReference
 
 #: diffusers pipeline class → CDI family.
-PIPELINE_FAMILIES: dict[str, str] = {
+PIPELINE_FAMILIES: dict[str, FamilyName] = {
     "DDPMPipeline": "pixel",
     "DDIMPipeline": "pixel",
     "LDMPipeline": "latent",
@@ -39,7 +39,7 @@ _T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
 _FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 #: For each family: role → (accepted component folder names, accepted classes).
-FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+FAMILY_COMPONENTS: dict[FamilyName, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "pixel": {
         "unet": (("unet",), ("UNet2DModel",)),
         "scheduler": (("scheduler",), ()),
@@ -105,10 +105,12 @@ FLUX_DEFAULT_LATENT_SIZE = 128
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
 
-#: Suffixes of single-file checkpoints (the last four are pickles, refused unless allowed).
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+#: Weight files whose loading unpickles (runs code from the file): refused unless allowed.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+#: Suffixes of weight files, in a folder or as a single-file checkpoint.
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 #: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
-SINGLE_FILE_FAMILIES = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
+SINGLE_FILE_FAMILIES: tuple[FamilyName, ...] = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -164,9 +166,9 @@ def resolve_reference(source: str, revision: str | None = None, config: str | No
 
 
 def _single_file_reference(path: Path, config: str | None) -> ModelReference:
-    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ModelNotFoundError(
-            f"{path} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}); a model is a diffusers "
+            f"{path} is a file but not a checkpoint ({', '.join(WEIGHT_SUFFIXES)}); a model is a diffusers "
             "directory, a hub id or one checkpoint file")
     if config is None:
         raise MalformedModelError(

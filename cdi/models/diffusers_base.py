@@ -32,7 +32,7 @@ class DiffusersAdapter(DiffusionAdapter):
     def _schedule(self, info: ModelInfo) -> NoiseSchedule:
         """The model's (a_t, s_t): DDPM-style ᾱ_t unless the family says otherwise."""
         self.alphas_cumprod = alphas_cumprod_of(info)
-        return NoiseSchedule.ddpm(self.alphas_cumprod, prediction_type_of(info))  # type: ignore[arg-type]
+        return NoiseSchedule.ddpm(self.alphas_cumprod, prediction_type_of(info))
 
     #: The key prefix of the denoiser's weights in a diffusers LoRA file.
     lora_prefix = "unet"
@@ -40,7 +40,7 @@ class DiffusersAdapter(DiffusionAdapter):
     @property
     def denoiser(self) -> torch.nn.Module:
         """The network a LoRA adapts: the UNet or the transformer."""
-        net = getattr(self, "unet", None) or getattr(self, "transformer", None)
+        net: torch.nn.Module | None = getattr(self, "unet", None) or getattr(self, "transformer", None)
         if net is None:
             raise NotImplementedError(f"{type(self).__name__} has no denoiser")
         return net

@@ -22,7 +22,7 @@ class DiTAdapter(DiffusersAdapter):
         self.latent_channels = int(self.transformer.config.in_channels)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

@@ -27,8 +27,9 @@ class FlowAdapter(DiffusersAdapter):
     #: Whether the network receives the scheduler's timestep σ·T (SD3) or that divided by
     #: 1000 (Flux's pipeline does so before the call: σ itself for T = 1000).
     timestep_in_steps: bool = True
-    #: ``max_shift`` the pipeline uses when the scheduler config names none.
-    default_max_shift: float = 1.15
+    #: ``max_shift`` the family's pipeline uses when the scheduler config names none (each
+    #: family declares its own: Flux 1.15, SD3 1.16).
+    default_max_shift: float
 
     #: σ-shift facts for the report: ``{"shift": s}`` or ``{"mu": μ, "image_seq_len": n}``.
     shift_facts: dict[str, object]
@@ -87,7 +88,7 @@ class FlowAdapter(DiffusersAdapter):
         return NoiseSchedule.flow(sigmas, float(T) if self.timestep_in_steps else T / 1000.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:

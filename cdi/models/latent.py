@@ -26,6 +26,7 @@ class LatentAdapter(DiffusersAdapter):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype)
+        z: torch.Tensor
         if self.is_vq:
             z = self.autoencoder.encode(x).latents  # pre-quantisation output
         else:

@@ -20,11 +20,9 @@ from cdi.errors import (
     UnsupportedModelError,
 )
 from cdi.models.base import ModelIdentity
-from cdi.models.detect import ModelInfo
+from cdi.models.detect import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, ModelInfo
+from cdi.models.schedule import DDPM_PREDICTIONS, Parameterisation
 
-#: Weight files whose loading unpickles (runs code from the file).
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 #: The environment variable that allows pickled weights, as ``--allow-pickle`` does.
 ALLOW_PICKLE_ENV = "CDI_ALLOW_PICKLE"
 #: Components that hold no weights.
@@ -151,11 +149,12 @@ def alphas_cumprod_of(info: ModelInfo) -> torch.Tensor:
     return torch.as_tensor(alphas, dtype=torch.float64).cpu()
 
 
-def prediction_type_of(info: ModelInfo) -> str:
+def prediction_type_of(info: ModelInfo) -> Parameterisation:
     value = info.configs["scheduler"].get("prediction_type", "epsilon")
-    if value not in ("epsilon", "v_prediction", "sample"):
-        raise MalformedModelError(f"{info.reference.source}: unknown prediction_type {value!r}")
-    return str(value)
+    for prediction in DDPM_PREDICTIONS:
+        if value == prediction:
+            return prediction
+    raise MalformedModelError(f"{info.reference.source}: unknown prediction_type {value!r}")
 
 
 def _model_files_root(info: ModelInfo) -> Path | None:

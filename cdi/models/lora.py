@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from cdi.errors import MalformedModelError, ModelNotFoundError, UnsupportedModelError
-from cdi.models.loading import PICKLE_SUFFIXES, file_sha256, refuse_pickle
+from cdi.models.detect import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
+from cdi.models.loading import file_sha256, refuse_pickle
 
 ADAPTER_NAME = "cdi"
 _UP_KEYS = ("lora_B", "lora.up", "lora_up")
@@ -63,7 +64,7 @@ def _weight_file(path: Path, allow_pickle: bool) -> Path:
         weights = candidates[0]
     if weights.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise refuse_pickle([weights.name], f"LoRA {path}")
-    if weights.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+    if weights.suffix not in WEIGHT_SUFFIXES:
         raise MalformedModelError(f"LoRA {weights} is not a .safetensors file")
     return weights
 

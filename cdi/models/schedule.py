@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Parameterisation = Literal["epsilon", "v_prediction", "sample", "flow"]
-PARAMETERISATIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample", "flow")
+PARAMETERISATIONS: tuple[Parameterisation, ...] = get_args(Parameterisation)
+#: What a DDPM scheduler's ``prediction_type`` may name (flow models have a schedule of their own).
+DDPM_PREDICTIONS: tuple[Parameterisation, ...] = tuple(p for p in PARAMETERISATIONS if p != "flow")
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def linear_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
     return mu / (mu + (1.0 / sigma - 1.0))
 
 
-def resolution_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                        base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def resolution_shift_mu(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                        max_shift: float) -> float:
     """μ for a latent sequence of ``image_seq_len`` tokens: the line through
     (``base_seq_len``, ``base_shift``) and (``max_seq_len``, ``max_shift``), as the Flux and
     SD3 pipelines compute it for dynamic shifting."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from cdi.errors import InputError
-from cdi.models.base import ImageCondition
+from cdi.models.base import FamilyName, ImageCondition
 from cdi.models.detect import ModelInfo
 from cdi.models.diffusers_base import DiffusersAdapter
 from cdi.models.loading import load_component
@@ -16,7 +16,7 @@ from cdi.models.text import captions_of, clip_states
 
 
 class StableDiffusionAdapter(DiffusersAdapter):
-    family = "stable-diffusion"
+    family: ClassVar[FamilyName] = "stable-diffusion"
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
@@ -33,7 +33,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return StableDiffusionPipeline
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
     def condition(self, conditions: Sequence[ImageCondition],

@@ -29,8 +29,8 @@ def captions_of(conditions: Sequence[ImageCondition]) -> list[str]:
 
 
 def _tokens(tokenizer: Any, captions: list[str], max_length: int, device: torch.device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids: torch.Tensor = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                                  return_tensors="pt").input_ids
     return ids.to(device)
 
 
@@ -39,10 +39,12 @@ def clip_states(tokenizer: Any, encoder: Any, captions: list[str], device: torch
     """A CLIP encoder's token states ``[B, L, D]`` and its pooled output ``[B, P]``.
 
     ``penultimate`` takes the states of the last-but-one layer, as SDXL and SD3 do (SD 1.x/2.x
-    and Flux's pooled vector use the last). The pooled output is the projected ``text_embeds``
-    of a ``CLIPTextModelWithProjection``, else the ``pooler_output``.
+    and Flux's pooled vector use the last). ``max_length`` pads (and truncates) to another
+    length than the tokenizer's own, as SD3 pads its second CLIP to the first's. The pooled
+    output is the projected ``text_embeds`` of a ``CLIPTextModelWithProjection``, else the
+    ``pooler_output``.
     """
-    ids = _tokens(tokenizer, captions, tokenizer.model_max_length, device)
+    ids = _tokens(tokenizer, captions, max_length or tokenizer.model_max_length, device)
     with torch.inference_mode():
         out = encoder(ids, output_hidden_states=penultimate)
     states = out.hidden_states[-2] if penultimate else out.last_hidden_state
@@ -57,7 +59,7 @@ def t5_states(tokenizer: Any, encoder: Any, captions: list[str], max_length: int
     """A T5 encoder's last hidden states ``[B, max_length, D]`` (padded to ``max_length``)."""
     ids = _tokens(tokenizer, captions, max_length, device)
     with torch.inference_mode():
-        states = encoder(ids).last_hidden_state
+        states: torch.Tensor = encoder(ids).last_hidden_state
     return states.clone()
 
 
@@ -85,4 +87,5 @@ class PackedCondition:
         if packed.dim() != 2 or int(packed.shape[1]) != sum(self.sizes):
             raise InputError(f"conditioning of shape {tuple(packed.shape)} does not fit this model")
         batch = int(packed.shape[0])
-        return [p.reshape(batch, *s) for p, s in zip(packed.split(self.sizes, dim=1), self.shapes, strict=True)]
+        parts = torch.split(packed, list(self.sizes), dim=1)
+        return [p.reshape(batch, *s) for p, s in zip(parts, self.shapes, strict=True)]

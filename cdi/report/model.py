@@ -226,7 +226,7 @@ class NegativeControl(_Model):
 
 
 class DirectionCheck(_Model):
-    """Do P's images look *less* like training data than U's? (method §7, ``cdi.audit.direction_check``)
+    """Do P's images look *less* like training data than U's? (method §7, ``cdi.controls.direction_check``)
 
     The scorer learns whatever separates P from U, so swapped sets, or a U holding training
     images, would otherwise read as "used". The check compares a fixed-direction index of the
@@ -758,7 +758,7 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
         schema_version=SCHEMA_VERSION,
         planning=planning,
         sequential=sequential,
-        verdict=verdict.outcome.value,  # type: ignore[arg-type]
+        verdict=verdict.outcome.value,
         p_value=float(test.p_value),
         alpha=float(test.alpha),
         reason=verdict.reason,
@@ -831,7 +831,7 @@ def _sequential_record(result: AuditResult, tested_names: Sequence[str]) -> Sequ
         unused.append(ImageRef(set=im.set_name, index=counts[im.set_name], name=im.name))  # type: ignore[arg-type]
         counts[im.set_name] += 1
     return SequentialRecord(
-        spending=seq.design.spending.value,  # type: ignore[arg-type]
+        spending=seq.design.spending.value,
         planned_looks=seq.design.planned_looks, min_look_set=MIN_LOOK_SET, futility=seq.design.futility,
         futility_p=FUTILITY_P,
         looks=[LookRecord(n_p=r.look.n_p, n_u=r.look.n_u, fraction=r.look.fraction, spent_alpha=r.look.spent,

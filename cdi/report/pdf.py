@@ -505,7 +505,7 @@ def _decorate(report: Report) -> Callable[[Any, int], None]:
 def _canvas_maker(draw: Callable[[Any, int], None]) -> type:
     from reportlab.pdfgen.canvas import Canvas
 
-    class NumberedCanvas(Canvas):
+    class NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
         """Keeps every page until the end, to write "page n of N" on each."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -287,4 +287,4 @@ def test_extract_shard_names_every_unreadable_image(model):
     files += [ImageFile("broken-1.png", b"not an image"), ImageFile("broken-2.png", b"\x89PNG\r\n")]
     with pytest.raises(InputError, match="2 image") as err:
         extract_shard(files, MODEL, MemoryStore())
-    assert len(err.value.image_errors) == 2  # type: ignore[attr-defined]
+    assert len(err.value.image_errors) == 2

@@ -67,15 +67,16 @@ def test_sdxl_conditioning_is_the_pipelines(tiny_model_dirs):
         torch.testing.assert_close(adapter.eps(z, 100, adapter.condition(CAPTIONS, sizes)), expected)
 
 
-def test_sdxl_original_size_changes_the_features(tiny_model_dirs):
+def test_sdxl_original_size_reaches_the_noise_prediction(tiny_model_dirs):
+    # The extractor hands condition() each image's displayed size (the next test); here that
+    # size reaches the UNet's output, in one forward pass per size.
     adapter = load_model(str(tiny_model_dirs["sdxl"]))
-    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16)).astype(np.float32)
-    ex = FeatureExtractor(adapter, seed=3)
-    small = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat", (16, 16))])
-    large = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat", (900, 1200))])
-    default = ex.extract([ExtractionInput("ab" * 32, pixels, "a cat")])
-    assert not np.allclose(small, large)
-    np.testing.assert_allclose(small, default, rtol=1e-5, atol=1e-6)
+    small, large, default = (adapter.condition(["a cat"], [size]) for size in [(16, 16), (900, 1200), None])
+    torch.testing.assert_close(default, small)  # no size: the model's own resolution
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eps_small, eps_large = (adapter.eps(z, 100, c) for c in (small, large))
+    assert not torch.allclose(eps_small, eps_large)
 
 
 def test_extract_files_passes_each_images_displayed_size(tiny_model_dirs, monkeypatch):
@@ -511,3 +512,25 @@ def test_cli_takes_a_single_file_with_config(single_file, tmp_path, capsys):
     assert main([*args, str(tmp_path / "b.csv"), "--config", str(configs)]) == 0
     rows = list(csv.reader((tmp_path / "b.csv").open()))
     assert len(rows) == 3
+
+
+def test_every_family_is_detected_and_has_one_adapter():
+    # The names are declared once (cdi.models.base.FamilyName); every table covers each of them.
+    from cdi.models.base import FAMILIES
+    from cdi.models.detect import FAMILY_COMPONENTS, PIPELINE_FAMILIES
+    from cdi.models.diffusers_base import DiffusersAdapter
+
+    def leaves(cls: type) -> set[type]:
+        subs = set(cls.__subclasses__())
+        return subs.union(*(leaves(s) for s in subs))
+
+    import importlib
+    import pkgutil
+
+    import cdi.models
+
+    for module in pkgutil.iter_modules(cdi.models.__path__, "cdi.models."):
+        importlib.import_module(module.name)
+    adapters = [c for c in leaves(DiffusersAdapter) if "family" in vars(c)]
+    assert sorted(c.family for c in adapters) == sorted(FAMILIES)
+    assert set(FAMILY_COMPONENTS) == set(PIPELINE_FAMILIES.values()) == set(FAMILIES)

@@ -29,7 +29,6 @@ from cdi.images import (
     ImageFile,
     _to_8bit,
     list_image_files,
-    load_model_input,
     open_image,
     to_model_array,
 )
@@ -59,7 +58,7 @@ def grey16(value: int | np.ndarray, size: tuple[int, int] = (8, 8)) -> Image.Ima
 
 
 def model_input(data: bytes, size: int = 8, channels: int = 3, name: str = "x") -> np.ndarray:
-    return load_model_input(ImageFile(name, data), size, channels)
+    return to_model_array(open_image(data, name), size, channels)
 
 
 def assert_model_array(x: np.ndarray, channels: int, size: int) -> None:
@@ -404,7 +403,7 @@ def test_bad_files_raise_their_typed_error_naming_the_file(data, error):
     assert isinstance(info.value, ImageError)
     assert info.value.name == "holiday photo.png"
     with pytest.raises(error) as info:
-        load_model_input(ImageFile("other.jpg", data), 8, 3)
+        to_model_array(open_image(data, "other.jpg"), 8, 3)
     assert info.value.name == "other.jpg" and "other.jpg" in str(info.value)
 
 
@@ -448,7 +447,7 @@ def test_small_image_over_a_low_pixel_limit():
         open_image(data, "big.png", max_pixels=1000)
     assert open_image(data, "big.png", max_pixels=1200).size == (40, 30)
     with pytest.raises(DecompressionBombError):
-        load_model_input(ImageFile("big.png", data), 8, 3, max_pixels=1000)
+        to_model_array(open_image(data, "big.png", max_pixels=1000), 8, 3)
 
 
 def test_open_image_decodes_fully_and_keeps_the_mode():

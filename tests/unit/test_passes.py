@@ -204,3 +204,25 @@ def test_gm_isolates_its_gradient_passes_once_most_masks_are_near_ties():
     # image); then GM isolates at once and costs no more than the fused way.
     assert ex._isolate_gm()
     assert ex.passes.backward == plain.passes.backward + 10 * 2
+
+
+def test_bad_files_do_not_take_the_batch_down(tiny_model_dirs):
+    import io
+
+    from PIL import Image
+
+    from cdi.images import ImageFile
+    from cdi.models import load_model
+
+    def png(width: int) -> bytes:
+        buf = io.BytesIO()
+        Image.linear_gradient("L").resize((width, 20)).convert("RGB").save(buf, "PNG")
+        return buf.getvalue()
+
+    adapter = load_model(str(tiny_model_dirs["pixel"]))
+    good = [ImageFile(f"g{i}.png", png(20 + i)) for i in range(3)]
+    bad = [ImageFile("empty.png", b""), ImageFile("text.png", b"hello"), ImageFile("cut.png", good[0].data[:60])]
+    result = FeatureExtractor(adapter, batch_size=2).extract_files([bad[0], good[0], bad[1], good[1], bad[2], good[2]])
+    assert [r.name for r in result.rows] == ["g0.png", "g1.png", "g2.png"]
+    assert sorted(e.name for e in result.failures) == ["cut.png", "empty.png", "text.png"]
+    assert all(np.isfinite(r.values).all() for r in result.rows)

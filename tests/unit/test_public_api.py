@@ -67,10 +67,12 @@ def test_the_ten_line_audit_of_docs_runs(tmp_path: Path) -> None:
     # The folders `cdi demo --export demo/` writes (fewer images than the demo, for speed).
     zoo.get("digits-memorised").export(tmp_path / "demo", members=20, held_out=20)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                         env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PATH": "/usr/bin:/bin"})
+                         env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert first.split()[0] in ("used", "not_detected", "inconclusive")
     report = json.loads((tmp_path / "report.json").read_text())
-    assert first == f"{report['verdict']} p = {report['p_value']:.3g}"
+    # digits-memorised was trained on these members: the audit must say so, at α = 0.01.
+    assert report["verdict"] == "used" and report["p_value"] < 0.01, first
+    assert first == f"used p = {report['p_value']:.3g}"
     assert (tmp_path / "report.pdf").read_bytes().startswith(b"%PDF-")

@@ -30,10 +30,3 @@ def test_malformed_keys_are_refused() -> None:
     for bad in ["", "cdi", "Bearer " + good, good + "x", good.replace("cdi_", "cdx_"), "cdi_zz_" + "a" * 43]:
         assert security.parse_key(bad) is None, bad
 
-
-def test_bearer_header() -> None:
-    assert security.parse_bearer("Bearer abc") == "abc"
-    assert security.parse_bearer("bearer  abc ") == "abc"
-    assert security.parse_bearer("Basic abc") is None
-    assert security.parse_bearer("Bearer ") is None
-    assert security.parse_bearer(None) is None

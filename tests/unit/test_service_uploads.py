@@ -225,7 +225,6 @@ def test_too_few_images(tmp_path: Path, settings: Settings, monkeypatch: pytest.
     from app import uploads
 
     monkeypatch.undo()  # the library's real rule
-    pytest.importorskip("cdi.stats", reason="the library's sample-size rule (cdi.stats) is not there yet")
     path = write_zip(tmp_path / "a.zip", good_members(2, 2))
     with pytest.raises(BadInput) as info:
         uploads.stage_upload({"archive": path}, settings, protocol="crossfit")

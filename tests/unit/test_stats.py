@@ -527,20 +527,27 @@ def test_the_service_form_offers_the_library_protocols_and_alpha_rule() -> None:
 
 def test_the_library_default_test_is_the_audits() -> None:
     # run_test(xp, xu) on the 26 features runs what every audit of them runs: the same
-    # protocol, α, stopping rule and loss-type candidates (not every column).
+    # protocol, α, stopping rule and loss-type candidates (not every column). The audit
+    # extracts and tests only the columns its verdict reads; the candidates are the same
+    # features, so the statistics and the p-value are the same.
     from cdi.audit import AuditOptions, test_step
     from cdi.features.layout import FEATURE_NAMES, member_candidates
 
     assert len(FEATURE_NAMES) == K
     options = AuditOptions()
-    assert ProtocolOptions().candidates_for(K) == options.protocol_options.candidates
-    assert options.protocol_options.candidates == member_candidates(tuple(range(K)))[1]
-    assert ProtocolOptions().candidates_for(K) != EVERY_COLUMN.candidates
+    cols = options.tested_columns
+    library_groups = ProtocolOptions().candidates_for(K)
+    assert library_groups == member_candidates(tuple(range(K)))[1]
+    audit_groups = options.protocol_options.candidates
+    assert audit_groups is not None
+    assert [tuple(cols[i] for i in g) for g in audit_groups] == [tuple(g) for g in library_groups]
+    assert library_groups != EVERY_COLUMN.candidates
     xp, xu = gaussian_sets(np.random.default_rng(32), 20, 24)
     library = stats.run_test(xp, xu, random_state=options.seed)
-    assert library == test_step(xp, xu, options)
+    audit = test_step(xp[:, cols], xu[:, cols], options)
+    assert (library.p_value, library.statistic, library.protocol, library.alpha) == (
+        audit.p_value, audit.statistic, audit.protocol, audit.alpha)
     assert library.protocol == options.protocol and library.alpha == options.alpha
-
 
 
 def test_the_minimum_set_sizes_are_stated_once() -> None:

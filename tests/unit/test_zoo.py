@@ -133,7 +133,7 @@ def test_latent_models_ship_one_autoencoder() -> None:
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
 def test_loads_in_float32_and_runs(model: zoo.ZooModel) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
     f32 = torch.float32
@@ -163,7 +163,7 @@ def test_loads_in_float32_and_runs(model: zoo.ZooModel) -> None:
 
 def test_memorised_model_has_lower_loss_on_members() -> None:
     """From the shipped weights: 20 members against 20 held-out digits, fixed noise."""
-    torch = pytest.importorskip("torch")
+    import torch
     from diffusers import DDPMScheduler, UNet2DModel
 
     from cdi.images import to_model_array
