@@ -26,6 +26,7 @@ import json
 import secrets
 import socket
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,14 @@ def check_url(url: str, allow: AllowList) -> None:
     del port
     if host in allow.hosts:
         return
+    # A resolver maps the host (IDNA: NFKC, the ideographic and full-width full stops) before
+    # it reads it as a number: "①②⑦.0.0.1", "１２７.０.０.１" and "127。0。0。1" are 127.0.0.1.
+    mapped = _as_resolved(host)
+    if mapped != host and (mapped in _LOCAL_NAMES or mapped.endswith(".localhost")
+                           or numeric_host(mapped) is not None):
+        raise BadInput(f"callback_url's host {host!r} is an address or a local name written in other "
+                       f"characters ({mapped}); write a public host name or address in ASCII",
+                       E.INVALID_CALLBACK_URL)
     if host in _LOCAL_NAMES or host.endswith(".localhost"):
         raise BadInput(f"callback_url names this machine ({host}); callbacks go to public addresses only "
                        "(the operator can allow others with CDI_CALLBACK_ALLOW)", E.INVALID_CALLBACK_URL)
@@ -116,6 +125,14 @@ def check_url(url: str, allow: AllowList) -> None:
     if ip is not None and not is_public(ip) and not allow.allows(ip):
         raise BadInput(f"callback_url names a non-public address ({ip}); callbacks go to public addresses only "
                        "(the operator can allow others with CDI_CALLBACK_ALLOW)", E.INVALID_CALLBACK_URL)
+
+
+def _as_resolved(host: str) -> str:
+    """The host as a resolver reads it (UTS #46 mapping of the characters that matter here)."""
+    mapped = unicodedata.normalize("NFKC", host)
+    for dot in ("\u3002", "\uff0e", "\uff61"):
+        mapped = mapped.replace(dot, ".")
+    return mapped.lower().rstrip(".")
 
 
 def _system_resolver(host: str, port: int) -> list[str]:

@@ -108,6 +108,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address of this machine...), or None."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        return "a port is a number from 1 to 65535"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"{host!r} is not an address of this machine ({exc.strerror or exc})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a port left in TIME_WAIT by a server just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is already in use (another `cdi serve`, or another program)"
+            return exc.strerror or str(exc)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -115,6 +139,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.storage import migrate
 
+    # Before anything is created: a busy port would otherwise fail only after the database,
+    # the tenant, its key and the worker exist.
+    problem = port_problem(args.host, args.port)
+    if problem:
+        return _err(f"cannot serve on {args.host}:{args.port}: {problem}; choose another port with --port N "
+                    "(and --host for another address)")
     settings = _settings()
     configure(settings.log_format, settings.log_level)
     _prepare_local(settings)
@@ -255,10 +285,31 @@ def _client(args: argparse.Namespace) -> Any:
 
     key = args.api_key or os.environ.get("CDI_API_KEY")
     if not key:
-        key_file = Path(os.environ.get("CDI_DATA_DIR", ".cdi")) / "api-key"
+        key_file = _key_file()
         if key_file.is_file():
             key = key_file.read_text().strip()
+    if not key:
+        raise KeyMissing(f"no API key: give it with --api-key KEY or in CDI_API_KEY; the key of `cdi serve` is "
+                         f"read from {_key_file().absolute()} when present (run from the folder where `cdi serve` "
+                         "runs, or set CDI_DATA_DIR to its data folder)")
     return CdiClient(args.url or os.environ.get("CDI_URL", DEFAULT_URL), key)
+
+
+def _key_file() -> Path:
+    """Where the client looks for the embedded mode's key: ``$CDI_DATA_DIR/api-key``, ``.cdi/api-key``."""
+    return Path(os.environ.get("CDI_DATA_DIR", ".cdi")) / "api-key"
+
+
+def _key_source(args: argparse.Namespace) -> str:
+    if getattr(args, "api_key", None):
+        return "the key given with --api-key"
+    if os.environ.get("CDI_API_KEY"):
+        return "the key in CDI_API_KEY"
+    return f"the key read from {_key_file().absolute()}"
+
+
+class KeyMissing(Exception):
+    """No API key was given, set or found."""
 
 
 @contextmanager
@@ -282,7 +333,9 @@ def status_line(status: dict[str, Any]) -> str:
     if p.get("total") and status["state"] not in ("done", "failed", "cancelled"):
         line += f"  {p.get('stage')}: {p.get('done')}/{p.get('total')}"
     if status.get("verdict"):
-        line += f"  verdict={status['verdict']} p={status.get('p_value')}"
+        from cdi.pvalue import format_p_value
+
+        line += f"  verdict={status['verdict']} p={format_p_value(status.get('p_value'))}"
     if status.get("error"):
         line += f"  error={status['error']['code']}: {status['error']['message']}"
     return line
@@ -325,7 +378,13 @@ def _client_call(fn: Any) -> Any:
 
         try:
             return int(fn(args) or 0)
+        except KeyMissing as exc:
+            return _err(str(exc))
         except ServiceError as exc:
+            if exc.status == 401:
+                return _err(f"the service refused {_key_source(args)}: {exc.message} [{exc.code}]. Give the "
+                            "tenant's key with --api-key KEY or CDI_API_KEY (an admin creates one with "
+                            "`cdi admin create-key TENANT`)")
             return _err(f"{exc.message} [{exc.code}]")
         except ClientError as exc:
             return _err(str(exc))

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
 from app import __version__
 from app.api import errors
 from app.api.deps import no_unknown_query
-from app.api.routes import audits, callbacks, explain, health, models, plans, web
+from app.api.routes import audits, callbacks, explain, health, models, plans, retention, rules, web
 from app.queue import AuditQueue, CeleryQueue, make_celery
-from app.quotas import RateLimiter, UploadSlots
+from app.quotas import AddressThrottle, RateLimiter, UploadSlots, open_buckets
 from app.settings import Settings
 from app.spool import clean_spool
 from app.storage.blobs import open_blob_store
@@ -50,7 +51,12 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.state.session_factory = session_factory(settings.database_url)
     app.state.blobs = open_blob_store(settings)
     app.state.queue = queue
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    buckets = open_buckets(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, buckets=buckets)
+    # Added last, so it runs first: a request is counted against its address before any other
+    # work, authentication included.
+    app.add_middleware(AddressThrottle, limiter=RateLimiter(settings.address_rate_limit_per_minute,
+                                                            buckets=buckets, scope="address"))
     app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
     errors.install(app)
     app.include_router(health.router)
@@ -59,5 +65,36 @@ def create_app(settings: Settings | None = None, queue: AuditQueue | None = None
     app.include_router(models.router, prefix="/v1")
     app.include_router(plans.router, prefix="/v1")
     app.include_router(callbacks.router, prefix="/v1")
+    app.include_router(retention.router, prefix="/v1")
+    app.include_router(rules.router, prefix="/v1")
     web.install(app)
+    _describe_models(app)
     return app
+
+
+def _describe_models(app: FastAPI) -> None:
+    """The OpenAPI document names the model ids this deployment accepts (GET /v1/models) as the
+    submit form's enumeration, read from the registry on each request of the document (a model
+    registered since appears at once)."""
+    import copy
+
+    from app.registry import ModelRegistry
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = copy.deepcopy(build())
+        try:
+            with app.state.session_factory() as session:
+                ids = [m.id for m in ModelRegistry(session, app.state.settings).list()]
+        except Exception:  # the database is down: the document without the list
+            return schema
+        form = (schema.get("paths", {}).get("/v1/audits", {}).get("post", {}).get("requestBody", {})
+                .get("content", {}).get("multipart/form-data", {}).get("schema", {}))
+        for name in ("model", "reference_model"):
+            prop = form.get("properties", {}).get(name)
+            if prop is not None and ids:
+                prop["enum"] = ids
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,15 +1,18 @@
 """Per-tenant quotas and request-rate limits (docs/service.md, "Quotas and limits").
 
 Quotas are counted in the database, so they hold across API processes: audits queued or
-running at once, audits and images per UTC day, bytes of images stored. The request rate and
-the number of uploads being received at once are counted per API process, in memory (a token
-bucket per tenant): with N API processes a tenant gets up to N times the rate.
+running at once, audits and images per UTC day, bytes of images stored. Request rates are
+token buckets, per client address (checked before the API key, so that requests with a bad
+key or none are throttled too) and per tenant, kept in Redis when the deployment has one
+(shared by all API processes), else in the process's memory. The number of uploads being
+received at once is counted per API process.
 
 Every refusal is a :class:`app.errors.TooMany` (HTTP 429) that says when to try again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -25,6 +29,8 @@ from app import errors as E
 from app.errors import TooMany
 from app.settings import Settings
 from app.storage.models import TERMINAL_STATES, Audit, utcnow
+
+log = logging.getLogger(__name__)
 
 
 def _seconds_to_midnight(now: datetime) -> int:
@@ -84,35 +90,113 @@ class _Bucket:
     tokens: float
     stamp: float
 
-class RateLimiter:
-    """A token bucket per tenant: ``per_minute`` requests, refilled continuously."""
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
+class MemoryBuckets:
+    """Token buckets in this process's memory (the embedded mode: one API process)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._buckets: dict[uuid.UUID, _Bucket] = {}
+        self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
-    def take(self, tenant_id: uuid.UUID) -> None:
-        if not self.per_minute:
-            return
-        rate = self.per_minute / 60.0
+    def take(self, key: str, capacity: int) -> float:
+        """Take a token from ``key``'s bucket (``capacity`` per minute); 0 if one was left, else
+        the seconds until one will be."""
+        rate = capacity / 60.0
         now = self.clock()
         with self._lock:
-            b = self._buckets.get(tenant_id)
+            b = self._buckets.get(key)
             if b is None:
-                b = self._buckets[tenant_id] = _Bucket(float(self.per_minute), now)
-            b.tokens = min(float(self.per_minute), b.tokens + (now - b.stamp) * rate)
+                if len(self._buckets) > 100_000:  # forget idle buckets (full ones)
+                    self._buckets = {k: v for k, v in self._buckets.items()
+                                     if v.tokens + (now - v.stamp) * rate < capacity}
+                b = self._buckets[key] = _Bucket(float(capacity), now)
+            b.tokens = min(float(capacity), b.tokens + (now - b.stamp) * rate)
             b.stamp = now
             if b.tokens >= 1.0:
                 b.tokens -= 1.0
-                return
-            wait = max(1, int((1.0 - b.tokens) / rate + 0.999))
-        raise TooMany(f"more than {self.per_minute} requests per minute from this tenant; slow down",
-                      E.RATE_LIMITED, retry_after=wait,
+                return 0.0
+            return (1.0 - b.tokens) / rate
+
+
+#: One token bucket in a Redis hash, updated atomically on the server's clock (API processes
+#: on several hosts share it whatever their own clocks say).
+_REDIS_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local capacity = tonumber(ARGV[1])
+local rate = capacity / 60.0
+local data = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(data[1]) or capacity
+local stamp = tonumber(data[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('EXPIRE', KEYS[1], 61)
+return tostring(wait)
+"""
+
+
+class RedisBuckets:
+    """Token buckets in Redis, shared by every API process of the deployment."""
+
+    def __init__(self, url: str, prefix: str = "cdi:ratelimit:") -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.script = self.client.register_script(_REDIS_BUCKET)
+        self.prefix = prefix
+
+    def take(self, key: str, capacity: int) -> float:
+        return float(self.script(keys=[self.prefix + key], args=[capacity]))
+
+
+class Buckets(Protocol):
+    def take(self, key: str, capacity: int) -> float: ...
+
+
+def open_buckets(settings: Settings) -> Buckets:
+    """The rate limits' store: Redis when the deployment has one (``CDI_RATE_LIMIT_URL``, or the
+    broker's), else this process's memory."""
+    url = settings.rate_limit_url or (settings.broker_url if settings.broker_url.startswith(
+        ("redis://", "rediss://")) else "")
+    # Deployments sharing one Redis keep apart by their audit queue's name.
+    return RedisBuckets(url, prefix=f"cdi:ratelimit:{settings.audit_queue}:") if url else MemoryBuckets()
+
+
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` requests, refilled continuously.
+
+    With Redis (:func:`open_buckets`) the buckets are shared by all API processes; if Redis
+    cannot be reached the request is let through (and logged): an outage of the limiter's
+    store must not take the API down with it.
+    """
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic,
+                 buckets: Buckets | None = None, scope: str = "tenant") -> None:
+        self.per_minute = per_minute
+        self.buckets = buckets if buckets is not None else MemoryBuckets(clock)
+        self.scope = scope
+
+    def take(self, key: uuid.UUID | str) -> None:
+        if not self.per_minute:
+            return
+        try:
+            wait = self.buckets.take(f"{self.scope}:{key}", self.per_minute)
+        except Exception as exc:  # Redis unreachable: fail open, loudly
+            log.warning("the rate limit could not be checked (%s); request let through", type(exc).__name__)
+            return
+        if wait <= 0:
+            return
+        seconds = max(1, int(wait + 0.999))
+        who = "this client address" if self.scope == "address" else "this tenant"
+        raise TooMany(f"more than {self.per_minute} requests per minute from {who}; slow down",
+                      E.RATE_LIMITED, retry_after=seconds,
                       headers={"RateLimit-Limit": str(self.per_minute), "RateLimit-Remaining": "0",
-                               "RateLimit-Reset": str(wait),
+                               "RateLimit-Reset": str(seconds),
                                "RateLimit-Policy": f"{self.per_minute};w=60"})
+
 
 class UploadSlots:
     """How many uploads each tenant is sending to this process at once."""
@@ -138,5 +222,38 @@ class UploadSlots:
                 if not self._active[tenant_id]:
                     del self._active[tenant_id]
 
-__all__ = ["Quotas", "RateLimiter", "UploadSlots"]
+__all__ = ["AddressThrottle", "MemoryBuckets", "Quotas", "RateLimiter", "RedisBuckets", "UploadSlots", "open_buckets"]
 
+
+
+class AddressThrottle:
+    """ASGI middleware: every request counts against its client address's rate limit before
+    anything else happens (authentication included); over the limit it answers 429 with
+    ``Retry-After``. Health probes are not counted."""
+
+    EXEMPT = ("/healthz", "/readyz")
+
+    def __init__(self, app: Any, limiter: RateLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.limiter.per_minute and scope.get("path") not in self.EXEMPT:
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            try:
+                await _in_thread(self.limiter.take, address)
+            except TooMany as exc:
+                from app.api.errors import error_response
+
+                headers = {"Retry-After": str(exc.retry_after), **exc.headers}
+                await error_response(429, exc.code, exc.message, headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _in_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Redis is a network round trip: keep it off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(fn, *args)

@@ -11,7 +11,9 @@ One pass (:func:`reconcile`) does, in order:
    the worker's lease guarantees one runner, and a finished audit is skipped.
 4. **Callbacks** of ended audits that were never queued, or whose delivery stalled.
 5. **Retention**: ended audits that still hold images they should not (their worker died
-   between the end and the clean-up) give them up.
+   between the end and the clean-up) give them up; ended audits older than their tenant's
+   retention period (``CDI_RETENTION_DAYS``, 90 days, or the tenant's own: ``PUT
+   /v1/retention``) are erased as a DELETE erases them.
 6. **Blobs**: a mark-and-sweep of blobs that nothing references or claims (app.storage.ledger).
 7. **Spool**: temporary upload files older than ``CDI_SPOOL_MAX_AGE`` (an API killed mid-upload).
 8. **Heartbeats** of workers gone for long are forgotten.
@@ -27,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
@@ -41,6 +44,7 @@ from app.storage.models import (
     TERMINAL_STATES,
     Audit,
     AuditState,
+    Tenant,
     WorkerHeartbeat,
     utcnow,
 )
@@ -74,10 +78,13 @@ class ReconcileReport:
     images_retired: int = 0
     blobs_collected: int = 0
     spool_removed: int = 0
+    #: Ended audits erased because their retention period ran out.
+    expired: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {"requeued": len(self.requeued), "sent": len(self.sent), "callbacks": len(self.callbacks),
-                "images_retired": self.images_retired, "blobs_collected": self.blobs_collected,
+                "images_retired": self.images_retired, "expired": self.expired,
+                "blobs_collected": self.blobs_collected,
                 "spool_removed": self.spool_removed}
 
 
@@ -184,6 +191,7 @@ def reconcile(session_factory: Callable[[], Session], settings: Settings, blobs:
             AuditRepository(session).end_images(audit_id)
         session.commit()
     report.images_retired = len(ended)
+    report.expired = expire(session_factory, settings, ledger)
     report.blobs_collected = len(ledger.sweep())
     report.spool_removed = clean_spool(settings)
     with session_factory() as session:
@@ -191,6 +199,40 @@ def reconcile(session_factory: Callable[[], Session], settings: Settings, blobs:
                         .execution_options(synchronize_session=False))
         session.commit()
     return report
+
+
+def expire(session_factory: Callable[[], Session], settings: Settings, ledger: BlobLedger,
+           batch: int = 200) -> int:
+    """Retention: erase (as DELETE does) the ended audits whose tenant's retention period ran
+    out since they ended; returns how many."""
+    now = utcnow()
+    erased = 0
+    with session_factory() as session:
+        custom = set(session.scalars(select(Tenant.retention_days).where(Tenant.retention_days.is_not(None))
+                                     .distinct()))
+        periods: list[tuple[Any, int]] = [(Tenant.retention_days.is_(None), settings.retention_days)]
+        periods += [(Tenant.retention_days == days, int(days)) for days in custom if days is not None]
+        due: list[uuid.UUID] = []
+        for which, days in periods:
+            if days <= 0:  # kept until deleted
+                continue
+            due += session.scalars(
+                select(Audit.id).join(Tenant, Tenant.id == Audit.tenant_id)
+                .where(which, Audit.state.in_(TERMINAL_STATES), Audit.deleted_at.is_(None),
+                       Audit.finished_at < now - timedelta(days=days))
+                .order_by(Audit.finished_at).limit(batch))
+    for audit_id in due:
+        with session_factory() as session:
+            repo = AuditRepository(session)
+            audit = repo.get(audit_id)
+            if audit is None or audit.deleted_at is not None:
+                continue
+            _, shas = repo.erase(audit)
+            session.commit()
+        ledger.collect(shas)
+        erased += 1
+        log.info("audit erased: its retention period ran out", extra={"audit_id": str(audit_id)})
+    return erased
 
 
 def beat(session_factory: Callable[[], Session], name: str) -> None:
@@ -217,4 +259,5 @@ def live_workers(session: Session, settings: Settings) -> int:
     return len(list(session.scalars(select(WorkerHeartbeat.name).where(WorkerHeartbeat.seen_at >= cutoff))))
 
 
-__all__ = ["ReconcileReport", "Stuck", "beat", "clean_spool", "find_stuck", "forget", "live_workers", "reconcile"]
+__all__ = ["ReconcileReport", "Stuck", "beat", "clean_spool", "expire", "find_stuck", "forget", "live_workers",
+           "reconcile"]

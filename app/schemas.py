@@ -127,7 +127,12 @@ class ModelList(BaseModel):
 
 class RegisterModel(BaseModel):
     id: str = Field(min_length=1, max_length=200)
-    source: str = Field(min_length=1, description="A diffusers directory on the workers, or a hub id.")
+    source: str = Field(min_length=1, description=(
+        "A diffusers directory on this host (and at the same path on every worker). A hub id is refused "
+        "here (422 `hub_model_via_cli`): finding its family downloads its configuration, which the API "
+        "never does inside a request; register it with `cdi admin register-model ID HUB_ID --revision REV`. "
+        "A model published in parts (one checkpoint file and its configs, or a UNet/transformer file on a "
+        "base model) is a directory holding a cdi_model.json that names them."))
     revision: str | None = None
     description: str = ""
 

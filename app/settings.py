@@ -102,12 +102,32 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(default=100 * 1024**3, ge=0)
     #: Uploads of one tenant being received at once (per API process).
     max_concurrent_uploads: int = Field(default=4, ge=0)
-    #: Requests per minute and tenant (per API process; a token bucket of this size).
+    #: Requests per minute and tenant (a token bucket of this size, shared by the API processes
+    #: through Redis: see rate_limit_url).
     rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Requests per minute from one client address, counted before the API key is checked
+    #: (requests with a bad key or none are throttled too). Behind a reverse proxy, the address
+    #: is the one uvicorn takes from ``X-Forwarded-For`` (its ``--forwarded-allow-ips``).
+    address_rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Redis that holds the rate limits' counters, shared by all API processes. Default: the
+    #: broker's, when it is Redis; otherwise (the embedded mode, one API process) in memory.
+    rate_limit_url: str = ""
 
     # --- lifetimes -----------------------------------------------------------------------
     #: Keep uploaded images after their audit ends (an audit can ask with retain_images=true).
     retain_images: bool = False
+    #: Days an ended audit keeps its image records, report and PDF; then the reconciler erases
+    #: them as a DELETE does. A tenant sets its own (PUT /v1/retention) up to max_retention_days.
+    #: 0: kept until deleted.
+    retention_days: int = Field(default=90, ge=0)
+    #: The longest retention a tenant may ask for, days (0: no limit, and "until deleted" allowed).
+    max_retention_days: int = Field(default=730, ge=0)
+    #: Whose features an audit may reuse: "tenant" (the default: only those its own tenant's
+    #: audits computed; another tenant's audits of the same images change nothing in its report,
+    #: timings or status) or "shared" (any tenant's: repeat audits of the same images across
+    #: tenants compute nothing, and a tenant's report and timings then show that some tenant
+    #: audited those images against that model before).
+    feature_cache_scope: Literal["tenant", "shared"] = "tenant"
     #: Seconds an upload's claim on its blobs lasts before it must have committed its audit.
     blob_claim_seconds: int = Field(default=3600, ge=10)
     #: Seconds between two runs of the reconciler (requeues lost audits, collects blobs, spool).

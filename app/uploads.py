@@ -49,6 +49,55 @@ ARCHIVE_MAGIC = (
 )
 JUNK_DIRS = frozenset({"__MACOSX"})
 JUNK_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+#: The image formats accepted, by their leading bytes: (format, ((offset, bytes), ...)), every
+#: pair matching. A file with an image's suffix but none of these is not an image (a text file
+#: named fake.png, an SVG), whatever Pillow could make of it.
+IMAGE_SIGNATURES: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = (
+    ("PNG", ((0, b"\x89PNG\r\n\x1a\n"),)),
+    ("JPEG", ((0, b"\xff\xd8\xff"),)),
+    ("GIF", ((0, b"GIF87a"),)),
+    ("GIF", ((0, b"GIF89a"),)),
+    ("WebP", ((0, b"RIFF"), (8, b"WEBP"))),
+    ("TIFF", ((0, b"II*\x00"),)),
+    ("TIFF", ((0, b"MM\x00*"),)),
+    ("BMP", ((0, b"BM"),)),
+)
+
+
+def image_format(head: bytes) -> str | None:
+    """The accepted image format whose signature ``head`` (a file's first bytes) carries, if any."""
+    for name, pairs in IMAGE_SIGNATURES:
+        if all(head[off:off + len(sig)] == sig for off, sig in pairs):
+            return name
+    return None
+
+
+def upload_rules() -> dict[str, Any]:
+    """What an upload must be, as data: the web page's preview applies exactly these rules
+    (``GET /v1/upload-rules``) before anything is sent, so that it refuses what this module
+    refuses."""
+    from cdi.stats import check_sizes as _check
+
+    def fewest(protocol: str, which: str) -> int:
+        for n in range(1, 10_000):
+            try:
+                _check(n, 10_000, protocol) if which == "published" else _check(10_000, n, protocol)
+                return n
+            except Exception:
+                continue
+        raise AssertionError(f"no set size satisfies the {protocol} protocol")
+
+    return {
+        "image_suffixes": sorted(IMAGE_SUFFIXES),
+        "archive_suffixes": sorted(ARCHIVE_SUFFIXES),
+        "junk_dirs": sorted(JUNK_DIRS),
+        "junk_files": sorted(JUNK_FILES),
+        "junk_prefix": "._",
+        "image_signatures": [{"format": name, "bytes": [{"offset": off, "hex": sig.hex()} for off, sig in pairs]}
+                             for name, pairs in IMAGE_SIGNATURES],
+        "minimum_images": {p: {"published": fewest(p, "published"), "unpublished": fewest(p, "unpublished")}
+                           for p in ("directional", "crossfit", "reference")},
+    }
 #: Members smaller than this are exempt from the ratio check (tiny files compress oddly).
 RATIO_EXEMPT_BYTES = 64 * 1024
 _CHUNK = 1024 * 1024
@@ -336,6 +385,10 @@ def _check_image_file(path: Path, name: str, settings: Settings) -> None:
         head = f.read(512)
     if any(head.startswith(m) for m in ARCHIVE_MAGIC) or head[257:262] == b"ustar":
         raise BadInput(f"{name} is an archive; nested archives are not accepted", E.NESTED_ARCHIVE)
+    if image_format(head) is None:
+        formats = ", ".join(dict.fromkeys(f for f, _ in IMAGE_SIGNATURES))
+        raise BadInput(f"{name} is not an image file: its content is none of the accepted formats ({formats})",
+                       E.NOT_AN_IMAGE)
     try:
         with Image.open(path) as img:
             width, height = img.size

@@ -17,6 +17,8 @@ from image file name to caption or class. Errors in the input raise
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,15 +70,24 @@ def _conditions(value: Conditions, kind: str) -> dict[str, Any] | None:
 
 
 def load_model(model: str, revision: str | None = None, device: str = "cpu",
-               dtype: str = "float32", config: str | None = None) -> DiffusionAdapter:
+               dtype: str = "float32", config: str | None = None, *, unet: str | None = None,
+               transformer: str | None = None, resolution: int | None = None) -> DiffusionAdapter:
     """A model directory (diffusers layout), hub id or shipped model name, loaded as its family's adapter.
 
     A single-file checkpoint (``.safetensors``) loads with ``config``, a local diffusers folder
-    of its architecture's configs.
+    of its architecture's configs. ``unet`` (SD 1.x/2.x, SDXL) or ``transformer`` (SD3, Flux): a
+    fine-tune published as that component alone, with ``model``'s other components.
+    ``resolution``: the image side to audit a Flux model at.
     """
     from cdi.models import load_model as _load
 
-    return _load(model, revision=revision, device=device, dtype=dtype, config=config)
+    return _load(model, revision=revision, device=device, dtype=dtype, config=config,
+                 components=_component_files(unet, transformer), resolution=resolution)
+
+
+def _component_files(unet: str | None, transformer: str | None) -> dict[str, str] | None:
+    files = {"unet": unet, "transformer": transformer}
+    return {role: f for role, f in files.items() if f is not None} or None
 
 
 def run_audit(
@@ -88,7 +99,11 @@ def run_audit(
     labels: Conditions = None,
     revision: str | None = None,
     config: str | None = None,
+    unet: str | None = None,
+    transformer: str | None = None,
+    resolution: int | None = None,
     progress: Callable[[Progress], None] | None = None,
+    cache: bool | str | os.PathLike[str] = True,
     **options: Any,
 ) -> AuditResult:
     """Test whether ``model`` was trained on the ``published`` images (P) rather than the ``unpublished`` (U).
@@ -97,15 +112,28 @@ def run_audit(
     ``features``, ``seed``, ``device``, ``dtype``, ``batch_size``…), with its defaults.
     Returns the :class:`~cdi.audit.AuditResult`: ``outcome`` (``used``, ``not_detected``,
     ``inconclusive``), ``p_value``, ``verdict.reason``, the test and the controls.
-    ``config``: a single-file checkpoint's local folder of configs (see :func:`load_model`).
+    ``config``: a single-file checkpoint's local folder of configs; ``unet``, ``transformer``,
+    ``resolution``: see :func:`load_model`.
+    ``progress``: called at every step; by default, when stderr is a terminal, a progress bar
+    per stage is drawn there (as ``cdi audit`` does), and nothing otherwise.
+    ``cache``: the local feature cache (:mod:`cdi.cache`; ``True``: the user's cache folder, a
+    path: that folder, ``False``: none), so that a repeat audit of the same images computes
+    no feature.
     """
     from cdi.audit import AuditOptions
     from cdi.audit import audit as _audit
+    from cdi.cache import LocalFeatureStore
 
+    if progress is None and sys.stderr is not None and sys.stderr.isatty():
+        from cdi.cli import AuditProgress
+
+        progress = AuditProgress()
+    store = None if cache is False else LocalFeatureStore(None if cache is True else cache)
     return _audit(
         _images(published, "published"), _images(unpublished, "unpublished"), model, revision=revision,
-        config=config, captions=_conditions(captions, "caption"), labels=_conditions(labels, "label"),
-        options=AuditOptions(**options), progress=progress,
+        config=config, components=_component_files(unet, transformer), resolution=resolution,
+        captions=_conditions(captions, "caption"), labels=_conditions(labels, "label"),
+        options=AuditOptions(**options), progress=progress, feature_store=store,
     )
 
 

@@ -429,7 +429,8 @@ CALIBRATION_NOTES = {
 
 
 def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOptions, lora: str | None,
-          lora_scale: float, allow_pickle: bool | None, config: str | None = None) -> DiffusionAdapter:
+          lora_scale: float, allow_pickle: bool | None, config: str | None = None,
+          components: dict[str, str] | None = None, resolution: int | None = None) -> DiffusionAdapter:
     if not isinstance(model, str):
         if lora is not None:
             raise InputError("a LoRA is applied when a model is loaded: give the model's reference, not an adapter")
@@ -437,17 +438,24 @@ def _load(model: str | DiffusionAdapter, revision: str | None, opts: AuditOption
     from cdi.models import load_model
 
     return load_model(model, revision=revision, device=opts.device, dtype=opts.dtype, allow_pickle=allow_pickle,
-                      lora=lora, lora_scale=lora_scale, config=config)
+                      lora=lora, lora_scale=lora_scale, config=config, components=components,
+                      resolution=resolution)
 
 
 def check_reference(target: DiffusionAdapter, reference: DiffusionAdapter) -> None:
     """Raise :class:`InputError` unless ``reference`` can calibrate ``target``.
 
-    The per-image noise is identical only if both models see the same input and draw noise
-    of the same shape: same image size, channels, conditioning and z0 shape.
+    A reference with the audited model's own weights is refused (every difference would be
+    zero). The per-image noise is identical only if both models see the same input and draw
+    noise of the same shape: same image size, channels, conditioning and z0 shape.
     """
     import torch
 
+    if target.identity.digest == reference.identity.digest:
+        raise InputError(
+            f"the reference model is the audited model itself (the same weights, identity "
+            f"{target.identity.digest[:12]}): calibrating a model by itself leaves nothing to test; give a "
+            "different reference, such as the base model of a fine-tune")
     for attr in ("image_size", "image_channels", "conditioning", "num_train_timesteps"):
         a, b = getattr(target, attr), getattr(reference, attr)
         if a != b:
@@ -521,7 +529,8 @@ class ModelSpec:
 
     ``model``: a model directory, hub id or shipped model name, or an adapter; ``config``: the
     diffusers configs of a single-file checkpoint; ``lora`` (and its ``lora_scale``) is loaded
-    onto it; ``name`` names it in the report.
+    onto it; ``name`` names it in the report; ``components`` takes its UNet or transformer from
+    one file (``{"unet": FILE}``); ``resolution`` audits a Flux model at that image side.
     """
 
     model: str | DiffusionAdapter
@@ -530,6 +539,8 @@ class ModelSpec:
     lora: str | None = None
     lora_scale: float = 1.0
     name: str | None = None
+    components: dict[str, str] | None = None
+    resolution: int | None = None
 
     def conditioning(self) -> str:
         """``"class"``, ``"text"`` or ``"none"``, read from the model's configs (no weight is loaded)."""
@@ -537,7 +548,7 @@ class ModelSpec:
             return str(self.model.conditioning)
         from cdi.models.detect import detect_family
 
-        return detect_family(self.model, self.revision, self.config).conditioning
+        return detect_family(self.model, self.revision, self.config, self.components).conditioning
 
 
 @dataclass(frozen=True)
@@ -650,10 +661,11 @@ def load_step(target: ModelSpec, reference: ModelSpec | None, options: AuditOpti
               allow_pickle: bool | None) -> Models:
     """Load the audited model (and the reference, checked to calibrate it)."""
     adapter = _load(target.model, target.revision, options, target.lora, target.lora_scale, allow_pickle,
-                    target.config)
+                    target.config, target.components, target.resolution)
     if reference is None:
         return Models(adapter, feature_key(adapter.identity.digest, options))
-    ref = _load(reference.model, reference.revision, options, None, 1.0, allow_pickle, reference.config)
+    ref = _load(reference.model, reference.revision, options, None, 1.0, allow_pickle, reference.config,
+                reference.components, reference.resolution)
     check_reference(adapter, ref)
     return Models(adapter, feature_key(adapter.identity.digest, options), ref,
                   feature_key(ref.identity.digest, options))
@@ -845,6 +857,8 @@ def audit(
     allow_pickle: bool | None = None,
     config: str | None = None,
     reference_config: str | None = None,
+    components: dict[str, str] | None = None,
+    resolution: int | None = None,
     captions: Mapping[str, str] | None = None,
     labels: Mapping[str, int] | None = None,
     options: AuditOptions | None = None,
@@ -863,16 +877,18 @@ def audit(
     and the controls see the differences. Pickled weights are refused unless
     ``allow_pickle`` (default: ``CDI_ALLOW_PICKLE=1``). A model (or reference) given as one
     single-file checkpoint needs ``config`` (``reference_config``): a local diffusers folder
-    of its configs. ``model_name`` and ``reference_name`` name the models in the report (a
+    of its configs. ``components`` takes the model's UNet or transformer from one file beside
+    the base (``{"unet": FILE}``); ``resolution`` audits a Flux model (and its reference) at
+    that image side. ``model_name`` and ``reference_name`` name the models in the report (a
     service's registered ids; default: the shipped model's name, the hub id or the
     directory). Raises
     :class:`~cdi.errors.InputError` for invalid input, before any weight is loaded.
     """
     opts = options or AuditOptions()
     report = _reporter(progress)
-    target = ModelSpec(model, revision, config, lora, lora_scale, model_name)
+    target = ModelSpec(model, revision, config, lora, lora_scale, model_name, components, resolution)
     reference = None if reference_model is None else ModelSpec(
-        reference_model, reference_revision, reference_config, name=reference_name)
+        reference_model, reference_revision, reference_config, name=reference_name, resolution=resolution)
     timings: dict[str, float] = {}
     validated, timings["validating"] = _timed(
         lambda: validate_step(published, unpublished, target, reference, captions, labels, opts, report))

@@ -17,6 +17,7 @@ from typing import Any
 from cdi.errors import CdiError, InputError
 from cdi.features.layout import FeatureSet
 from cdi.options import DEFAULT_ALPHA
+from cdi.pvalue import format_p_value
 from cdi.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPES
 
 
@@ -84,7 +85,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     conditions = _conditions_for([f.name for f in files], args.captions, args.labels)
     adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                          allow_pickle=args.allow_pickle or None, lora=args.lora, lora_scale=args.lora_scale,
-                         config=args.config)
+                         config=args.config, components=_components(args), resolution=args.resolution)
     extractor = FeatureExtractor(
         adapter, feature_set=args.features, seed=args.seed, batch_size=args.batch_size, precision=args.precision
     )
@@ -97,7 +98,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
         reference = load_model(args.reference_model, revision=args.reference_revision, device=args.device,
                                dtype=args.dtype, allow_pickle=args.allow_pickle or None,
-                               config=args.reference_config)
+                               config=args.reference_config, resolution=args.resolution)
         check_reference(adapter, reference)
         # The same seed and image hashes: the same per-image noise as the audited model's.
         ref_extractor = FeatureExtractor(
@@ -155,7 +156,7 @@ def summary(result: Any) -> str:
     t, v = result.test, result.verdict
     lines = [
         f"verdict        {v.outcome.value.upper()}",
-        f"p-value        {t.p_value:.3g} (α = {t.alpha}; {t.protocol.value} protocol, one-sided)",
+        f"p-value        {format_p_value(t.p_value)} (α = {t.alpha}; {t.protocol.value} protocol, one-sided)",
         f"statistic      Welch t = {t.statistic:.3f}" + (f", df = {t.df:.1f}" if t.df is not None else ""),
         f"effect         AUC {t.auc:.3f}, Cohen's d {t.cohens_d:.2f}",
         f"images         P = {t.n_p}, U = {t.n_u} (test: {t.n_test_p} + {t.n_test_u})",
@@ -165,6 +166,8 @@ def summary(result: Any) -> str:
     ]
     n_dup = len(result.exclusion.p) + len(result.exclusion.u)
     lines.append(f"duplicates     {len(result.duplicates.groups)} group(s), {n_dup} image(s) excluded")
+    lines.append(f"features       {result.forward_passes} forward passes; {result.cached_images} image(s) "
+                 "read from the feature cache")
     if result.sequential is not None:
         lines.append(f"sequential     {sequential_summary(result)}")
     lines.append("")
@@ -224,29 +227,53 @@ def _audit_options(args: argparse.Namespace) -> Any:
     )
 
 
+def default_report_path(folder: Path | None = None) -> Path:
+    """Where ``cdi audit`` writes its report without ``--out``: ``report.json`` in the current
+    folder, or ``report-2.json``, ``report-3.json``... if that is taken (never overwritten)."""
+    folder = folder or Path.cwd()
+    path, n = folder / "report.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"report-{n}.json"
+    return path
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from cdi.audit import audit
     from cdi.conditions import read_conditions
 
     options = _audit_options(args)
     check_device(args.device)
+    chosen = not args.out
+    if chosen:
+        args.out = str(default_report_path())
+    store = None
+    if not args.no_cache:
+        from cdi.cache import LocalFeatureStore
+
+        store = LocalFeatureStore()
     # The key is read before any work, so that a bad key fails at once.
     signing_key = _signing_key(args.signing_key) if args.out or args.pdf else None
     published = _read_folder(args.published)
     unpublished = _read_folder(args.unpublished)
     captions = read_conditions(args.captions, "caption") if args.captions else None
     labels = read_conditions(args.labels, "label") if args.labels else None
+    if chosen:  # said once the inputs are known to be usable, before the long part
+        print(f"the report will be written to {args.out} (choose with --out FILE)", file=sys.stderr)
     result = audit(
         published, unpublished, args.model, revision=args.revision,
         lora=args.lora, lora_scale=args.lora_scale,
         reference_model=args.reference_model, reference_revision=args.reference_revision,
         allow_pickle=args.allow_pickle or None, config=args.config, reference_config=args.reference_config,
+        components=_components(args), resolution=args.resolution,
         captions=captions, labels=labels,  # type: ignore[arg-type]
-        options=options, progress=AuditProgress(),
+        options=options, progress=AuditProgress(), feature_store=store,
     )
     # The report first: a closed stdout (`| head`) must not lose an audit's result.
     _write_report(result, args, signing_key)
     print(summary(result))
+    if store is not None:
+        print(f"feature cache  {store.root} (--no-cache: neither read nor written)", file=sys.stderr)
     return 0
 
 
@@ -304,6 +331,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         if not (args.model and args.published and args.unpublished):
             raise InputError("give --report FILE, or --model with --published DIR and --unpublished DIR")
+        print("note: this extracts the pilot's features; a report of an audit of these images plans in "
+              "seconds: cdi plan --report report.json", file=sys.stderr)
         from cdi.features import FeatureExtractor
         from cdi.models import load_model
 
@@ -311,7 +340,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         planned = argparse.Namespace(protocol="directional", features=args.features)
         columns = tested_columns(planned)
         adapter = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                             config=args.config)
+                             config=args.config, components=_components(args), resolution=args.resolution)
         extractor = FeatureExtractor(adapter, columns=columns_read(planned), seed=args.seed,
                                      batch_size=args.batch_size, precision=args.precision)
         pilot = []
@@ -335,7 +364,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trusted = load_public_key(args.public_key) if args.public_key else None
     v = verify_document(document, trusted)
     if v.report is not None:
-        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {v.report.p_value:.3g}")
+        p_text = format_p_value(v.report.p_value)
+        print(f"report         {v.report.schema_version}: {v.report.verdict.upper()}, p = {p_text}")
     if v.digest is not None:
         same = v.digest == v.computed_digest
         print(f"digest         {v.digest}  {'matches the content' if same else 'DOES NOT MATCH the content'}")
@@ -366,7 +396,8 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if result.ok:
-        print(f"recomputed: p-value {report.p_value:.6g} and verdict {report.verdict.upper()} reproduced exactly")
+        print(f"recomputed: p-value {format_p_value(report.p_value)} and verdict {report.verdict.upper()} "
+              "reproduced exactly")
         return 0
     print(f"NOT REPRODUCED: {len(result.failures)} value(s) differ", file=sys.stderr)
     return 1
@@ -399,6 +430,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--config", metavar="DIR", default=None,
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
+    _add_component_options(p)
     p.add_argument("--lora", metavar="FILE_OR_DIR",
                    help="LoRA to load onto the model: a .safetensors file, a peft folder, or a shipped LoRA")
     p.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="LoRA strength (default 1.0)")
@@ -416,6 +448,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--captions", help="CSV (file,caption) or JSONL of captions, for text models")
     p.add_argument("--labels", help="CSV (file,label) or JSONL of class labels, for class models")
+
+
+def _add_component_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unet", metavar="FILE", default=None,
+                   help="a fine-tune published as its UNet alone (.safetensors): audited with --model's other "
+                        "components (SD 1.x/2.x, SDXL)")
+    p.add_argument("--transformer", metavar="FILE", default=None,
+                   help="a fine-tune published as its transformer alone, with --model's other components (SD3, Flux)")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="Flux: the image side to audit at (default: the model's config, else 1024)")
+
+
+def _components(args: argparse.Namespace) -> dict[str, str] | None:
+    files = {role: getattr(args, role, None) for role in ("unet", "transformer")}
+    return {role: f for role, f in files.items() if f} or None
 
 
 def _batch_size(text: str) -> int | None:
@@ -498,11 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features, features="all")
 
     p = sub.add_parser("plan", help="how many images an audit needs, from a pilot or an earlier report")
-    p.add_argument("--report", help="an earlier report (JSON): its images are the pilot")
-    p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on")
+    p.add_argument("--report", help="an earlier report (JSON): its images are the pilot (seconds: nothing is "
+                                    "extracted)")
+    p.add_argument("--model", help="with --published/--unpublished: the model to compute the pilot's features on "
+                                   "(minutes: prefer --report when an audit of the pilot exists)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--config", metavar="DIR", default=None,
                    help="for a single-file checkpoint: a local diffusers folder with its architecture's configs")
+    _add_component_options(p)
     p.add_argument("--published", help="folder of a few published images (the pilot's P)")
     p.add_argument("--unpublished", help="folder of a few unpublished images (the pilot's U)")
     _add_feature_options(p)
@@ -522,7 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_options(p)
     p.add_argument("--published", required=True, help="folder of the published images (P)")
     p.add_argument("--unpublished", required=True, help="folder of the never-published images (U)")
-    p.add_argument("--out", help="JSON report to write")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON report to write (default: report.json in the current folder, or report-2.json... "
+                        "if taken)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the local feature cache (CDI_CACHE_DIR, default "
+                        "~/.cache/cdi/features): a repeat audit of the same images computes no feature otherwise")
     _add_report_options(p)
     p.set_defaults(func=cmd_audit)
 

@@ -86,7 +86,6 @@ __all__ = [
     "BLOCK_FACTOR",
     "DEFAULT_CANDIDATE_DISTANCE",
     "DEFAULT_DIFFERENCE_THRESHOLD",
-    "DIRECTION_FEATURES",
     "IMAGE_STATISTIC_NAMES",
     "MAX_CROP",
     "THUMBNAIL_SIDE",
@@ -906,8 +905,6 @@ def duplicates_to_exclude(report: DuplicateReport) -> Exclusion:
         for m in dropped:
             (drop_p if m.set_name == "P" else drop_u).add(m.index)
     return Exclusion(p=tuple(sorted(drop_p)), u=tuple(sorted(drop_u)), reasons=tuple(reasons))
-
-
 
 
 def direction_check(features_p: np.ndarray, features_u: np.ndarray) -> float:

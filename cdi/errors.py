@@ -31,6 +31,12 @@ class ModelNotFoundError(ModelError):
     code = "model_not_found"
 
 
+class ModelNotDownloadedError(ModelNotFoundError):
+    """A hub model's weights are not in the local cache, and downloading is not allowed."""
+
+    code = "model_not_downloaded"
+
+
 class UnsupportedModelError(ModelError):
     """The model loads, but its family is not one CDI supports."""
 

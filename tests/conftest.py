@@ -1,12 +1,27 @@
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``cdi audit`` and ``cdi.run_audit`` cache features in the user's cache folder: the tests
+    use a folder of their own (and so do the processes they start), never the user's."""
+    before = os.environ.get("CDI_CACHE_DIR")
+    os.environ["CDI_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CDI_CACHE_DIR", None)
+    else:
+        os.environ["CDI_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

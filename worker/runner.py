@@ -151,7 +151,7 @@ class DatabaseFeatureStore:
     """The library's ``FeatureStore`` over the ``features`` table, counting for the run record."""
 
     def __init__(self, session_factory: Callable[[], Session], audit_id: uuid.UUID, attempt: int,
-                 run: RunState) -> None:
+                 run: RunState, *, shared: bool = False) -> None:
         self.session_factory = session_factory
         self.audit_id = audit_id
         self.attempt = attempt
@@ -160,10 +160,23 @@ class DatabaseFeatureStore:
         self.computed = 0
         #: Rows found stored: one the audit then completes (a partial row) counts as computed.
         self._loaded: set[str] = set()
+        #: The cache shared by all tenants (``CDI_FEATURE_CACHE_SCOPE=shared``), or the audit's tenant's.
+        self.shared = shared
+        self._tenant: uuid.UUID | None = None
+
+    def _features(self, session: Session) -> FeatureRepository:
+        if self.shared:
+            return FeatureRepository(session)
+        if self._tenant is None:
+            audit = AuditRepository(session).get(self.audit_id)
+            if audit is None:
+                raise AuditStopped("lost")
+            self._tenant = audit.tenant_id
+        return FeatureRepository(session, self._tenant)
 
     def load(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         with self.session_factory() as session:
-            rows = FeatureRepository(session).load(key, sha256s)
+            rows = self._features(session).load(key, sha256s)
             self._loaded.update(rows)
             self.reused += len(rows)
             AuditRepository(session).update_run(self.audit_id, self.attempt, features_reused=self.reused)
@@ -173,7 +186,7 @@ class DatabaseFeatureStore:
     def save(self, key: str, rows: Mapping[str, np.ndarray]) -> None:
         # Stored even when the audit was just cancelled: the features are valid and cached.
         with self.session_factory() as session:
-            FeatureRepository(session).save(key, rows)
+            self._features(session).save(key, rows)
             self.computed += len(rows)
             completed = self._loaded.intersection(rows)
             self._loaded -= completed
@@ -257,7 +270,8 @@ class AuditRunner:
         beat = threading.Thread(target=self._heartbeat, args=(audit_id, owner, run, stop_heartbeat),
                                 name=f"heartbeat-{audit_id}", daemon=True)
         beat.start()
-        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run)
+        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run,
+                                     shared=self.settings.feature_cache_scope == "shared")
         try:
             outcome = self._execute(audit_id, owner, attempt, job, run, store)
         finally:
@@ -461,7 +475,8 @@ class AuditRunner:
         beat = threading.Thread(target=self._shard_heartbeat, args=(audit_id, shard, owner, run, stop_heartbeat),
                                 name=f"heartbeat-{audit_id}-{shard}", daemon=True)
         beat.start()
-        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run)
+        store = DatabaseFeatureStore(self.session_factory, audit_id, attempt, run,
+                                     shared=self.settings.feature_cache_scope == "shared")
         try:
             outcome = self._execute_shard(audit_id, shard, owner, attempt, job, run, store)
         finally:

@@ -1,6 +1,8 @@
 """Celery tasks. They take ids, reload state from the database, and are idempotent.
 
-* ``run_audit(audit_id)``: runs the audit (:class:`worker.runner.AuditRunner`). Running it
+* ``run_audit(audit_id)``: runs the audit (:class:`worker.runner.AuditRunner`), or, when
+  another tenant's queued audit has the turn (:mod:`app.scheduler`), runs that one and sends
+  ``audit_id`` again to the back of the queue. Running it
   again after it finished does nothing; running it while another worker holds the audit
   re-queues it for later; running it after a crash resumes from the stored features.
   An audit with more images than ``CDI_SHARD_SIZE`` is split: this task sends one
@@ -59,7 +61,11 @@ def _fresh_pool(**_: Any) -> None:
 @celery.task(name="worker.tasks.run_audit", bind=True, acks_late=True, reject_on_worker_lost=True,
              autoretry_for=(OperationalError,), retry_backoff=5, retry_backoff_max=300, max_retries=20)
 def run_audit(self: Task, audit_id: str) -> str:
-    outcome = runner().run(uuid.UUID(audit_id))
+    ident = uuid.UUID(audit_id)
+    turn = _fair_turn(ident)
+    if turn is not None:
+        return turn
+    outcome = runner().run(ident)
     if outcome == "busy":
         # Another live worker holds the audit (a redelivered message): look again when its
         # lease would have run out, so that the audit survives that worker dying too.
@@ -79,6 +85,28 @@ def run_shard(self: Task, audit_id: str, shard: int) -> str:
     if outcome == "failed":
         queue_callback(uuid.UUID(audit_id))
     return outcome
+
+
+def _fair_turn(audit_id: uuid.UUID) -> str | None:
+    """Run the audit whose turn it is (app.scheduler) when that is not ``audit_id``, and send
+    ``audit_id`` again to the back of the queue; None when ``audit_id`` itself should run."""
+    from app.scheduler import fair_choice
+
+    with session_factory(settings().database_url)() as session:
+        order = fair_choice(session, audit_id)
+    for other in order:
+        if other == audit_id:
+            return None
+        outcome = runner().run(other)
+        if outcome in ("busy", "skipped", "missing"):  # taken by another worker meanwhile
+            continue
+        _queue(settings()).enqueue(audit_id)
+        if outcome in ("done", "failed"):
+            queue_callback(other)
+        log.info("another tenant's audit had the turn", extra={"audit_id": str(audit_id), "ran": str(other),
+                                                                "outcome": outcome})
+        return f"ran {other}: {outcome}"
+    return None
 
 
 def queue_callback(audit_id: uuid.UUID) -> None:

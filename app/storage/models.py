@@ -91,6 +91,9 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: The key that signs this tenant's callbacks (Standard Webhooks: ``whsec_`` + base64).
     webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    #: Days this tenant's ended audits keep their image records, report and PDF (None: the
+    #: deployment's ``CDI_RETENTION_DAYS``; 0: until deleted).
+    retention_days: Mapped[int | None] = mapped_column(Integer, default=None)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -298,13 +301,15 @@ class FeatureRow(Base):
     """A cached per-image feature vector.
 
     ``cache_key`` is computed by :func:`cdi.audit.audit` from the model's identity, the feature
-    layout version, the feature configuration, the seed, the dtype and the precision; with the
-    image's SHA-256 it identifies the vector exactly, whichever audit or tenant computed it.
-    A vector may be partial (NaN where a feature was not computed); a later save completes it.
+    layout version, the feature configuration, the seed, the dtype and the precision, and
+    scoped to ``tenant_id`` (:func:`app.storage.repositories.hash_cache_key`): with the image's
+    SHA-256 it identifies the vector exactly, and no tenant's audit reads another tenant's rows.
+    A row with no tenant belongs to the shared cache (``CDI_FEATURE_CACHE_SCOPE=shared``). A
+    vector may be partial (NaN where a feature was not computed); a later save completes it.
     """
 
     __tablename__ = "features"
-    __table_args__ = (Index("ix_features_sha256", "sha256"),)
+    __table_args__ = (Index("ix_features_sha256", "sha256"), Index("ix_features_tenant_sha256", "tenant_id", "sha256"))
 
     #: SHA-256 of the key given by the library (its length and format are the library's).
     cache_key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -313,3 +318,5 @@ class FeatureRow(Base):
     shape: Mapped[str] = mapped_column(String(64))
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                                        default=None)

@@ -360,7 +360,8 @@ class AuditRepository:
         """Delete what the audit stored, keeping its row as a deleted tombstone.
 
         Removes its image rows, report, PDF reference and runs, and the cached features of its
-        images that no other audit references. Returns the counts of what was removed and the
+        images: in the tenant's own cache, unless another audit of the same tenant (not deleted)
+        has the image; in the shared cache, unless any audit has it. Returns the counts of what was removed and the
         SHA-256s of the blobs to collect.
         """
         shas = set(self.session.scalars(select(AuditImage.sha256).where(AuditImage.audit_id == audit.id)))
@@ -376,9 +377,20 @@ class AuditRepository:
         ordered = sorted(shas)
         for start in range(0, len(ordered), 500):
             chunk = ordered[start:start + 500]
-            still = select(AuditImage.sha256).where(AuditImage.sha256 == FeatureRow.sha256)
+            # The tenant's own cache: its rows of these images go, unless another of the same
+            # tenant's audits (not deleted) has the image.
+            mine = (select(AuditImage.sha256).join(Audit, Audit.id == AuditImage.audit_id)
+                    .where(AuditImage.sha256 == FeatureRow.sha256, Audit.tenant_id == audit.tenant_id,
+                           Audit.id != audit.id, Audit.deleted_at.is_(None)))
             n_features += int(self.session.execute(
-                delete(FeatureRow).where(FeatureRow.sha256.in_(chunk), ~still.exists())
+                delete(FeatureRow).where(FeatureRow.tenant_id == audit.tenant_id, FeatureRow.sha256.in_(chunk),
+                                         ~mine.exists())
+                .execution_options(synchronize_session=False)).rowcount or 0)  # type: ignore[attr-defined]
+            # The shared cache (CDI_FEATURE_CACHE_SCOPE=shared): a row stays while any audit has the image.
+            anyone = select(AuditImage.sha256).where(AuditImage.sha256 == FeatureRow.sha256)
+            n_features += int(self.session.execute(
+                delete(FeatureRow).where(FeatureRow.tenant_id.is_(None), FeatureRow.sha256.in_(chunk),
+                                         ~anyone.exists())
                 .execution_options(synchronize_session=False)).rowcount or 0)  # type: ignore[attr-defined]
         had_report = audit.report is not None
         pdf = audit.report_pdf_sha256
@@ -560,20 +572,24 @@ class ShardRepository:
         return int(row[0]), int(row[1])
 
 
-def hash_cache_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+def hash_cache_key(key: str, tenant_id: uuid.UUID | None = None) -> str:
+    """The stored key of the library's ``key``: scoped to ``tenant_id`` (None: the shared cache)."""
+    scoped = key if tenant_id is None else f"tenant:{tenant_id}\n{key}"
+    return hashlib.sha256(scoped.encode("utf-8")).hexdigest()
 
 
 class FeatureRepository:
-    """Per-image feature vectors keyed by (the library's cache key, image SHA-256)."""
+    """Per-image feature vectors keyed by (the library's cache key, image SHA-256), in the cache
+    of one tenant (``tenant_id``) or, with None, in the cache shared by all."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, tenant_id: uuid.UUID | None = None) -> None:
         self.session = session
+        self.tenant_id = tenant_id
 
     def load(self, key: str, sha256s: Iterable[str]) -> dict[str, np.ndarray]:
         wanted = sorted(set(sha256s))
         out: dict[str, np.ndarray] = {}
-        hashed = hash_cache_key(key)
+        hashed = hash_cache_key(key, self.tenant_id)
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             for row in self.session.scalars(
@@ -591,7 +607,7 @@ class FeatureRepository:
         """
         if not rows:
             return
-        hashed = hash_cache_key(key)
+        hashed = hash_cache_key(key, self.tenant_id)
         stored = self.load(key, rows.keys())
         values = []
         for sha, vec in rows.items():
@@ -603,7 +619,7 @@ class FeatureRepository:
                 arr = np.ascontiguousarray(np.where(np.isnan(old), arr, old).astype(arr.dtype))
             values.append({"cache_key": hashed, "sha256": sha, "dtype": arr.dtype.str,
                            "shape": ",".join(str(s) for s in arr.shape), "data": arr.tobytes(),
-                           "created_at": utcnow()})
+                           "created_at": utcnow(), "tenant_id": self.tenant_id})
         if not values:
             return
         dialect = self.session.get_bind().dialect.name
@@ -626,7 +642,7 @@ class FeatureRepository:
     def count(self, key: str | None = None) -> int:
         q = select(func.count()).select_from(FeatureRow)
         if key is not None:
-            q = q.where(FeatureRow.cache_key == hash_cache_key(key))
+            q = q.where(FeatureRow.cache_key == hash_cache_key(key, self.tenant_id))
         return int(self.session.scalar(q) or 0)
 
 

@@ -31,6 +31,12 @@ class ModelReference:
     is_local: bool = True
     #: For a single-file checkpoint: the diffusers folder whose configs describe it.
     config: str | None = None
+    #: Components taken from one file each instead of the model's folder: (folder, file) pairs,
+    #: e.g. (("unet", "/models/fine-tune.safetensors"),) for a fine-tune published as its UNet.
+    components: tuple[tuple[str, str], ...] = ()
+    #: The image side the model is audited at where it is not its config's (Flux, which
+    #: generates at any resolution: its σ shift depends on it).
+    resolution: int | None = None
 
     @property
     def is_single_file(self) -> bool:
@@ -57,6 +63,8 @@ class ModelIdentity:
         h = hashlib.sha256(self.family.encode())
         for name in sorted(self.weight_sha256):
             h.update(f"\0{name}\0{self.weight_sha256[name]}".encode())
+        if self.reference.resolution is not None:
+            h.update(f"\0resolution\0{self.reference.resolution}".encode())
         if self.lora_sha256:
             h.update(f"\0lora\0{float(self.lora_scale or 0.0)!r}".encode())
             for name in sorted(self.lora_sha256):
@@ -134,6 +142,8 @@ class DiffusionAdapter(abc.ABC):
             **self.schedule.describe(tuple(timesteps)),
             **({"lora": self.lora.describe()} if self.lora is not None else {}),
             **({"config": self.identity.reference.config} if self.identity.reference.config else {}),
+            **({"component_files": dict(self.identity.reference.components)}
+               if self.identity.reference.components else {}),
         }
 
     #: The LoRA applied to the weights, if any (:class:`cdi.models.lora.LoraIdentity`).

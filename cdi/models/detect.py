@@ -105,12 +105,26 @@ FLUX_DEFAULT_LATENT_SIZE = 128
 #: as a registry entry or ``--model`` can.
 LORA_MODEL_FILE = "lora_model.json"
 
+#: A folder holding this file names a model published in parts, so that one reference (a
+#: registry entry, ``--model``) covers it: {"checkpoint": FILE, "config": DIR} for a single-file
+#: checkpoint and its configs, or {"base": model reference, "unet" or "transformer": FILE} for a
+#: fine-tune published as its denoiser; either may add "resolution" (Flux). FILE and DIR are
+#: paths inside the folder; "base" is a reference, or a path relative to the folder.
+MODEL_FILE = "cdi_model.json"
+
 #: Weight files whose loading unpickles (runs code from the file): refused unless allowed.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 #: Suffixes of weight files, in a folder or as a single-file checkpoint.
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 #: Families whose diffusers pipeline loads a single-file checkpoint (``from_single_file``).
 SINGLE_FILE_FAMILIES: tuple[FamilyName, ...] = ("stable-diffusion", "stable-diffusion-xl", "sd3", "flux")
+#: The components a family takes from one file beside its base's folder (``--unet FILE``,
+#: ``--transformer FILE``): the denoisers whose classes diffusers loads with ``from_single_file``
+#: (diffusers' own key names or the original checkpoint's).
+COMPONENT_FILE_ROLES: dict[str, tuple[str, ...]] = {
+    "stable-diffusion": ("unet",), "stable-diffusion-xl": ("unet",), "sd3": ("transformer",),
+    "flux": ("transformer",),
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -238,11 +252,18 @@ def _int(config: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def detect_family(source: str, revision: str | None = None, config: str | None = None) -> ModelInfo:
+def detect_family(source: str, revision: str | None = None, config: str | None = None,
+                  components: dict[str, str] | None = None) -> ModelInfo:
     """Detect a model's family and check that the files its family needs are present.
 
-    A single-file checkpoint's family is that of its ``config`` folder.
+    A single-file checkpoint's family is that of its ``config`` folder. ``components`` maps a
+    component (``unet``, ``transformer``) to one weight file that replaces the base's folder
+    of it: a fine-tune published as its denoiser alone.
     """
+    if components:
+        info = detect_family(source, revision, config)
+        return dataclasses.replace(info, reference=dataclasses.replace(
+            info.reference, components=_component_files(info, components)))
     ref = resolve_reference(source, revision, config)
     if ref.config is not None:
         info = detect_family(ref.config)
@@ -255,6 +276,8 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         return dataclasses.replace(info, reference=ref)
     if ref.is_local and (Path(ref.source) / LORA_MODEL_FILE).is_file():
         return _lora_model(ref)
+    if ref.is_local and (Path(ref.source) / MODEL_FILE).is_file():
+        return _described_model(ref)
     index = read_json(ref, "model_index.json")
     pipeline = index.get("_class_name")
     if not isinstance(pipeline, str):
@@ -266,7 +289,27 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             f"{ref.source}: pipeline {pipeline} is not supported (supported: {supported})"
         )
 
-    components: dict[str, str] = {}
+    folders_of, classes, configs = _components(ref, index, family, pipeline)
+    size, channels, conditioning, num_classes = _geometry(ref, family, configs, folders_of)
+
+    return ModelInfo(
+        reference=ref,
+        family=family,
+        components=folders_of,
+        classes=classes,
+        conditioning=conditioning,
+        image_size=size,
+        image_channels=channels,
+        num_classes=num_classes,
+        configs=configs,
+        pipeline=pipeline,
+    )
+
+
+def _components(ref: ModelReference, index: dict[str, Any], family: FamilyName, pipeline: str,
+                ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, Any]]]:
+    """Each component the family needs: its folder, its class (checked) and its config."""
+    folders_of: dict[str, str] = {}
     classes: dict[str, str] = {}
     configs: dict[str, dict[str, Any]] = {}
     for role, (folders, accepted) in FAMILY_COMPONENTS[family].items():
@@ -292,7 +335,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
                 f"{ref.source}: component {folder} is a {cls}; a {family} model needs "
                 f"{' or '.join(accepted)}"
             )
-        components[role] = folder
+        folders_of[role] = folder
         classes[role] = cls
         configs[role] = component_config
 
@@ -301,7 +344,12 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         raise MalformedModelError(
             f"{ref.source}: scheduler config has neither num_train_timesteps nor trained_betas"
         )
+    return folders_of, classes, configs
 
+
+def _geometry(ref: ModelReference, family: FamilyName, configs: dict[str, dict[str, Any]],
+              folders_of: dict[str, str]) -> tuple[int, int, Conditioning, int | None]:
+    """The model's image size, channels, conditioning and class count, from its configs."""
     num_classes: int | None = None
     if family in ("pixel", "latent"):
         unet = configs["unet"]
@@ -313,7 +361,7 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
             channels = _int(unet, "in_channels", f"{ref.source}/unet/config.json")
         else:
             ae = configs["autoencoder"]
-            where = f"{ref.source}/{components['autoencoder']}/config.json"
+            where = f"{ref.source}/{folders_of['autoencoder']}/config.json"
             channels = _int(ae, "in_channels", where)
             size *= 2 ** (len(ae.get("block_out_channels") or [0]) - 1)
     elif family == "dit":
@@ -337,19 +385,31 @@ def detect_family(source: str, revision: str | None = None, config: str | None =
         conditioning = "text"
     if channels not in (1, 3):
         raise UnsupportedModelError(f"{ref.source}: models with {channels} image channels are not supported")
+    return size, channels, conditioning, num_classes
 
-    return ModelInfo(
-        reference=ref,
-        family=family,
-        components=components,
-        classes=classes,
-        conditioning=conditioning,
-        image_size=size,
-        image_channels=channels,
-        num_classes=num_classes,
-        configs=configs,
-        pipeline=pipeline,
-    )
+
+def _component_files(info: ModelInfo, components: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Check each ``role → file`` given for ``info``'s model; the (folder, resolved file) pairs."""
+    where = info.reference.source
+    if info.reference.is_single_file:
+        raise InputError(f"{where} is a single-file checkpoint already; a component file goes with a base folder")
+    if info.lora is not None:
+        raise InputError(f"{where} is a LoRA model; a component file goes with the base model itself")
+    if info.reference.components:
+        raise InputError(f"{where} names its component files already")
+    allowed = COMPONENT_FILE_ROLES.get(info.family, ())
+    out: list[tuple[str, str]] = []
+    for role, file in sorted(components.items()):
+        if role not in allowed:
+            flags = ", ".join(f"--{r}" for r in allowed) or "none"
+            raise InputError(f"a {info.family} model takes no {role} file (component files it takes: {flags})")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"the {role} file {file} does not exist or is not a file")
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ModelNotFoundError(f"the {role} file {file} is not a weight file ({', '.join(WEIGHT_SUFFIXES)})")
+        out.append((info.components[role], str(path.resolve())))
+    return tuple(out)
 
 
 def _lora_model(ref: ModelReference) -> ModelInfo:
@@ -371,3 +431,56 @@ def _lora_model(ref: ModelReference) -> ModelInfo:
     if info.lora is not None:
         raise MalformedModelError(f"{where}: the base is itself a LoRA model")
     return dataclasses.replace(info, lora=str(lora_path), lora_scale=float(scale))
+
+
+def _inside(ref: ModelReference, spec: dict[str, Any], key: str, where: str) -> str:
+    value = spec.get(key)
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise MalformedModelError(f"{where}: {key!r} must be a path inside the folder")
+    path = Path(ref.source) / value
+    if not path.exists():
+        raise MalformedModelError(f"{ref.source}: missing {value}")
+    return str(path)
+
+
+def _described_model(ref: ModelReference) -> ModelInfo:
+    """A folder naming a model published in parts (:data:`MODEL_FILE`)."""
+    spec = read_json(ref, MODEL_FILE)
+    where = f"{ref.source}/{MODEL_FILE}"
+    roles = ("unet", "transformer")
+    unknown = sorted(set(spec) - {"checkpoint", "config", "base", "resolution", *roles})
+    if unknown:
+        raise MalformedModelError(f"{where}: unknown entries {', '.join(unknown)}")
+    if "checkpoint" in spec:
+        if "base" in spec or any(r in spec for r in roles):
+            raise MalformedModelError(f"{where}: a checkpoint goes with 'config', not with 'base' or a component file")
+        info = detect_family(_inside(ref, spec, "checkpoint", where), config=_inside(ref, spec, "config", where))
+    else:
+        base = spec.get("base")
+        if not isinstance(base, str) or not base:
+            raise MalformedModelError(f"{where}: name a 'checkpoint' with its 'config', or a 'base' model")
+        files = {r: _inside(ref, spec, r, where) for r in roles if r in spec}
+        if not files:
+            raise MalformedModelError(f"{where}: a 'base' goes with a 'unet' or 'transformer' file")
+        base_path = Path(ref.source) / base
+        info = detect_family(str(base_path) if base_path.is_dir() else base, components=files)
+    if info.lora is not None:
+        raise MalformedModelError(f"{where}: the base is a LoRA model")
+    resolution = spec.get("resolution")
+    return info if resolution is None else at_resolution(info, resolution)
+
+
+def at_resolution(info: ModelInfo, resolution: object) -> ModelInfo:
+    """``info`` audited at ``resolution`` pixels per side (Flux only: its pipeline generates at
+    any resolution and shifts σ for it; other families are audited at their config's)."""
+    if info.family != "flux":
+        raise InputError(f"a resolution applies to Flux models; a {info.family} model is audited at its "
+                         f"config's resolution ({info.image_size} px)")
+    step = 2 ** len(info.configs["autoencoder"].get("block_out_channels") or [0])  # 2×2-packed latents
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < step or resolution % step:
+        raise InputError(f"the resolution must be a positive multiple of {step} pixels for this model, "
+                         f"got {resolution!r}")
+    if resolution == info.image_size:
+        return info
+    return dataclasses.replace(info, image_size=resolution,
+                               reference=dataclasses.replace(info.reference, resolution=resolution))

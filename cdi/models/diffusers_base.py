@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from cdi.errors import InputError
+from cdi.errors import InputError, UnsupportedModelError
 from cdi.models.base import DiffusionAdapter, ImageCondition
 from cdi.models.detect import ModelInfo
-from cdi.models.loading import alphas_cumprod_of, identity_of, prediction_type_of
+from cdi.models.loading import alphas_cumprod_of, identity_of, load_component, prediction_type_of
 from cdi.models.schedule import NoiseSchedule
 
 
@@ -36,6 +36,17 @@ class DiffusersAdapter(DiffusionAdapter):
 
     #: The key prefix of the denoiser's weights in a diffusers LoRA file.
     lora_prefix = "unet"
+    #: The text encoders the family's pipeline loads a LoRA file's text-encoder weights into.
+    lora_text_encoders: tuple[str, ...] = ()
+    #: Whether the family's pipeline encodes images with the autoencoder in float32 whenever
+    #: its config sets ``force_upcast`` (SDXL's autoencoder overflows in float16).
+    vae_force_upcast = False
+
+    def autoencoder_dtype(self, info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the family's pipeline runs the autoencoder's encoder in."""
+        if self.vae_force_upcast and info.configs["autoencoder"].get("force_upcast", True):
+            return torch.float32
+        return dtype
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -46,8 +57,29 @@ class DiffusersAdapter(DiffusionAdapter):
         return net
 
     def lora_pipeline_class(self) -> Any:
-        """The diffusers pipeline whose ``lora_state_dict`` reads this family's LoRA files."""
+        """The diffusers pipeline whose ``load_lora_weights`` loads this family's LoRA files."""
         return None
+
+    def as_pipeline(self) -> Any:
+        """This family's pipeline around the adapter's own modules (a LoRA loaded through it
+        lands in them), with the model's scheduler; the parts the audit never runs are None."""
+        import inspect
+
+        cls = self.lora_pipeline_class()
+        if cls is None:
+            raise UnsupportedModelError(f"{type(self.denoiser).__name__} takes no LoRA file; give a peft folder")
+        own = {"vae": getattr(self, "autoencoder", None), "scheduler": load_component(self.info, "scheduler")}
+        kwargs: dict[str, Any] = {}
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if name == "requires_safety_checker":
+                kwargs[name] = False
+            elif name in own:
+                kwargs[name] = own[name]
+            else:
+                kwargs[name] = getattr(self, name, None)
+        return cls(**kwargs)
 
     @property
     def prediction_type(self) -> str:

@@ -14,8 +14,8 @@ from cdi.models.detect import ModelInfo
 from cdi.models.flow import FlowAdapter
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
-#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``); a tokenizer whose own
-#: ``model_max_length`` is shorter (none of the published models' is) caps it.
+#: T5 tokens FluxPipeline encodes by default (``max_sequence_length``), whatever the
+#: tokenizer's own ``model_max_length``: the captions are padded or truncated to it.
 T5_TOKENS = 512
 #: FluxPipeline's default ``guidance_scale``, given to models with a guidance embedding.
 GUIDANCE = 3.5
@@ -46,13 +46,14 @@ class FluxAdapter(FlowAdapter):
     family = "flux"
     timestep_in_steps = False
     default_max_shift = 1.15
+    lora_text_encoders = ("text_encoder",)
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(info, device, dtype)
         config = self.transformer.config
         self.guidance = GUIDANCE if config.get("guidance_embeds") else None
-        self.t5_tokens = min(T5_TOKENS, int(self.tokenizer_2.model_max_length))
+        self.t5_tokens = T5_TOKENS
         self._packing = PackedCondition([(self.t5_tokens, int(config.joint_attention_dim)),
                                          (int(config.pooled_projection_dim),)])
 
@@ -72,6 +73,13 @@ class FluxAdapter(FlowAdapter):
     def describe(self, timesteps: Sequence[int] = ()) -> dict[str, object]:
         return {**super().describe(timesteps), "guidance": self.guidance}
 
+    def _pipeline_timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        """FluxPipeline's ``timestep / 1000``: the scheduler's float32 σ·T cast to the latents'
+        dtype, then divided (σ rounded as the pipeline rounds it in float16/bfloat16)."""
+        idx = self._timesteps(t, batch).cpu()
+        steps = self.schedule.s[idx].to(torch.float32) * float(self.num_train_timesteps)
+        return steps.to(self.device, self.dtype) / 1000
+
     def eps(self, z_t: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             raise InputError("a text-conditional model needs text-encoder states")
@@ -82,9 +90,9 @@ class FluxAdapter(FlowAdapter):
             hidden_states=pack_latents(z_t.to(self.dtype)),
             encoder_hidden_states=states.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
-            timestep=self._model_timesteps(t, b).to(self.dtype),
-            img_ids=image_ids(h, w, self.device),
-            txt_ids=torch.zeros(states.shape[1], 3, device=self.device),
+            timestep=self._pipeline_timesteps(t, b),
+            img_ids=image_ids(h, w, self.device).to(self.dtype),
+            txt_ids=torch.zeros(states.shape[1], 3, device=self.device, dtype=self.dtype),
             guidance=guidance,
         ).sample
         return self._to_eps(unpack_latents(out, h, w), z_t, t)

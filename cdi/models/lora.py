@@ -1,14 +1,20 @@
-"""LoRA adapters on a loaded model: diffusers' own LoRA loading, through peft.
+"""LoRA adapters on a loaded model, loaded as the diffusers pipelines load them.
 
 A LoRA is a folder in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)
-or one ``.safetensors`` file as published on model-sharing sites (diffusers' or kohya's key
-names; diffusers converts them). It applies to the model's denoiser (UNet or transformer).
-``scale`` multiplies the LoRA's update W + scale·ΔW (diffusers' ``lora_scale``).
+or one ``.safetensors`` file as published on model-sharing sites (diffusers', kohya's or
+peft's key names). A file goes through the family's pipeline built around the model's own
+networks (``load_lora_weights``, which converts kohya's names, SDXL's original block names
+included, then ``set_adapters``); a peft folder goes through the denoiser's
+``load_lora_adapter`` with its own config. It applies to the model's denoiser (UNet or
+transformer); every module it names must exist there. ``scale`` multiplies the LoRA's update,
+W + scale·ΔW (the adapter weight of ``set_adapters``). Networks diffusers loads no LoRA into
+(``UNet2DModel``) take peft folders through peft itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,32 +92,58 @@ def _scaled(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Ten
 
 
 def apply_lora(adapter: Any, source: str, scale: float = 1.0, allow_pickle: bool = False) -> LoraIdentity:
-    """Load the LoRA at ``source`` onto ``adapter``'s denoiser; its identity for the report."""
-    if not isinstance(scale, int | float) or not torch.isfinite(torch.tensor(float(scale))):
+    """Load the LoRA at ``source`` onto ``adapter``'s denoiser; its identity for the report.
+
+    A single file goes through the family's pipeline exactly as ``pipe.load_lora_weights``
+    followed by ``pipe.set_adapters(name, scale)`` takes it (kohya's, diffusers' and peft's key
+    names, SDXL's block names mapped through the UNet's config); a peft folder is loaded with
+    its own ``adapter_config.json`` as the LoRA's configuration. Every module the LoRA names
+    must exist in the model: a LoRA that only partly lands is refused, naming what did not.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(float(scale)):
         raise MalformedModelError(f"LoRA scale must be a finite number, got {scale!r}")
     path = resolve_lora(source)
     weights = _weight_file(path, allow_pickle)
     net = adapter.denoiser
     files = [weights] + ([path / "adapter_config.json"] if path.is_dir() and (path / "adapter_config.json").is_file()
                          else [])
-    if len(files) == 2:
+    peft_folder = len(files) == 2
+    if getattr(net, "load_lora_adapter", None) is None:
+        if not peft_folder:
+            raise UnsupportedModelError(
+                f"a {type(net).__name__} takes LoRAs in peft's folder format (adapter_config.json + "
+                f"adapter_model.safetensors), not as one file")
         _apply_peft(net, path, _scaled(_read(weights), float(scale)))
+    elif peft_folder:
+        _apply_peft_folder(net, path, weights, float(scale))
     else:
-        _apply_diffusers(adapter, net, weights, float(scale))
+        _apply_file(adapter, net, weights, float(scale))
     net.requires_grad_(False)
     net.eval()
     root = path if path.is_dir() else path.parent
     return LoraIdentity(str(path), {f.relative_to(root).as_posix(): file_sha256(f) for f in files}, float(scale))
 
 
-def _apply_peft(net: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor]) -> None:
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+def _lora_config(folder: Path) -> dict[str, Any]:
+    from peft import LoraConfig
 
     try:
-        config = LoraConfig(**{k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()
-                               if k in LoraConfig.__dataclass_fields__})
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        fields = {k: v for k, v in raw.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"}
+        LoraConfig(**fields)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise MalformedModelError(f"LoRA {folder}: adapter_config.json is not a LoRA config ({exc})") from None
+    return fields
+
+
+def _apply_peft(net: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """A network diffusers loads no LoRA into (``UNet2DModel``): peft's own injection, the
+    scale folded into every B (ΔW = B·A·alpha/r, so scaling B scales ΔW exactly)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    config = LoraConfig(**_lora_config(folder))
     try:
         inject_adapter_in_model(config, net, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
@@ -125,44 +157,98 @@ def _apply_peft(net: torch.nn.Module, folder: Path, state: dict[str, torch.Tenso
     _check_all_loaded(net, folder)
 
 
-def _apply_diffusers(adapter: Any, net: torch.nn.Module, weights: Path, scale: float) -> None:
-    load = getattr(net, "load_lora_adapter", None)
-    if load is None:
-        raise UnsupportedModelError(
-            f"a {type(net).__name__} takes LoRAs in peft's folder format (adapter_config.json + "
-            f"adapter_model.safetensors), not as one file")
-    pipeline = adapter.lora_pipeline_class()
+def _apply_peft_folder(net: Any, folder: Path, weights: Path, scale: float) -> None:
+    """A peft folder on a diffusers denoiser: ``load_lora_adapter`` with the folder's config
+    (as the pipelines take a LoRA whose file carries its config), then ``set_adapters``."""
+    state = _read(weights)
+    # PeftModel.save_pretrained writes the wrapped model's names under base_model.model.
+    wrapped = "base_model.model."
+    if state and all(k.startswith(wrapped) for k in state):
+        state = {k.removeprefix(wrapped): v for k, v in state.items()}
+    config = _lora_config(folder)
+    _check_modules({"denoiser": net}, {"denoiser": _lora_modules(state, net, True)}, folder,
+                   lambda: net.load_lora_adapter(dict(state), prefix=None, metadata=config, adapter_name=ADAPTER_NAME))
+    net.set_adapters([ADAPTER_NAME], weights=[scale])
+
+
+def _apply_file(adapter: Any, net: Any, weights: Path, scale: float) -> None:
+    """One LoRA file through the family's pipeline: ``load_lora_weights`` + ``set_adapters``."""
+    pipe = adapter.as_pipeline()
     try:
-        state, alphas = _lora_state(pipeline, weights)
-    except (ValueError, KeyError, OSError) as exc:
+        kwargs = {"unet_config": net.config} if hasattr(pipe, "unet") else {}
+        out = type(pipe).lora_state_dict(str(weights), **kwargs)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise MalformedModelError(f"cannot read LoRA {weights}: {exc}") from None
+    state = out[0] if isinstance(out, tuple) else out
     prefix = adapter.lora_prefix
-    if any(k.startswith(("text_encoder", "te_", "lora_te")) for k in state):
+    # The networks the pipeline's load_lora_weights loads into, by the prefix of their keys.
+    networks: dict[str, Any] = {prefix: net}
+    networks.update({name: getattr(adapter, name) for name in adapter.lora_text_encoders
+                     if getattr(adapter, name, None) is not None})
+    stray = sorted(k for k in state if k.split(".", 1)[0] not in networks)
+    if stray:
+        # The pipeline would skip them: the model audited would not be the file's.
         raise UnsupportedModelError(
-            f"LoRA {weights} also adapts the text encoder; only LoRAs of the {prefix} are supported")
-    state = _scaled(state, scale)
+            f"LoRA {weights} does not fit this model: {len(stray)} of its weights name no module of its "
+            f"{', '.join(networks)} (e.g. {stray[0]})")
+    expected = {name: _lora_modules({k.removeprefix(f"{name}."): v for k, v in state.items()
+                                     if k.startswith(f"{name}.")}, module, name == prefix)
+                for name, module in networks.items()}
+    _check_modules(networks, expected, weights,
+                   lambda: pipe.load_lora_weights(str(weights), adapter_name=ADAPTER_NAME))
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    for name, module in networks.items():
+        if name != prefix:
+            module.requires_grad_(False)
+            module.eval()
+
+
+def _lora_modules(state: dict[str, torch.Tensor], network: Any, denoiser: bool) -> set[str]:
+    """The modules of ``network`` a LoRA state dict (its part, without prefix) names, converted
+    to peft's names as diffusers converts them for a denoiser or a text encoder."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if not state:
+        return set()
+    if denoiser:
+        if "lora_A" not in next(iter(state)):
+            state = convert_unet_state_dict_to_peft(dict(state))  # type: ignore[no-untyped-call]
+    else:
+        diffusers_names = convert_state_dict_to_diffusers(dict(state))  # type: ignore[no-untyped-call]
+        state = convert_state_dict_to_peft(diffusers_names)  # type: ignore[no-untyped-call]
+        if not hasattr(network, "text_model"):
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    # A name diffusers does not convert to peft's is a weight no module receives.
+    return {k.split(".lora_", 1)[0] if ".lora_" in k else k.removesuffix(".weight").removesuffix(".bias")
+            for k in state if not k.endswith(".alpha")}
+
+
+def _loaded_modules(net: torch.nn.Module) -> set[str]:
+    return {name for name, module in net.named_modules()
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and ADAPTER_NAME in module.lora_A}
+
+
+def _check_modules(networks: dict[str, Any], expected: dict[str, set[str]], where: Path, load: Any) -> None:
+    """Run ``load`` and refuse the LoRA unless every module it names (``expected``, per network)
+    received its weights."""
     try:
-        load(state, network_alphas=alphas, prefix=prefix if any(k.startswith(f"{prefix}.") for k in state) else None,
-             adapter_name=ADAPTER_NAME)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UnsupportedModelError(f"LoRA {weights} does not fit this model: {exc}") from None
-    _check_all_loaded(net, weights)
-
-
-def _lora_state(pipeline: Any, weights: Path) -> tuple[dict[str, torch.Tensor], Any]:
-    """The LoRA's weights in diffusers' names and kohya's alphas (None where the family's
-    reader folds them in): SD 1.x and SDXL readers return both, SD3's and Flux's the weights
-    alone unless asked for the alphas."""
-    import inspect
-
-    if pipeline is None:
-        return _read(weights), None
-    kwargs = {"return_alphas": True} if "return_alphas" in inspect.signature(pipeline.lora_state_dict).parameters \
-        else {}
-    out = pipeline.lora_state_dict(str(weights), **kwargs)
-    if isinstance(out, tuple):
-        return out[0], out[1]
-    return out, None
+        load()
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise UnsupportedModelError(f"LoRA {where} does not fit this model: {exc}") from None
+    if not any(_loaded_modules(n) for n in networks.values()):
+        raise UnsupportedModelError(f"LoRA {where} adapts no layer of this model")
+    total = sum(len(e) for e in expected.values())
+    for name, network in networks.items():
+        missing = sorted(expected.get(name, set()) - _loaded_modules(network))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UnsupportedModelError(
+                f"LoRA {where} does not fit this model: {len(missing)} of its {total} modules are not in "
+                f"the {type(network).__name__} ({shown}); a LoRA is applied whole or not at all")
 
 
 def _check_all_loaded(net: torch.nn.Module, where: Path) -> None:

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
-from cdi.errors import InputError
+from cdi.errors import InputError, MalformedModelError
 from cdi.models.base import ImageCondition
 from cdi.models.detect import ModelInfo
 from cdi.models.flow import FlowAdapter
 from cdi.models.loading import load_component
 from cdi.models.text import PackedCondition, captions_of, clip_states, t5_states
 
-#: T5 tokens StableDiffusion3Pipeline encodes by default (``max_sequence_length``); a tokenizer
-#: whose own ``model_max_length`` is shorter (none of the published models' is) caps it.
+#: T5 tokens StableDiffusion3Pipeline encodes by default (``max_sequence_length``), whatever
+#: the tokenizer's own ``model_max_length``: the captions are padded or truncated to it.
 T5_TOKENS = 256
 
 
@@ -23,6 +23,7 @@ class SD3Adapter(FlowAdapter):
     family = "sd3"
     timestep_in_steps = True
     default_max_shift = 1.16
+    lora_text_encoders = ("text_encoder", "text_encoder_2")
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
@@ -31,13 +32,21 @@ class SD3Adapter(FlowAdapter):
         self.text_encoder_3 = load_component(info, "text_encoder_3", dtype).to(self.device) \
             if "text_encoder_3" in info.components else None
         self.tokenizer_3 = load_component(info, "tokenizer_3") if "tokenizer_3" in info.components else None
-        self.t5_tokens = T5_TOKENS if self.tokenizer_3 is None else min(
-            T5_TOKENS, int(self.tokenizer_3.model_max_length))
+        self.t5_tokens = T5_TOKENS
         config = self.transformer.config
         self.joint_dim = int(config.joint_attention_dim)
         clip_tokens = int(self.tokenizer.model_max_length)
         self._packing = PackedCondition([(clip_tokens + self.t5_tokens, self.joint_dim),
                                          (int(config.pooled_projection_dim),)])
+
+    @classmethod
+    def image_seq_len(cls, info: ModelInfo) -> int:
+        """Tokens the MMDiT sees for one image: latents in patches of the config's patch size
+        (StableDiffusion3Pipeline's ``image_seq_len`` for a resolution-dependent shift)."""
+        patch = info.configs["transformer"].get("patch_size", 2)
+        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+            raise MalformedModelError(f"{info.reference.source}: transformer patch_size must be a positive integer")
+        return int((info.image_size // cls.vae_factor(info) // patch) ** 2)
 
     def lora_pipeline_class(self) -> object:
         from diffusers import StableDiffusion3Pipeline
@@ -71,6 +80,7 @@ class SD3Adapter(FlowAdapter):
             hidden_states=z_t.to(self.dtype),
             encoder_hidden_states=states.to(self.dtype),
             pooled_projections=pooled.to(self.dtype),
-            timestep=self._model_timesteps(t, z_t.shape[0]).to(self.dtype),
+            # The pipeline passes the scheduler's float32 σ·T whatever the model's dtype.
+            timestep=self._model_timesteps(t, z_t.shape[0]),
         ).sample
         return self._to_eps(out, z_t, t)

@@ -17,11 +17,12 @@ from cdi.models.text import captions_of, clip_states
 
 class StableDiffusionAdapter(DiffusersAdapter):
     family: ClassVar[FamilyName] = "stable-diffusion"
+    lora_text_encoders: tuple[str, ...] = ("text_encoder",)
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(info, device, dtype)
-        self.autoencoder = load_component(info, "autoencoder", dtype).to(self.device)
+        self.autoencoder = load_component(info, "autoencoder", self.autoencoder_dtype(info, dtype)).to(self.device)
         self.unet = load_component(info, "unet", dtype).to(self.device)
         self.text_encoder = load_component(info, "text_encoder", dtype).to(self.device)
         self.tokenizer = load_component(info, "tokenizer")
@@ -33,8 +34,11 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return StableDiffusionPipeline
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z: torch.Tensor = self.autoencoder.encode(x.to(self.device, self.dtype)).latent_dist.mean
-        return (z * self.scaling_factor).float()
+        """The posterior mean, scaled in the model's dtype, as the img2img pipelines compute it:
+        the image cast to the model's dtype, then (SDXL's upcast autoencoder) to float32."""
+        z: torch.Tensor = self.autoencoder.encode(
+            x.to(self.device, self.dtype).to(self.autoencoder.dtype)).latent_dist.mean
+        return (z.to(self.dtype) * self.scaling_factor).float()
 
     def condition(self, conditions: Sequence[ImageCondition],
                   original_sizes: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor:

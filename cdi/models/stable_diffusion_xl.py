@@ -21,6 +21,8 @@ _TIME_IDS = 6
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family = "stable-diffusion-xl"
+    vae_force_upcast = True
+    lora_text_encoders = ("text_encoder", "text_encoder_2")
 
     def __init__(self, info: ModelInfo, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

@@ -44,7 +44,7 @@ def clip_states(tokenizer: Any, encoder: Any, captions: list[str], device: torch
     output is the projected ``text_embeds`` of a ``CLIPTextModelWithProjection``, else the
     ``pooler_output``.
     """
-    ids = _tokens(tokenizer, captions, max_length or tokenizer.model_max_length, device)
+    ids = _tokens(tokenizer, captions, int(max_length or tokenizer.model_max_length), device)
     with torch.inference_mode():
         out = encoder(ids, output_hidden_states=penultimate)
     states = out.hidden_states[-2] if penultimate else out.last_hidden_state

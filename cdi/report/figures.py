@@ -75,12 +75,14 @@ def _two_histograms(ax: Any, a: np.ndarray, b: np.ndarray, labels: tuple[str, st
 
 def score_distributions(report: Report) -> bytes:
     """Figure: histograms of P's and U's test scores, with their means (dashed) and every image."""
+    from cdi.report.scores import score_axis
+
     sp = np.array([r.score for r in report.rows("P") if r.role == "test"], dtype=np.float64)
     su = np.array([r.score for r in report.rows("U") if r.role == "test"], dtype=np.float64)
     fig, axes = _figure(2.9)
     ax = axes[0, 0]
     _two_histograms(ax, sp, su, (f"P, published ({len(sp)} images)", f"U, unpublished ({len(su)} images)"),
-                    (COLOURS["P"], COLOURS["U"]), "score (the scoring model's estimate that an image is in P)")
+                    (COLOURS["P"], COLOURS["U"]), score_axis(report.test.protocol, report.test.selected_feature))
     return _png(fig)
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
 from cdi.report.model import Report
+from cdi.report.scores import score_meaning
 
 if TYPE_CHECKING:
     from cdi.report.curve import SubsamplingCurve
@@ -272,7 +274,8 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
         method = (
             f"Each image is described by {len(report.feature_layout.used)} numbers measuring how well the model "
             f"reconstructs it (the CDI features). A scoring model (logistic regression) turns them into one "
-            f"score per image, and the test asks whether P's scores are higher than U's. {protocol}")
+            f"score per image ({_e(score_meaning(t.protocol))}), and the test asks whether P's scores are "
+            f"higher than U's. {protocol}")
     flow.append(Paragraph(method, st["body"]))
     rows = [
         ("verdict", report.verdict), ("one-sided p-value (H1: P scores higher)", _fmt(t.p_value)),
@@ -295,7 +298,8 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
     flow += _figure(figures.score_distributions(report), width,
                     "<b>Figure 1. Score distributions.</b> The scores of the published (P) and unpublished (U) "
                     "images that entered the test, with their means (dashed) and every image as a tick below. "
-                    "A model trained on P scores P higher: the red distribution lies to the right.", st)
+                    "A model trained on P scores P higher: the red distribution lies to the right. Here "
+                    f"{_e(score_meaning(t.protocol, t.selected_feature))}.", st)
 
     flow += [PageBreak(), Paragraph("2. How the p-value depends on the number of images", st["h1"])]
     perms = (f" Each test here drew at most {curve.n_permutations} permutations (the audit: "
@@ -346,6 +350,12 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
 
 
 def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendices A (the manifest) to D (integrity)."""
+    return _manifest_appendix(report, curve, st, width) + _records_appendix(report, st, width)
+
+
+def _manifest_appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendix A: the model, features, protocol, seeds and software: everything to rerun the audit."""
     from reportlab.platypus import PageBreak, Paragraph
 
     m = report.manifest
@@ -406,8 +416,14 @@ def _appendix(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width
         ("forward passes", m.passes.forward), ("backward passes", m.passes.backward),
         ("images with stored features", m.passes.cached_images),
     ], st, width))
+    return flow
 
-    flow += [Paragraph("Appendix B. Duplicates and exclusions", st["h1"])]
+
+def _records_appendix(report: Report, st: dict[str, Any], width: float) -> list[Any]:
+    """Appendices B (duplicates, exclusions, warnings), C (the images) and D (integrity)."""
+    from reportlab.platypus import PageBreak, Paragraph
+
+    flow: list[Any] = [Paragraph("Appendix B. Duplicates and exclusions", st["h1"])]
     ex = report.controls.excluded
     dups = report.controls.duplicates
     if not dups.groups:
@@ -449,8 +465,10 @@ def _image_table(report: Report, st: dict[str, Any], width: float) -> list[Any]:
     from reportlab.platypus import Paragraph, Table, TableStyle
 
     shown = report.images[:MAX_IMAGE_ROWS]
-    intro = (f"{len(report.images)} images, P first. Score: the scoring model's estimate that the image is in P "
-             f"(— for images that only fitted the scorer).")
+    t = report.test
+    fitted = " (— for images that only fitted the scoring model)" if t.protocol == "reference" else ""
+    intro = (f"{len(report.images)} images, P first. Score: {_e(score_meaning(t.protocol, t.selected_feature))}"
+             f"{fitted}.")
     if len(shown) < len(report.images):
         intro += f" The first {len(shown)} are listed; the JSON report holds all of them with their features."
     header = ["set", "#", "file", "role", "score", "SHA-256 of the file"]
@@ -502,7 +520,13 @@ def _decorate(report: Report) -> Callable[[Any, int], None]:
     return draw
 
 
-def _canvas_maker(draw: Callable[[Any, int], None]) -> type:
+def _pdf_date(when: datetime) -> str:
+    """A PDF date string (``D:YYYYMMDDHHmmSS+00'00'``) of ``when``, in UTC."""
+    utc = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return utc.strftime("D:%Y%m%d%H%M%S+00'00'")
+
+
+def _canvas_maker(draw: Callable[[Any, int], None], created: datetime | None = None) -> type:
     from reportlab.pdfgen.canvas import Canvas
 
     class NumberedCanvas(Canvas):  # type: ignore[misc]  # reportlab ships no type hints
@@ -511,6 +535,11 @@ def _canvas_maker(draw: Callable[[Any, int], None]) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._pages: list[dict[str, Any]] = []
+            if created is not None:
+                # The document is built invariant (the same report gives the same bytes), which
+                # would date it 2000-01-01: its creation and modification dates are the report's.
+                stamp = _pdf_date(created)
+                self._doc.setDateFormatter(lambda *_ymdhms: stamp)
 
         def showPage(self) -> None:
             self._pages.append(dict(self.__dict__))
@@ -562,5 +591,5 @@ def render_pdf(
     doc.addPageTemplates([PageTemplate(id="page", frames=[frame])])
     width = doc.width
     story = _page_one(report, st, width) + _statistics(report, curve, st, width) + _appendix(report, curve, st, width)
-    doc.build(story, canvasmaker=_canvas_maker(_decorate(report)))
+    doc.build(story, canvasmaker=_canvas_maker(_decorate(report), report.created_at))
     return buf.getvalue()

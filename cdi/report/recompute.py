@@ -95,8 +95,7 @@ def _protocol_checks(group: str, recorded: ProtocolRun, result: Any) -> list[Che
 def recompute_report(report: Report) -> Recomputation:
     """Recompute ``report``'s test, negative control and verdict (see the module docstring)."""
     from cdi.controls import DistributionCheckResult, StatisticDifference, direction_check, negative_control
-    from cdi.provenance import versions
-    from cdi.stats import auc, cohens_d, recompute, run_test
+    from cdi.stats import recompute, run_test
     from cdi.verdict import decide
 
     out = Recomputation()
@@ -105,19 +104,7 @@ def recompute_report(report: Report) -> Recomputation:
     options = opts.protocol_options(report.feature_layout.used)
 
     # 1. From the scores alone.
-    rebuilt = recompute(_scored_rows(report.images), test.protocol)
-    out.checks.append(Check("scores", "statistic", test.statistic, rebuilt.statistic))
-    if test.protocol == "reference":
-        out.checks.append(Check("scores", "df", test.df, rebuilt.df))
-        out.checks.append(Check("scores", "p_value", test.p_value, rebuilt.p_value))
-    sp = np.array([r.score for r in report.rows("P") if r.role == "test"], dtype=np.float64)
-    su = np.array([r.score for r in report.rows("U") if r.role == "test"], dtype=np.float64)
-    out.checks += [
-        Check("scores", "auc", test.auc, auc(sp, su)),
-        Check("scores", "cohens_d", test.cohens_d, cohens_d(sp, su)),
-        Check("scores", "mean_score_p", test.mean_score_p, float(sp.mean())),
-        Check("scores", "mean_score_u", test.mean_score_u, float(su.mean())),
-    ]
+    out.checks += _score_checks(report)
 
     # 2. The protocol rerun on the features (a sequential audit: every look it took).
     xp, xu = report.used_features()
@@ -172,15 +159,43 @@ def recompute_report(report: Report) -> Recomputation:
     ]
     out.notes.append("the distribution check needs the images themselves: its AUC and p-value are taken "
                      "from the report")
+    out.notes += _version_notes(report)
+    return out
+
+
+def _score_checks(report: Report) -> list[Check]:
+    """The test's statistic and effect sizes rebuilt from the per-image scores alone."""
+    from cdi.stats import auc, cohens_d, recompute
+
+    test = report.test
+    rebuilt = recompute(_scored_rows(report.images), test.protocol)
+    checks = [Check("scores", "statistic", test.statistic, rebuilt.statistic)]
+    if test.protocol == "reference":
+        checks.append(Check("scores", "df", test.df, rebuilt.df))
+        checks.append(Check("scores", "p_value", test.p_value, rebuilt.p_value))
+    sp = np.array([r.score for r in report.rows("P") if r.role == "test"], dtype=np.float64)
+    su = np.array([r.score for r in report.rows("U") if r.role == "test"], dtype=np.float64)
+    return [
+        *checks,
+        Check("scores", "auc", test.auc, auc(sp, su)),
+        Check("scores", "cohens_d", test.cohens_d, cohens_d(sp, su)),
+        Check("scores", "mean_score_p", test.mean_score_p, float(sp.mean())),
+        Check("scores", "mean_score_u", test.mean_score_u, float(su.mean())),
+    ]
+
+
+def _version_notes(report: Report) -> list[str]:
+    """A note if the libraries that compute the numbers differ from the report's."""
+    from cdi.provenance import versions
 
     current = versions()
     differing = [f"{pkg} {report.manifest.versions.get(pkg)} → {current.get(pkg)}"
                  for pkg in ("numpy", "scipy", "scikit-learn", "cdi-audit")
                  if report.manifest.versions.get(pkg) != current.get(pkg)]
-    if differing:
-        out.notes.append("recomputed with other library versions than the report's (" + ", ".join(differing)
-                         + "): the last digits of some numbers may differ")
-    return out
+    if not differing:
+        return []
+    return ["recomputed with other library versions than the report's (" + ", ".join(differing)
+            + "): the last digits of some numbers may differ"]
 
 
 def _control_options(options: Any) -> Any:

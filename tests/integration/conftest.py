@@ -215,6 +215,7 @@ def service_env(pg: str, redis_url: str, blob_dir: Path, **extra: str) -> dict[s
         "CDI_MAX_CONCURRENT_AUDITS": "0",
         "CDI_MAX_AUDITS_PER_DAY": "0",
         "CDI_RATE_LIMIT_PER_MINUTE": "0",
+        "CDI_ADDRESS_RATE_LIMIT_PER_MINUTE": "0",
         "CDI_MAX_CONCURRENT_UPLOADS": "0",
     }
     env.update(extra)

@@ -53,7 +53,9 @@ def test_readme_and_service_docs_run_literally(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDI_")}
     env.update({"CDI_DATA_DIR": str(data), "CDI_URL": url, "VIRTUAL_ENV": str(ROOT / ".venv"),
                 "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), "OMP_WAIT_POLICY": "PASSIVE"})
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), "OMP_WAIT_POLICY": "PASSIVE",
+                # `cdi audit` caches features in the user's cache folder: this run's own, not the user's.
+                "XDG_CACHE_HOME": str(tmp_path / "cache")})
     serve = spawn([str(ROOT / "scripts" / "run"), "--port", str(port)], env, tmp_path / "serve.log")
     try:
         wait_http(f"{url}/readyz", serve, timeout=300)

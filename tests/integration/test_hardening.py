@@ -343,3 +343,46 @@ def test_unknown_query_parameters_are_refused(service: Service) -> None:
 def test_nameless_query_parameters_are_refused(service: Service) -> None:
     r = service.client.get("/v1/audits?cursor=&=null", headers=service.headers(service.alice))  # type: ignore[attr-defined]
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_parameter"
+
+
+def test_retention_erases_ended_audits_after_the_tenants_period(service: Service, model_id: str,
+                                                                 migrated: str) -> None:
+    from datetime import timedelta
+
+    from app.reconcile import expire
+    from app.storage.ledger import BlobLedger
+    from app.storage.models import utcnow
+
+    from .conftest import make_tenant
+
+    client = service.client
+    default, longer, shorter = (make_tenant(migrated, n) for n in ("keep-default", "keep-longer", "keep-shorter"))
+    r = client.get("/v1/retention", headers=service.headers(default))  # type: ignore[attr-defined]
+    assert r.json() == {"days": 90, "default_days": 90, "max_days": 730, "custom": False}
+    r = client.put("/v1/retention", json={"days": 200}, headers=service.headers(longer))  # type: ignore[attr-defined]
+    assert r.status_code == 200 and r.json()["days"] == 200 and r.json()["custom"], r.text
+    assert client.put("/v1/retention", json={"days": 2}, headers=service.headers(shorter)).status_code == 200  # type: ignore[attr-defined]
+    for bad in ({"days": 0}, {"days": 731}, {"days": -1}, {"days": "x"}, {"weeks": 2}):
+        r = client.put("/v1/retention", json=bad, headers=service.headers(default))  # type: ignore[attr-defined]
+        assert r.status_code == 422, (bad, r.text)
+    ended = {}
+    for tenant, age in ((default, 100), (default, 80), (longer, 100), (shorter, 3), (shorter, 1)):
+        audit_id = uuid.UUID(_submit(service, tenant, model=model_id).json()["id"])
+        with session_scope(migrated) as s:
+            s.execute(update(Audit).where(Audit.id == audit_id).values(
+                state="done", report={"verdict": "not_detected"}, verdict="not_detected",
+                finished_at=utcnow() - timedelta(days=age)))
+        ended[(tenant.name, age)] = audit_id
+    settings = service.settings
+    ledger = BlobLedger(client.app.state.session_factory, client.app.state.blobs,  # type: ignore[attr-defined]
+                        timedelta(seconds=settings.blob_claim_seconds))  # type: ignore[attr-defined]
+    assert expire(client.app.state.session_factory, settings, ledger) >= 2  # type: ignore[attr-defined,arg-type]
+    with session_scope(migrated) as s:
+        gone = {k for k, a in ended.items() if s.get(Audit, a).deleted_at is not None}  # type: ignore[union-attr]
+        images = s.scalar(select(func.count()).select_from(AuditImage).where(
+            AuditImage.audit_id == ended[(default.name, 100)]))
+    assert gone == {(default.name, 100), (shorter.name, 3)}
+    assert images == 0
+    r = client.get(f"/v1/audits/{ended[(shorter.name, 3)]}/report", headers=service.headers(shorter))  # type: ignore[attr-defined]
+    assert r.status_code == 409 and r.json()["error"]["code"] == "audit_deleted"
+    service.purge()

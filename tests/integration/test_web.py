@@ -239,7 +239,10 @@ def test_too_few_images_and_a_corrupt_image_are_explained(page: Any, site: dict[
     page.get_by_role("button", name="Start the audit").click()
     error = page.locator("#submit-error")
     error.wait_for(state="visible")
-    assert "too_few_images" in error.inner_text() and "at least" in error.inner_text()
+    # Caught before anything is sent, by the service's own rule (GET /v1/upload-rules).
+    text = error.inner_text()
+    assert "needs at least 10 published images" in text and "would refuse" in text, text
+    assert "needs at least" in page.locator("#published-preview").inner_text()
     shot(page, "error-too-few")
 
     page.set_input_files("#published-folder", str(images["corrupt_p"]))
@@ -247,7 +250,7 @@ def test_too_few_images_and_a_corrupt_image_are_explained(page: Any, site: dict[
     page.wait_for_function("document.querySelector('#published-preview .count').textContent === '20 images'")
     page.get_by_role("button", name="Start the audit").click()
     page.wait_for_function("document.querySelector('#submit-error').innerText.includes('image')"
-                           " && !document.querySelector('#submit-error').innerText.includes('too_few')")
+                           " && !document.querySelector('#submit-error').innerText.includes('needs at least')")
     text = error.inner_text()
     assert sorted(images["corrupt_p"].glob("*.png"))[0].name in text, text
     assert "image_corrupt" in text or "not_an_image" in text, text
@@ -280,3 +283,29 @@ def test_a_zip_with_a_refused_file_is_caught_before_upload(page: Any, site: dict
     error.wait_for(state="visible")
     assert "refuses" in error.inner_text()
     shot(page, "error-refused-zip")
+
+
+@pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", ".api-content h1")])
+def test_api_docs_render_under_their_policy_and_load_nothing_from_elsewhere(
+        browser: Any, site: dict[str, Any], path: str, ready: str) -> None:
+    import httpx
+
+    r = httpx.get(site["base"] + path, timeout=10)
+    csp = r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp and "unsafe-eval" not in csp
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    context = browser.new_context()  # the page's own policy applies
+    page = context.new_page()
+    requested: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda req: requested.append(req.url))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(site["base"] + path)
+        page.wait_for_selector(ready, timeout=60_000)
+        assert "CDI audit service" in page.inner_text(ready)
+    finally:
+        context.close()
+    assert not errors, errors
+    elsewhere = [u for u in requested if not u.startswith((site["base"], "data:", "blob:"))]
+    assert not elsewhere, elsewhere

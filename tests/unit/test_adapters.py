@@ -253,7 +253,7 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_model_dirs, tmp_path, m
 def test_unhashable_weights_are_an_error_never_an_empty_identity(tiny_model_dirs, monkeypatch):
     import dataclasses
 
-    from cdi.errors import ModelIdentityError
+    from cdi.errors import ModelNotDownloadedError
     from cdi.models.base import ModelReference
     from cdi.models.loading import weight_hashes
 
@@ -261,5 +261,5 @@ def test_unhashable_weights_are_an_error_never_an_empty_identity(tiny_model_dirs
     info = detect_family(str(tiny_model_dirs["pixel"]))
     assert weight_hashes(info)
     uncached = dataclasses.replace(info, reference=ModelReference("cdi-audit/not-downloaded", None, is_local=False))
-    with pytest.raises(ModelIdentityError, match="cannot hash the weights of cdi-audit/not-downloaded"):
+    with pytest.raises(ModelNotDownloadedError, match="not in the local Hugging Face cache.*hf download cdi-audit"):
         weight_hashes(uncached)

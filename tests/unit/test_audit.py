@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -288,3 +289,32 @@ def test_extract_shard_names_every_unreadable_image(model):
     with pytest.raises(InputError, match="2 image") as err:
         extract_shard(files, MODEL, MemoryStore())
     assert len(err.value.image_errors) == 2
+
+
+def test_a_second_cli_audit_of_the_same_images_computes_no_feature(model, tmp_path, capsys, monkeypatch):
+    """Without --out the report goes to ./report.json (then report-2.json: never overwritten);
+    the local feature cache makes the repeat audit free, and says so; --no-cache bypasses it."""
+    published, unpublished = model.export(tmp_path / "demo", members=10, held_out=20)
+    monkeypatch.setenv("CDI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["audit", "--model", MODEL, "--published", str(published[0].parent),
+            "--unpublished", str(unpublished[0].parent), "--protocol", "reference", "--features", "gradient-free"]
+
+    def run(*extra: str) -> tuple[str, int, int]:
+        assert main([*argv, *extra]) == 0
+        captured = capsys.readouterr()
+        m = re.search(r"features +(\d+) forward passes; (\d+) image\(s\) read from the feature cache", captured.out)
+        assert m, captured.out
+        return captured.err, int(m.group(1)), int(m.group(2))
+
+    err, forward, cached = run()
+    assert forward > 0 and cached == 0
+    assert "report.json" in err and (tmp_path / "report.json").is_file()
+    err, forward, cached = run()
+    assert (forward, cached) == (0, 30)
+    assert (tmp_path / "report-2.json").is_file()
+    first = json.loads((tmp_path / "report.json").read_text())
+    second = json.loads((tmp_path / "report-2.json").read_text())
+    assert (second["verdict"], second["p_value"]) == (first["verdict"], first["p_value"])
+    _, forward, cached = run("--no-cache", "--out", str(tmp_path / "fresh.json"))
+    assert forward > 0 and cached == 0

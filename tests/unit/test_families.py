@@ -119,7 +119,7 @@ def test_sd3_conditioning_and_velocity_are_the_pipelines(tiny_model_dirs):
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dirs["sd3"])
     with torch.inference_mode():
         states, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, device="cpu",
-                                                  do_classifier_free_guidance=False, max_sequence_length=16)
+                                                  do_classifier_free_guidance=False, max_sequence_length=256)
     cond = adapter.condition(CAPTIONS)
     ours = adapter._packing.unpack(cond)
     torch.testing.assert_close(ours[0], states)
@@ -180,7 +180,7 @@ def test_flux_conditioning_packing_and_guidance_are_the_pipelines(tiny_model_dir
     adapter = load_model(str(tiny_model_dirs["flux"]))
     pipe = FluxPipeline.from_pretrained(tiny_model_dirs["flux"])
     with torch.inference_mode():
-        states, pooled, text_ids = pipe.encode_prompt(CAPTIONS, None, device="cpu", max_sequence_length=16)
+        states, pooled, text_ids = pipe.encode_prompt(CAPTIONS, None, device="cpu", max_sequence_length=512)
     cond = adapter.condition(CAPTIONS)
     ours = adapter._packing.unpack(cond)
     torch.testing.assert_close(ours[0], states)
@@ -512,6 +512,27 @@ def test_cli_takes_a_single_file_with_config(single_file, tmp_path, capsys):
     assert main([*args, str(tmp_path / "b.csv"), "--config", str(configs)]) == 0
     rows = list(csv.reader((tmp_path / "b.csv").open()))
     assert len(rows) == 3
+
+
+def test_sd3_sequence_length_uses_the_transformers_patch_size(tiny_model_dirs, tmp_path):
+    from cdi.models.sd3 import SD3Adapter
+
+    d = _copy(tiny_model_dirs["sd3"], tmp_path / "m")
+    _edit_json(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True)
+    info = detect_family(str(d))
+    assert SD3Adapter.image_seq_len(info) == (16 // 2 // 2) ** 2
+    _edit_json(d / "transformer" / "config.json", patch_size=1)
+    assert SD3Adapter.image_seq_len(detect_family(str(d))) == (16 // 2) ** 2
+
+
+def test_clip_states_pad_to_the_length_asked(tiny_model_dirs):
+    from cdi.models.text import clip_states
+
+    adapter = load_model(str(tiny_model_dirs["sd3"]))
+    states, _ = clip_states(adapter.tokenizer_2, adapter.text_encoder_2, ["a cat"], adapter.device,
+                            penultimate=True, max_length=8)
+    assert states.shape[1] == 8
+    assert adapter.t5_tokens == 256 and load_model(str(tiny_model_dirs["flux"])).t5_tokens == 512
 
 
 def test_every_family_is_detected_and_has_one_adapter():

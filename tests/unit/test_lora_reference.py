@@ -211,3 +211,20 @@ def test_shipped_lora_fine_tune_saw_only_new_digits():
     assert by_name.identity.digest == direct.identity.digest != load_model(lora.base).identity.digest
     with pytest.raises(KeyError, match="digits-hard-lora"):
         zoo.get_lora("no-such-lora")
+
+
+def test_reference_with_the_audited_models_weights_is_refused_before_any_pass(tiny_model_dirs, pixel_lora, tmp_path):
+    from cdi.audit import AuditOptions, audit
+
+    base_dir = str(tiny_model_dirs["pixel"])
+    copy = shutil.copytree(base_dir, tmp_path / "same-weights")
+    stages: list[str] = []
+    opts = AuditOptions(protocol="reference", features="gradient-free", seed=5, n_permutations=99)
+    with pytest.raises(InputError, match="the reference model is the audited model itself"):
+        audit(_files(10, 1, "p"), _files(20, 2, "u"), base_dir, reference_model=str(copy), options=opts,
+              progress=lambda p: stages.append(p.stage))
+    assert "validating" in stages and not {"features", "reference", "extracting"} & set(stages)
+    # The same base with a LoRA is a different model: it may be calibrated by the base.
+    from cdi.audit import check_reference
+
+    check_reference(load_model(base_dir, lora=str(pixel_lora)), load_model(str(copy)))

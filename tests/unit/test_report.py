@@ -23,7 +23,6 @@ import pytest
 from cdi.audit import AuditImage, AuditOptions, AuditResult
 from cdi.cli import main
 from cdi.controls import (
-    DIRECTION_FEATURES,
     IMAGE_STATISTIC_NAMES,
     DuplicateGroup,
     DuplicatePair,
@@ -36,6 +35,7 @@ from cdi.controls import (
 )
 from cdi.features.layout import FEATURE_NAMES
 from cdi.provenance import versions
+from cdi.reads import DIRECTION_FEATURES
 from cdi.report import (
     SCHEMA_PATH,
     ReportFormatError,

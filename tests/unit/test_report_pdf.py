@@ -92,6 +92,33 @@ def test_same_report_same_bytes_and_the_curve_follows_its_seed() -> None:
     assert render_pdf(report, curve=curve) == render_pdf(report, curve=again)
 
 
+def test_the_pdf_is_dated_when_its_report_was_built(rendered) -> None:
+    """Built invariant (the same report gives the same bytes), the PDF still carries a real date:
+    its report's creation time, not reportlab's fixed 2000-01-01."""
+    from datetime import timezone
+
+    for entry in rendered.values():
+        created = entry["report"].created_at.astimezone(timezone.utc)
+        info = entry["reader"].metadata
+        assert info.creation_date is not None and info.modification_date is not None
+        assert info.creation_date.replace(tzinfo=timezone.utc) == created.replace(microsecond=0)
+        assert info.creation_date.year != 2000
+
+
+def test_the_score_is_explained_once_per_protocol(rendered) -> None:
+    """Figure 1 and Appendix C say what a score is under the audit's own protocol (cdi.report.scores)."""
+    from cdi.report.scores import score_meaning
+
+    for entry in rendered.values():
+        t = entry["report"].test
+        text = _flat(" ".join(entry["pages"]))
+        meaning = _flat(score_meaning(t.protocol, t.selected_feature))
+        assert text.count(meaning[:60]) >= 2, (t.protocol, meaning)  # Figure 1's caption and Appendix C
+        if t.protocol == "directional":
+            assert "estimate that the image is in P" not in text
+    assert score_meaning("directional", "dl") != score_meaning("reference") != score_meaning("crossfit")
+
+
 def test_a_verdict_reports_pdf_says_which_features_were_not_computed() -> None:
     PdfReader = pypdf.PdfReader
     report = seal(build_report(synthetic_result("used", protocol="directional", features="verdict", seed=5)))

@@ -49,6 +49,12 @@ NONE = AllowList()
     "http://user:pw@example.com/",
     "ftp://example.com/",
     "http://example.com/\x00",
+    # Unicode digits and full stops that a resolver maps to a loopback address.
+    "http://\u2460\u2461\u2466.0.0.1/",
+    "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/",
+    "http://127\u30020\u30020\u30021/",
+    "http://127\uff0e0\uff0e0\uff0e1/",
+    "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/",
 ])
 def test_non_public_callback_urls_are_refused_at_submission(url: str) -> None:
     with pytest.raises(BadInput) as info:
@@ -57,7 +63,7 @@ def test_non_public_callback_urls_are_refused_at_submission(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["https://hooks.example.com/cdi", "http://93.184.215.14:8080/x",
-                                 "https://[2606:4700::1111]/"])
+                                 "https://[2606:4700::1111]/", "https://b\u00fccher.example/hook"])
 def test_public_callback_urls_are_accepted(url: str) -> None:
     check_url(url, NONE)
 

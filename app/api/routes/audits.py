@@ -76,7 +76,10 @@ async def _submit(request: Request, caller: CurrentCaller, settings: SettingsDep
 def list_audits(
     caller: CurrentCaller, session: SessionDep, settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(
+        max_length=200, description="The `next_cursor` of the previous page (opaque; any other value answers "
+                                    "422 `invalid_cursor`).",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]+$"})] = None,
     state: Annotated[str | None, Query(max_length=20, description="Only audits in this state.",
                                        json_schema_extra={"enum": list(STATES)})] = None,
 ) -> AuditPage:

@@ -91,8 +91,18 @@ def get_explanation(audit: CallerAudit) -> ExplanationOut:
     base = f"/v1/audits/{audit.id}/figures"
     return ExplanationOut(
         **explain(document, MONO_HTML).to_dict(), reason=document.reason,
-        figures=[FigureOut(name=n, url=f"{base}/{n}.png", caption=c) for n, c in FIGURES.items()],
+        figures=[FigureOut(name=n, url=f"{base}/{n}.png", caption=_caption(n, c, document))
+                 for n, c in FIGURES.items()],
     )
+
+
+def _caption(name: str, caption: str, document: Any) -> str:
+    """The PDF's short caption; Figure 1's says what a score is under the audit's protocol."""
+    if name != "scores":
+        return caption
+    from cdi.report.scores import score_meaning
+
+    return f"{caption} Here {score_meaning(document.test.protocol, document.test.selected_feature)}."
 
 
 #: Figures already drawn, by (report digest, name): a report never changes, so neither do they.

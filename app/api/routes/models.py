@@ -30,7 +30,11 @@ def list_models(caller: CurrentCaller, session: SessionDep, settings: SettingsDe
                        422: {"model": ErrorResponse}})
 def register_model(model_id: str, body: RegisterModel, caller: AdminCaller, session: SessionDep,
                    settings: SettingsDep) -> ModelOut:
-    """Register (or update) ``model_id`` → a diffusers directory or hub id; the family is detected."""
+    """Register (or update) ``model_id`` → a diffusers directory on this host; the family is detected.
+    Hub ids are registered from the command line (``cdi admin register-model``).
+
+    A directory with a ``cdi_model.json`` names a model published in parts (a single-file
+    checkpoint with its configs, or a UNet or transformer file on a base model)."""
     from app.errors import BadInput
 
     if body.id != model_id:

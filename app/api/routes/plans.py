@@ -20,7 +20,9 @@ router = APIRouter(prefix="/plans", tags=["plans"])
 class PlanRequest(BaseModel):
     """The pilot: one of the caller's finished audits, or a report (JSON) from anywhere."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Exactly one pilot, as the validator below requires.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["audit_id"]}, {"required": ["report"]}]})
 
     audit_id: uuid.UUID | None = Field(default=None, description="a finished audit of the caller: its images "
                                                                   "are the pilot")

@@ -8,12 +8,13 @@ internet access.
 
 from __future__ import annotations
 
+import secrets
 from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 router = APIRouter(include_in_schema=False)
@@ -24,6 +25,25 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; s
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
+def docs_csp(nonce: str) -> str:
+    """The documentation pages' policy: their files from here, their one inline script by nonce,
+    nothing from elsewhere (ReDoc's sidebar logo, which it would fetch from a CDN, is refused),
+    never framed."""
+    return (f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+
+
+def _hardened(page: HTMLResponse) -> HTMLResponse:
+    """``page`` with a nonce on its inline scripts and the headers of a page that loads nothing
+    from elsewhere and cannot be framed."""
+    nonce = secrets.token_urlsafe(16)
+    body = bytes(page.body).decode("utf-8").replace("<script>", f'<script nonce="{nonce}">')
+    return HTMLResponse(body, headers={"Content-Security-Policy": docs_csp(nonce), "X-Frame-Options": "DENY",
+                                       "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                                       "Cache-Control": "no-cache"})
+
+
 def docs_assets_dir() -> Path | None:
     """The folder of Swagger UI's and ReDoc's files shipped by ``fastapi-offline``, if installed."""
     try:
@@ -32,6 +52,16 @@ def docs_assets_dir() -> Path | None:
         return None
     folder = Path(fastapi_offline.__file__).parent / "static"
     return folder if folder.is_dir() else None
+
+
+#: The sidebar logo ReDoc's bundle would fetch from its makers' CDN on every visit.
+REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+def _redoc_bundle(path: Path) -> bytes:
+    """ReDoc's bundle with its CDN logo replaced by an empty ``data:`` URL, so the page asks
+    nothing of another host (ReDoc hides the logo when it fails to load)."""
+    return path.read_bytes().replace(REDOC_CDN_LOGO, b"data:,")
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -61,16 +91,23 @@ def install(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(
+        return _hardened(get_swagger_ui_html(
             openapi_url=openapi_url, title=f"{title}: API documentation",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon.png",
-        )
+        ))
+
+    redoc_js = _redoc_bundle(assets / "redoc.standalone.js")
+
+    @app.get("/docs-local/redoc.standalone.js", include_in_schema=False)
+    def redoc_bundle() -> Response:
+        return Response(redoc_js, media_type="text/javascript",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
-        return get_redoc_html(
+        return _hardened(get_redoc_html(
             openapi_url=openapi_url, title=f"{title}: API reference",
-            redoc_js_url="/docs-assets/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
+            redoc_js_url="/docs-local/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
             with_google_fonts=False,
-        )
+        ))

@@ -81,6 +81,22 @@
 
   // --- small helpers --------------------------------------------------------------------------
 
+  // A p-value for people, as everywhere else (cdi/pvalue.py): three significant digits,
+  // Python's "%.3g": 0.0123, 0.5, 1e-06.
+  function formatP(p) {
+    if (p === null || p === undefined || !Number.isFinite(Number(p))) return "—";
+    const x = Number(p);
+    if (x === 0) return "0";
+    const exp = Math.floor(Math.log10(Math.abs(Number(x.toPrecision(3)))));
+    if (exp < -4 || exp >= 3) {
+      const [mant, e] = x.toExponential(2).split("e");
+      const m = mant.includes(".") ? mant.replace(/0+$/, "").replace(/\.$/, "") : mant;
+      const n = Number(e);
+      return `${m}e${n < 0 ? "-" : "+"}${String(Math.abs(n)).padStart(2, "0")}`;
+    }
+    return String(Number(x.toPrecision(3)));
+  }
+
   function bytes(n) {
     if (!Number.isFinite(n)) return "size unknown";
     const units = ["bytes", "kB", "MB", "GB"];
@@ -275,13 +291,36 @@
 
   // --- the two sets of images ---------------------------------------------------------------------
 
+  // The service's own rules on uploads (app/uploads.py, GET /v1/upload-rules): the preview
+  // refuses exactly what the service would.
+  let rulesLoaded = null;
+  function loadRules() {
+    if (!rulesLoaded) {
+      rulesLoaded = fetch("/v1/upload-rules").then(async (r) => {
+        if (!r.ok) throw new Error(`the service's upload rules could not be read (HTTP ${r.status})`);
+        const rules = await r.json();
+        CdiZip.setRules(rules);
+        state.rules = rules;
+      }).catch((err) => { rulesLoaded = null; throw err; });
+    }
+    return rulesLoaded;
+  }
+
   async function setFolder(role, files) {
+    try {
+      await loadRules();
+    } catch (err) {
+      state.sets[role] = { kind: "folder", images: [], refused: [], skipped: 0, bytes: 0, blocking: true,
+        error: err.message };
+      preview(role);
+      return;
+    }
     // Each file's path inside the chosen folder (the folder's own name dropped).
     const entries = files.map((f) => {
       const rel = (f.relPath || f.webkitRelativePath || f.name).split("/");
       return { path: rel.length > 1 ? rel.slice(1).join("/") : rel[0], size: f.size, file: f };
     });
-    const sorted = CdiZip.sortFiles(entries);
+    const sorted = await CdiZip.sniff(CdiZip.sortFiles(entries), (e) => CdiZip.fileHead(e.file));
     state.sets[role] = { kind: "folder", ...sorted, blocking: false,
       bytes: sorted.images.reduce((s, e) => s + e.size, 0) };
     preview(role);
@@ -289,9 +328,10 @@
 
   async function setZip(role, file) {
     try {
+      await loadRules();
       const members = await CdiZip.listZip(file);
       const stripped = CdiZip.stripTop(members, role);
-      const sorted = CdiZip.sortFiles(stripped);
+      const sorted = await CdiZip.sniff(CdiZip.sortFiles(stripped), (e) => CdiZip.memberHead(file, e));
       for (const m of stripped) if (m.encrypted) sorted.refused.push({ path: m.path, reason: "encrypted" });
       state.sets[role] = { kind: "zip", file, ...sorted, blocking: sorted.refused.length > 0,
         bytes: sorted.images.reduce((s, e) => s + e.size, 0) };
@@ -324,7 +364,22 @@
       box.append(list);
     }
     if (!s.images.length && !s.refused.length) box.append(el("p", { class: "refused" }, "No images found."));
+    const few = tooFew(role);
+    if (few) box.append(el("p", { class: "refused" }, few));
   }
+
+  /* The service's sample-size rule for the chosen protocol, or null when the set is large enough. */
+  function tooFew(role) {
+    const s = state.sets[role];
+    const protocol = $("protocol").value || "directional";
+    const minimum = state.rules && state.rules.minimum_images[protocol];
+    if (!s || !minimum || !s.images.length || s.images.length >= minimum[role]) return null;
+    return `The ${protocol} protocol needs at least ${minimum[role]} ${role} images; this set has `
+      + `${s.images.length}. The service would refuse it.`;
+  }
+  $("protocol").addEventListener("change", () => {
+    for (const role of ["published", "unpublished"]) if (state.sets[role]) preview(role);
+  });
 
   async function filesOfEntry(entry, prefix) {
     if (entry.isFile) {
@@ -390,6 +445,7 @@
       else if (s.error) problems.push(`The ${label}: ${s.error}`);
       else if (s.blocking) problems.push(`The zip of the ${label} holds files the service refuses (listed above).`);
       else if (!s.images.length) problems.push(`There are no images in the ${label}.`);
+      else if (tooFew(role)) problems.push(tooFew(role));
     }
     if (!$("model").value) problems.push("Choose a model.");
     if (problems.length) {
@@ -561,6 +617,9 @@
   }
 
   async function loadFigure(img, url) {
+    // Shown once drawn: an image with no picture yet would flash as a broken one.
+    img.hidden = true;
+    img.addEventListener("load", () => { img.hidden = false; }, { once: true });
     try {
       const response = await api("GET", url, { raw: true });
       img.src = URL.createObjectURL(await response.blob());
@@ -620,7 +679,7 @@
         el("td", { class: a.state === "failed" ? "state-failed" : "" },
           a.state + (a.deleted_at ? " (deleted)" : a.images_deleted ? " (images deleted)" : "")),
         el("td", { class: a.verdict ? `verdict-${a.verdict}` : "" }, a.verdict ? a.verdict.replace("_", " ") : "—"),
-        el("td", {}, a.p_value === null || a.p_value === undefined ? "—" : String(Number(Number(a.p_value).toPrecision(3)))),
+        el("td", {}, formatP(a.p_value)),
         el("td", {}, el("span", { class: "actions" }, open, del))));
     }
     $("audits-table").hidden = body.children.length === 0;

@@ -1,13 +1,27 @@
 /* Zip files in the browser, with no library: list a zip's members (its central directory) for the
  * preview, and write a zip of chosen files (stored, not compressed: images are compressed already)
- * for the upload. The rules on which files are images mirror the service's (app/uploads.py). */
+ * for the upload. Which files are images, which are refused and which are skipped is decided by
+ * the service's own rules (GET /v1/upload-rules, from app/uploads.py), given to setRules(). */
 "use strict";
 
 const CdiZip = (() => {
-  const IMAGE_SUFFIXES = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp"];
-  const ARCHIVE_SUFFIXES = [".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz", ".xz", ".txz", ".7z", ".rar", ".zst",
-    ".lz", ".lzma", ".jar", ".cab", ".iso", ".z"];
-  const JUNK_FILES = [".DS_Store", "Thumbs.db", "desktop.ini"];
+  let rules = null;
+
+  /* The service's upload rules (GET /v1/upload-rules): nothing is classified before they are set. */
+  function setRules(r) {
+    rules = {
+      ...r,
+      signatures: r.image_signatures.map((s) => ({
+        format: s.format,
+        bytes: s.bytes.map((b) => ({ offset: b.offset, bytes: Uint8Array.from(b.hex.match(/../g).map((h) => parseInt(h, 16))) })),
+      })),
+    };
+  }
+
+  function requireRules() {
+    if (!rules) throw new Error("the service's upload rules are not loaded yet");
+    return rules;
+  }
 
   function suffix(name) {
     const base = name.split("/").pop();
@@ -15,17 +29,42 @@ const CdiZip = (() => {
     return dot > 0 ? base.slice(dot).toLowerCase() : "";
   }
 
+  /* A member name the service refuses outright (app/uploads.py, _safe_parts). */
+  function unsafe(path) {
+    const name = path.replace(/\\/g, "/");
+    if (name.includes("\0")) return "a NUL byte in its name";
+    if (name.startsWith("/") || (name.length >= 2 && name[1] === ":")) return "an absolute path";
+    if (name.split("/").some((p) => p === "..")) return "a '..' component in its path";
+    return null;
+  }
+
   /* What the service will do with a file at `path` (folders separated by "/"):
    * {kind: "image"} | {kind: "junk"} (skipped silently) | {kind: "refused", reason}. */
   function classify(path, size) {
+    const r = requireRules();
+    const bad = unsafe(path);
+    if (bad) return { kind: "refused", reason: `an unsafe path (${bad})` };
     const parts = path.split("/").filter((p) => p && p !== ".");
     const base = parts[parts.length - 1] || "";
-    if (parts[0] === "__MACOSX" || JUNK_FILES.includes(base) || base.startsWith("._")) return { kind: "junk" };
+    if (r.junk_dirs.includes(parts[0]) || r.junk_files.includes(base) || base.startsWith(r.junk_prefix)) {
+      return { kind: "junk" };
+    }
     const sfx = suffix(base);
-    if (ARCHIVE_SUFFIXES.includes(sfx)) return { kind: "refused", reason: "an archive inside the set" };
-    if (!IMAGE_SUFFIXES.includes(sfx)) return { kind: "refused", reason: "not an image" };
+    if (r.archive_suffixes.includes(sfx)) return { kind: "refused", reason: "an archive inside the set" };
+    if (!r.image_suffixes.includes(sfx)) {
+      return { kind: "refused", reason: `not an image (accepted: ${r.image_suffixes.join(", ")})` };
+    }
     if (size === 0) return { kind: "refused", reason: "an empty file" };
     return { kind: "image" };
+  }
+
+  /* The accepted format whose signature `head` (a file's first bytes) carries, or null. */
+  function imageFormat(head) {
+    const r = requireRules();
+    for (const sig of r.signatures) {
+      if (sig.bytes.every((b) => b.bytes.every((v, i) => head[b.offset + i] === v))) return sig.format;
+    }
+    return null;
   }
 
   /* Sort files into images, refused and skipped; names must be unique within a set. */
@@ -47,6 +86,58 @@ const CdiZip = (() => {
       images.push(e);
     }
     return { images, refused, skipped };
+  }
+
+  /* Look inside the images of `sorted` (its first bytes, read by `readHead(entry)`): a file
+   * whose content is no accepted image format moves to `refused`, as the service would refuse it. */
+  async function sniff(sorted, readHead) {
+    const formats = [...new Set(requireRules().signatures.map((s) => s.format))].join(", ");
+    const images = [];
+    for (const e of sorted.images) {
+      let head = null;
+      try { head = await readHead(e); } catch (err) { head = null; }
+      if (head !== null && imageFormat(head) === null) {
+        sorted.refused.push({ path: e.path, reason: `not an image: its content is none of ${formats}` });
+      } else {
+        images.push(e);
+      }
+    }
+    sorted.images = images;
+    return sorted;
+  }
+
+  /* The first bytes of a chosen file. */
+  async function fileHead(file, n = 16) {
+    return new Uint8Array(await file.slice(0, n).arrayBuffer());
+  }
+
+  /* The first bytes of a zip member listed by listZip (stored or deflated); null if unreadable here. */
+  async function memberHead(file, member, n = 16) {
+    const local = new DataView(await file.slice(member.offset, member.offset + 30).arrayBuffer());
+    if (local.byteLength < 30 || local.getUint32(0, true) !== 0x04034b50) return null;
+    const start = member.offset + 30 + local.getUint16(26, true) + local.getUint16(28, true);
+    if (member.method === 0) return new Uint8Array(await file.slice(start, start + n).arrayBuffer());
+    if (member.method !== 8 || typeof DecompressionStream === "undefined") return null;
+    const compressed = file.slice(start, start + Math.min(member.compressed, 64 * 1024));
+    const reader = compressed.stream().pipeThrough(new DecompressionStream("deflate-raw")).getReader();
+    const out = [];
+    let got = 0;
+    try {
+      while (got < n) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        out.push(value);
+        got += value.length;
+      }
+    } catch (err) {
+      if (!got) return null; // a cut-off stream: what was decompressed still counts
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+    const head = new Uint8Array(got);
+    let at = 0;
+    for (const part of out) { head.set(part, at); at += part.length; }
+    return head.slice(0, n);
   }
 
   // --- reading a zip's central directory ---------------------------------------------------
@@ -83,6 +174,9 @@ const CdiZip = (() => {
         throw new Error(`${file.name}: the zip file is damaged (its directory is cut short)`);
       }
       const flags = cd.getUint16(p + 8, true);
+      const method = cd.getUint16(p + 10, true);
+      const compressed = cd.getUint32(p + 20, true);
+      const offset = cd.getUint32(p + 42, true);
       let size = cd.getUint32(p + 24, true);
       const nameLen = cd.getUint16(p + 28, true);
       const extraLen = cd.getUint16(p + 30, true);
@@ -90,7 +184,7 @@ const CdiZip = (() => {
       const bytes = new Uint8Array(cd.buffer, cd.byteOffset + p + 46, nameLen);
       const name = (flags & 0x800 ? utf8 : latin).decode(bytes).replace(/\\/g, "/");
       if (size === 0xffffffff) size = NaN; // zip64 sizes: the preview shows none rather than a wrong one
-      if (!name.endsWith("/")) out.push({ path: name, size, encrypted: Boolean(flags & 1) });
+      if (!name.endsWith("/")) out.push({ path: name, size, encrypted: Boolean(flags & 1), method, compressed, offset });
       p += 46 + nameLen + extraLen + commentLen;
     }
     return out;
@@ -180,5 +274,6 @@ const CdiZip = (() => {
     return new Blob([...parts, ...central, end.buffer], { type: "application/zip" });
   }
 
-  return { classify, sortFiles, listZip, stripTop, writeZip, crc32 };
+  return { setRules, classify, imageFormat, sortFiles, sniff, fileHead, memberHead, listZip, stripTop, writeZip,
+    crc32 };
 })();
