@@ -101,12 +101,6 @@ def explain(report: Report, mono: tuple[str, str] = MONO_PDF) -> Explanation:
         tested.append(f"<b>Not needed:</b> {len(seq.unused)} more image(s) were submitted but never run through the "
                       f"model: the audit looked at the evidence in rounds and stopped once it was clear (see "
                       f"Sequential audit below).")
-    layout = report.feature_layout
-    if layout.computed is not None and len(layout.computed) < len(layout.names):
-        which = ("that the verdict reads" if report.manifest.options.features == "verdict"
-                 else f"of the {_e(report.manifest.options.features)} set")
-        tested.append(f"<b>Features:</b> the {len(layout.computed)} of the {len(layout.names)} CDI features {which} "
-                      f"({_e(', '.join(layout.computed))}); the others were not computed.")
     tested.append(f"<b>Method:</b> CDI ({_e(t.protocol)} protocol, one-sided test), report created "
                   f"{report.created_at.strftime('%Y-%m-%d %H:%M UTC')}.")
     means, not_means = meaning(report)
