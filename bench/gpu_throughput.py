@@ -119,7 +119,8 @@ class RandomModel(DiffusionAdapter):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(x.to(self.device)).latent_dist.mean * 0.18215
 
-    def condition(self, conditions: list[ImageCondition]) -> torch.Tensor:  # type: ignore[override]
+    def condition(self, conditions: list[ImageCondition],  # type: ignore[override]
+                  original_sizes: Any = None) -> torch.Tensor:
         n = len(conditions)
         if self.kind == "dit":
             return torch.tensor([int(c or 0) % 1000 for c in conditions], device=self.device)
