@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from cdi.errors import InputError
-from cdi.features.layout import FEATURE_NAMES, MEMBER_CANDIDATES
+from cdi.reads import CALIBRATION_READS
 
 __all__ = [
     "CALIBRATION_READS",
@@ -78,11 +78,6 @@ DESCRIPTOR_NAMES: tuple[str, ...] = TONE_NAMES + LAYOUT_NAMES
 #: Permutations of the shift control's p-value.
 SHIFT_PERMUTATIONS = 499
 
-#: Layout features the calibration and the shift control read: the directional test's own.
-CALIBRATION_READS: tuple[str, ...] = tuple(
-    dict.fromkeys(name for _, group in MEMBER_CANDIDATES for name in group)
-)
-assert all(name in FEATURE_NAMES for name in CALIBRATION_READS)
 
 #: Ridge penalty on the standardised descriptors, as a multiple of the number of images.
 DEFAULT_RIDGE = 0.01

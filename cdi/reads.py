@@ -28,6 +28,8 @@ from cdi.features.layout import (
 )
 
 __all__ = [
+    "CALIBRATION",
+    "CALIBRATION_READS",
     "CROSSFIT_TEST",
     "DIRECTIONAL_TEST",
     "DIRECTION_CHECK",
@@ -101,6 +103,12 @@ DIRECTION_FEATURES: tuple[str, ...] = ("dl", "ml_t000", "ml_t100", "ml_t200")
 #: The direction check (:func:`cdi.audit.direction_check`).
 DIRECTION_CHECK = Reads("direction check", DIRECTION_FEATURES)
 
+#: The difficulty-calibrated test and the shift control (:mod:`cdi.calibration`): they model
+#: the directional test's own candidate features by the images' descriptors, so they cost no
+#: forward pass of their own.
+CALIBRATION_READS: tuple[str, ...] = tuple(dict.fromkeys(name for _, group in MEMBER_CANDIDATES for name in group))
+CALIBRATION = Reads("calibrated test and shift control", CALIBRATION_READS)
+
 #: Every part of the verdict that reads features. The union of what they read (for the
 #: audit's protocol) is what a ``verdict`` audit extracts: a new part is one entry here.
 VERDICT_READS: tuple[Reads, ...] = (
@@ -109,6 +117,7 @@ VERDICT_READS: tuple[Reads, ...] = (
     CROSSFIT_TEST,
     NEGATIVE_CONTROL,
     DIRECTION_CHECK,
+    CALIBRATION,
 )
 
 
