@@ -125,6 +125,56 @@ def decide(
     ``distribution`` ``None``: the distribution check did not run (it only ever vetoes a
     detection, so its absence changes nothing but a ``used``).
     """
+    control, distribution = _checked_inputs(test, negative_control, distribution, alpha_control, auc_threshold)
+    alpha = test.alpha
+    f = _Findings(
+        test=test, control=control, distribution=distribution, alpha_control=alpha_control,
+        auc_threshold=auc_threshold, shift=shift,
+        control_failed=control.p_value < alpha,
+        fires=test.p_value < alpha and test.statistic > 0,
+        reversal=reversal_p is not None and reversal_p < alpha,
+        reversal_p=reversal_p,
+        calibrated_p=calibrated.p_value if calibrated is not None else None,
+        confirmed=calibrated is None or (calibrated.p_value < alpha and calibrated.statistic > 0),
+    )
+    if f.control_failed or f.dist_veto or f.reversal or f.shift_veto:
+        outcome, reason = Outcome.INCONCLUSIVE, _inconclusive_reason(f)
+    elif f.fires and f.confirmed:
+        outcome, reason = Outcome.USED, _used_reason(f)
+    else:
+        outcome, reason = Outcome.NOT_DETECTED, _not_detected_reason(f)
+    return Verdict(
+        outcome=outcome,
+        reason=reason,
+        p_value=max(test.p_value, f.calibrated_p) if f.calibrated_p is not None else test.p_value,
+        alpha=alpha,
+        statistic=test.statistic,
+        direction=test.direction,
+        negative_control_p=control.p_value,
+        negative_control_failed=f.control_failed,
+        reversal_p=reversal_p,
+        reversal_failed=f.reversal,
+        distribution_auc=distribution.auc,
+        distribution_p=distribution.p_value,
+        distribution_shift=f.dist_veto,
+        alpha_control=alpha_control,
+        auc_threshold=auc_threshold,
+        warnings=_warnings(f),
+        calibrated_p=f.calibrated_p,
+        test_p=test.p_value,
+        shift_p=shift.p_value if shift is not None else None,
+        shift_failed=f.shift_veto,
+        shift_words=shift.words() if shift is not None else None,
+        fix=_fix(shift) if shift is not None else None,
+    )
+
+
+def _checked_inputs(
+    test: ProtocolResult, negative_control: NegativeControlResult | ProtocolResult,
+    distribution: DistributionCheckResult | None, alpha_control: float, auc_threshold: float,
+) -> tuple[ProtocolResult, DistributionCheckResult]:
+    """The negative control's test and the distribution check (:data:`_NOT_RUN` where it did
+    not run), after checking that the levels are valid and the control ran the test's protocol."""
     if not 0.0 < alpha_control < 1.0:
         raise InputError(f"alpha_control must lie strictly between 0 and 1, got {alpha_control}")
     if not 0.5 <= auc_threshold <= 1.0:
@@ -138,138 +188,148 @@ def decide(
     if distribution is None:
         # Not run: it can only veto a detection, so a caller that runs it whenever the verdict
         # would be "used" (cdi.assess.assess(distribution=False) does) gets the same outcome.
-        distribution = _NOT_RUN
-    elif 1.0 / (1 + distribution.n_permutations) >= alpha_control:
+        return control, _NOT_RUN
+    if 1.0 / (1 + distribution.n_permutations) >= alpha_control:
         raise InputError(
             f"the distribution check ran {distribution.n_permutations} permutations, too few "
             f"for its p-value ever to fall below alpha_control = {alpha_control}"
         )
-    shift_check = shift
-    del shift
-    alpha = test.alpha
-    control_failed = control.p_value < alpha
-    fires = test.p_value < alpha and test.statistic > 0
-    significant_shift = distribution.p_value < alpha_control
-    classified = significant_shift and distribution.auc >= auc_threshold
-    # The image statistics and the descriptors veto only a detection: a difference that
-    # cannot make P look used must not block a verdict (it stays a warning).
-    dist_veto = classified and fires
-    shift_result: ShiftCheckResult | None = None
-    shift_veto = False
+    return control, distribution
+
+
+@dataclass(frozen=True)
+class _Findings:
+    """What :func:`decide` found, from which the outcome and its sentences follow."""
+
+    test: ProtocolResult
+    control: ProtocolResult
+    distribution: DistributionCheckResult
+    alpha_control: float
+    auc_threshold: float
+    shift: ShiftCheckResult | None
+    control_failed: bool
+    #: The test's p-value is below α, in the member direction.
+    fires: bool
+    reversal: bool
+    reversal_p: float | None
+    calibrated_p: float | None
+    #: The calibrated test agrees (or there is none).
+    confirmed: bool
+
+    @property
+    def significant_shift(self) -> bool:
+        return self.distribution.p_value < self.alpha_control
+
+    @property
+    def classified(self) -> bool:
+        return self.significant_shift and self.distribution.auc >= self.auc_threshold
+
+    @property
+    def dist_veto(self) -> bool:
+        # The image statistics and the descriptors veto only a detection: a difference that
+        # cannot make P look used must not block a verdict (it stays a warning).
+        return self.classified and self.fires
+
+    @property
+    def shift_veto(self) -> bool:
+        return self.shift is not None and self.shift.shifted and self.fires
+
+    @property
+    def test_text(self) -> str:
+        # One clause per fact, so that the sentence reads the same in the JSON, the CLI and the
+        # PDF: "crossfit test, one-sided: p = 0.001 < α = 0.01 (Welch t = 3.2)".
+        return f"{self.test.protocol.value} test, one-sided: p = {_p(self.test.p_value)}"
+
+    @property
+    def stat_text(self) -> str:
+        return f"Welch t = {self.test.statistic:.3f}"
+
+
+def _warnings(f: _Findings) -> tuple[str, ...]:
+    """Findings that do not change the outcome: differences the test did not act on."""
     warnings: list[str] = []
-    if significant_shift and not dist_veto:
+    dist = f.distribution
+    if f.significant_shift and not f.dist_veto:
         warnings.append(
             f"the image statistics of P and U differ (distribution check AUC "
-            f"{distribution.auc:.3f}, p = {_p(distribution.p_value)}): {_differences(distribution)}; "
+            f"{dist.auc:.3f}, p = {_p(dist.p_value)}): {_differences(dist)}; "
             f"the test did not fire, so this cannot have made P look used"
-            if classified else
+            if f.classified else
             f"the image statistics of P and U differ slightly (distribution check AUC "
-            f"{distribution.auc:.3f} < {auc_threshold}, p = {_p(distribution.p_value)}): "
-            f"{_differences(distribution)}"
+            f"{dist.auc:.3f} < {f.auc_threshold}, p = {_p(dist.p_value)}): "
+            f"{_differences(dist)}"
         )
-    shift_words = fix = None
-    if shift_check is not None:
-        shift_result = shift_check
-        shift_words = shift_check.words()
-        fix = _fix(shift_check)
-        shift_veto = shift_check.shifted and fires
-        if shift_check.shifted and not fires:
-            warnings.append(
-                f"P and U differ in a way that predicts lower losses for P ({shift_words}; shift control "
-                f"p = {_p(shift_check.p_value)}), but the test did not fire"
-            )
-    calibrated_p = calibrated.p_value if calibrated is not None else None
-    confirmed = calibrated is None or (calibrated.p_value < alpha and calibrated.statistic > 0)
-    reported_p = max(test.p_value, calibrated_p) if calibrated_p is not None else test.p_value
+    if f.shift is not None and f.shift.shifted and not f.fires:
+        warnings.append(
+            f"P and U differ in a way that predicts lower losses for P ({f.shift.words()}; shift control "
+            f"p = {_p(f.shift.p_value)}), but the test did not fire"
+        )
+    return tuple(warnings)
 
-    # One clause per fact, so that the sentence reads the same in the JSON, the CLI and the PDF:
-    # "crossfit test, one-sided: p = 0.001 < α = 0.01 (Welch t = 3.2)".
-    stat_text = f"Welch t = {test.statistic:.3f}"
-    test_text = f"{test.protocol.value} test, one-sided: p = {_p(test.p_value)}"
-    cal_text = f"; difficulty-calibrated test p = {_p(calibrated_p)}" if calibrated_p is not None else ""
-    reversal = reversal_p is not None and reversal_p < alpha
-    if control_failed or dist_veto or reversal or shift_veto:
-        failures = []
-        if reversal:
-            failures.append(
-                f"P's images look less like training data than U's (their denoising losses are "
-                f"higher, p = {_p(reversal_p or 0.0)} < α = {alpha}): U may hold training images, or "
-                f"the two sets may have been swapped"
-            )
-        if control_failed:
-            failures.append(
-                f"the negative control (two random halves of U) is significant (p = "
-                f"{_p(control.p_value)} < α = {alpha}), so the test's p-values cannot be trusted on "
-                f"these data"
-            )
-        if shift_veto and shift_check is not None:
-            failures.append(
-                f"P and U differ in a way that by itself predicts lower losses for P ({shift_words}; "
-                f"shift control p = {_p(shift_check.p_value)} < {shift_check.alpha_shift}), so the test "
-                f"firing may come from that rather than from training. {fix}"
-            )
-        if dist_veto:
-            failures.append(
-                f"a model-free classifier tells P from U by simple image statistics (AUC "
-                f"{distribution.auc:.3f}, p = {_p(distribution.p_value)} < {alpha_control}; "
-                f"{_differences(distribution)}), so P and U are not from the same distribution "
-                f"and the test firing may come from that"
-            )
-        outcome = Outcome.INCONCLUSIVE
-        reason = ("Inconclusive: " + "; and ".join(failures)
-                  + f". (For the record, the {test_text}, {stat_text}{cal_text}.)")
-    elif fires and confirmed:
-        outcome = Outcome.USED
-        cal_clause = (f" and so does the difficulty-calibrated test, which discounts what brightness, "
-                      f"contrast, detail and colour predict of the losses (p = {_p(calibrated_p)})"
-                      if calibrated_p is not None else "")
-        reason = (
-            f"Used: P's images score higher than U's beyond chance ({test_text} < α = {alpha}; "
-            f"{stat_text}, AUC {test.auc:.3f}, Cohen's d {test.cohens_d:.2f}){cal_clause}; the negative "
-            f"control (p = {_p(control.p_value)}) and the distribution check (AUC {distribution.auc:.3f}, "
-            f"p = {_p(distribution.p_value)}) pass."
+
+def _inconclusive_reason(f: _Findings) -> str:
+    alpha = f.test.alpha
+    failures = []
+    if f.reversal:
+        failures.append(
+            f"P's images look less like training data than U's (their denoising losses are "
+            f"higher, p = {_p(f.reversal_p or 0.0)} < α = {alpha}): U may hold training images, or "
+            f"the two sets may have been swapped"
         )
-    elif fires:
-        outcome = Outcome.NOT_DETECTED
-        reason = (
-            f"Not detected: P's images score higher than U's ({test_text} < α = {alpha}), but not once "
+    if f.control_failed:
+        failures.append(
+            f"the negative control (two random halves of U) is significant (p = "
+            f"{_p(f.control.p_value)} < α = {alpha}), so the test's p-values cannot be trusted on "
+            f"these data"
+        )
+    if f.shift_veto and f.shift is not None:
+        failures.append(
+            f"P and U differ in a way that by itself predicts lower losses for P ({f.shift.words()}; "
+            f"shift control p = {_p(f.shift.p_value)} < {f.shift.alpha_shift}), so the test "
+            f"firing may come from that rather than from training. {_fix(f.shift)}"
+        )
+    if f.dist_veto:
+        dist = f.distribution
+        failures.append(
+            f"a model-free classifier tells P from U by simple image statistics (AUC "
+            f"{dist.auc:.3f}, p = {_p(dist.p_value)} < {f.alpha_control}; "
+            f"{_differences(dist)}), so P and U are not from the same distribution "
+            f"and the test firing may come from that"
+        )
+    cal_text = f"; difficulty-calibrated test p = {_p(f.calibrated_p)}" if f.calibrated_p is not None else ""
+    return ("Inconclusive: " + "; and ".join(failures)
+            + f". (For the record, the {f.test_text}, {f.stat_text}{cal_text}.)")
+
+
+def _used_reason(f: _Findings) -> str:
+    cal_clause = (f" and so does the difficulty-calibrated test, which discounts what brightness, "
+                  f"contrast, detail and colour predict of the losses (p = {_p(f.calibrated_p)})"
+                  if f.calibrated_p is not None else "")
+    test, dist = f.test, f.distribution
+    return (
+        f"Used: P's images score higher than U's beyond chance ({f.test_text} < α = {test.alpha}; "
+        f"{f.stat_text}, AUC {test.auc:.3f}, Cohen's d {test.cohens_d:.2f}){cal_clause}; the negative "
+        f"control (p = {_p(f.control.p_value)}) and the distribution check (AUC {dist.auc:.3f}, "
+        f"p = {_p(dist.p_value)}) pass."
+    )
+
+
+def _not_detected_reason(f: _Findings) -> str:
+    alpha = f.test.alpha
+    if f.fires:
+        return (
+            f"Not detected: P's images score higher than U's ({f.test_text} < α = {alpha}), but not once "
             f"what brightness, contrast, detail and colour predict of the losses is discounted "
-            f"(difficulty-calibrated test p = {_p(calibrated_p or 1.0)} ≥ α), so the difference may "
+            f"(difficulty-calibrated test p = {_p(f.calibrated_p or 1.0)} ≥ α), so the difference may "
             f"come from the kind of images in P rather than from training. This is not evidence that "
             f"the model was not trained on P."
         )
-    else:
-        outcome = Outcome.NOT_DETECTED
-        reason = (
-            f"Not detected: no evidence that the model was trained on P ({test_text} ≥ α = {alpha}; "
-            f"{stat_text})"
-            if test.p_value >= alpha
-            else f"Not detected: P did not score higher than U ({test_text}, {stat_text})"
-        ) + ". This is not evidence that it was not."
-    return Verdict(
-        outcome=outcome,
-        reason=reason,
-        p_value=reported_p,
-        alpha=alpha,
-        statistic=test.statistic,
-        direction=test.direction,
-        negative_control_p=control.p_value,
-        negative_control_failed=control_failed,
-        reversal_p=reversal_p,
-        reversal_failed=reversal,
-        distribution_auc=distribution.auc,
-        distribution_p=distribution.p_value,
-        distribution_shift=dist_veto,
-        alpha_control=alpha_control,
-        auc_threshold=auc_threshold,
-        warnings=tuple(warnings),
-        calibrated_p=calibrated_p,
-        test_p=test.p_value,
-        shift_p=shift_result.p_value if shift_result is not None else None,
-        shift_failed=bool(shift_veto),
-        shift_words=shift_words,
-        fix=fix,
-    )
+    return (
+        f"Not detected: no evidence that the model was trained on P ({f.test_text} ≥ α = {alpha}; "
+        f"{f.stat_text})"
+        if f.test.p_value >= alpha
+        else f"Not detected: P did not score higher than U ({f.test_text}, {f.stat_text})"
+    ) + ". This is not evidence that it was not."
 
 
 #: A distribution check that found nothing (p = 1), standing in where it was not run.

@@ -780,50 +780,14 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
     ``created_at`` defaults to now (UTC).
     """
     from cdi.features.layout import FEATURE_NAMES, LAYOUT_VERSION, member_candidates
-    from cdi.reads import DIRECTION_FEATURES
 
     test, verdict, options = result.test, result.verdict, result.options
     tested_names = member_candidates(options.tested_columns)[0]
-    rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in test.rows}
-    images: list[ImageRow] = []
-    sides: tuple[tuple[SetName, Sequence[Any]], ...] = (("P", result.images_p), ("U", result.images_u))
-    for set_name, group in sides:
-        for i, im in enumerate(group):
-            row = rows_by.get((set_name, i))
-            if row is None:
-                raise ReportFormatError(f"the test has no row for image {set_name}[{i}] ({im.name})")
-            images.append(ImageRow(
-                name=im.name, sha256=im.sha256, set=set_name, index=i, role=row.role, fold=row.fold,
-                score=None if row.score is None else float(row.score),
-                features=[_finite_or_none(v) for v in im.features],
-                descriptors=None if im.descriptors is None else [float(v) for v in im.descriptors],
-            ))
-
-    nc = result.negative_control
-    control_rows = []
-    for r in nc.test.rows:
-        positions = nc.half_p if r.set_name == "P" else nc.half_u
-        control_rows.append(ControlRow(
-            u_index=positions[r.index], plays=r.set_name, role=r.role, fold=r.fold,
-            score=None if r.score is None else float(r.score)))
-    dist = result.distribution
     cal = result.calibrated_test
-    significant_shift = dist.p_value < verdict.alpha_control
-    dups = result.duplicates
-    excl = result.exclusion
-
-    model_record = model_record_of(result.model)
-    sequential = None if result.sequential is None else _sequential_record(result, tested_names)
-    plan = result.plan
-    planning = None if plan is None else Planning(
-        n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),
-        confidence=plan.confidence, power=plan.power, u_ratio=plan.u_ratio, power_now=plan.power_now,
-        summary=plan.summary(),
-    )
     return Report(
         schema_version=SCHEMA_VERSION,
-        planning=planning,
-        sequential=sequential,
+        planning=_planning(result.plan),
+        sequential=None if result.sequential is None else _sequential_record(result, tested_names),
         verdict=verdict.outcome.value,
         p_value=float(verdict.p_value),
         alpha=float(test.alpha),
@@ -842,52 +806,106 @@ def build_report(result: AuditResult, *, created_at: datetime | None = None) -> 
             calibrated_significant=None if cal is None else bool(cal.p_value < cal.alpha and cal.statistic > 0),
             shift_failed=bool(verdict.shift_failed),
         ),
-        controls=Controls(
-            negative_control=NegativeControl(
-                p_value=float(nc.test.p_value), significant=bool(nc.test.p_value < nc.test.alpha),
-                split_random_state=int(nc.random_state), half_p=list(nc.half_p), half_u=list(nc.half_u),
-                test=ProtocolRun.of(nc.test, tested_names), rows=control_rows,
-            ),
-            direction_check=DirectionCheck(
-                p_value=None if verdict.reversal_p is None else float(verdict.reversal_p),
-                failed=bool(verdict.reversal_failed), features=list(DIRECTION_FEATURES),
-            ),
-            distribution_check=DistributionCheck(
-                auc=float(dist.auc), p_value=float(dist.p_value), shift=bool(verdict.distribution_shift),
-                warning=bool(significant_shift and not verdict.distribution_shift),
-                n_p=dist.n_p, n_u=dist.n_u, n_folds=dist.n_folds, n_permutations=dist.n_permutations,
-                random_state=int(dist.random_state), statistic_names=list(dist.statistic_names),
-                largest_differences=[StatisticDifference(name=d.name, cohens_d=float(d.cohens_d), auc=float(d.auc))
-                                     for d in dist.largest_differences],
-            ),
-            duplicates=Duplicates(
-                difference_threshold=float(dups.difference_threshold),
-                candidate_distance=float(dups.candidate_distance),
-                pairs=[DuplicatePair(kind=p.kind, scope=p.scope, first=_refs([p.first])[0],
-                                     second=_refs([p.second])[0], distance=p.distance,
-                                     difference=float(p.difference)) for p in dups.pairs],
-                groups=[DuplicateGroup(kind=g.kind, scope=g.scope, members=_refs(g.members)) for g in dups.groups],
-            ),
-            excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),
-            shift_control=None if result.shift is None else shift_control_record(result.shift, verdict,
-                                                                                  tested_names),
-        ),
+        controls=_controls_record(result, tested_names),
         feature_layout=FeatureLayout(version=LAYOUT_VERSION, names=list(FEATURE_NAMES),
                                      used=[FEATURE_NAMES[c] for c in options.tested_columns],
                                      computed=[FEATURE_NAMES[c] for c in options.columns]),
-        images=images,
-        manifest=Manifest(
-            model=model_record,
-            options=AuditOptionsRecord(**options.to_dict()),
-            feature_key=result.feature_key,
-            seeds=Seeds(audit=options.seed, test=test.random_state, negative_control_split=nc.random_state,
-                        negative_control_test=nc.test.random_state, distribution_check=dist.random_state),
-            versions={str(k): str(v) for k, v in result.versions.items()},
-            device=options.device,
-            timings_seconds={k: round(float(v), 4) for k, v in result.timings.items()},
-            passes=Passes(forward=result.forward_passes, backward=result.backward_passes,
-                          cached_images=result.cached_images),
+        images=_image_rows(result),
+        manifest=_manifest(result),
+    )
+
+
+def _planning(plan: Any) -> Planning | None:
+    """The report's record of a ``not_detected`` audit's plan (:class:`cdi.planning.Plan`)."""
+    if plan is None:
+        return None
+    return Planning(
+        n_per_set=plan.n_per_set, additional_published=plan.additional_p, interval=list(plan.interval),
+        confidence=plan.confidence, power=plan.power, u_ratio=plan.u_ratio, power_now=plan.power_now,
+        summary=plan.summary(),
+    )
+
+
+def _image_rows(result: AuditResult) -> list[ImageRow]:
+    """One row per tested image: its test row's role, fold and score, its features and descriptors."""
+    rows_by: dict[tuple[str, int], Any] = {(r.set_name, r.index): r for r in result.test.rows}
+    images: list[ImageRow] = []
+    sides: tuple[tuple[SetName, Sequence[Any]], ...] = (("P", result.images_p), ("U", result.images_u))
+    for set_name, group in sides:
+        for i, im in enumerate(group):
+            row = rows_by.get((set_name, i))
+            if row is None:
+                raise ReportFormatError(f"the test has no row for image {set_name}[{i}] ({im.name})")
+            images.append(ImageRow(
+                name=im.name, sha256=im.sha256, set=set_name, index=i, role=row.role, fold=row.fold,
+                score=None if row.score is None else float(row.score),
+                features=[_finite_or_none(v) for v in im.features],
+                descriptors=None if im.descriptors is None else [float(v) for v in im.descriptors],
+            ))
+    return images
+
+
+def _controls_record(result: AuditResult, tested_names: Sequence[str]) -> Controls:
+    """The report's record of every control: negative control, direction, distribution, duplicates, shift."""
+    from cdi.reads import DIRECTION_FEATURES
+
+    verdict = result.verdict
+    nc = result.negative_control
+    control_rows = []
+    for r in nc.test.rows:
+        positions = nc.half_p if r.set_name == "P" else nc.half_u
+        control_rows.append(ControlRow(
+            u_index=positions[r.index], plays=r.set_name, role=r.role, fold=r.fold,
+            score=None if r.score is None else float(r.score)))
+    dist = result.distribution
+    significant_shift = dist.p_value < verdict.alpha_control
+    dups = result.duplicates
+    excl = result.exclusion
+    return Controls(
+        negative_control=NegativeControl(
+            p_value=float(nc.test.p_value), significant=bool(nc.test.p_value < nc.test.alpha),
+            split_random_state=int(nc.random_state), half_p=list(nc.half_p), half_u=list(nc.half_u),
+            test=ProtocolRun.of(nc.test, tested_names), rows=control_rows,
         ),
+        direction_check=DirectionCheck(
+            p_value=None if verdict.reversal_p is None else float(verdict.reversal_p),
+            failed=bool(verdict.reversal_failed), features=list(DIRECTION_FEATURES),
+        ),
+        distribution_check=DistributionCheck(
+            auc=float(dist.auc), p_value=float(dist.p_value), shift=bool(verdict.distribution_shift),
+            warning=bool(significant_shift and not verdict.distribution_shift),
+            n_p=dist.n_p, n_u=dist.n_u, n_folds=dist.n_folds, n_permutations=dist.n_permutations,
+            random_state=int(dist.random_state), statistic_names=list(dist.statistic_names),
+            largest_differences=[StatisticDifference(name=d.name, cohens_d=float(d.cohens_d), auc=float(d.auc))
+                                 for d in dist.largest_differences],
+        ),
+        duplicates=Duplicates(
+            difference_threshold=float(dups.difference_threshold),
+            candidate_distance=float(dups.candidate_distance),
+            pairs=[DuplicatePair(kind=p.kind, scope=p.scope, first=_refs([p.first])[0],
+                                 second=_refs([p.second])[0], distance=p.distance,
+                                 difference=float(p.difference)) for p in dups.pairs],
+            groups=[DuplicateGroup(kind=g.kind, scope=g.scope, members=_refs(g.members)) for g in dups.groups],
+        ),
+        excluded=Excluded(p=list(excl.p), u=list(excl.u), reasons=list(excl.reasons)),
+        shift_control=None if result.shift is None else shift_control_record(result.shift, verdict, tested_names),
+    )
+
+
+def _manifest(result: AuditResult) -> Manifest:
+    """What reproduces the audit: the model, the options, the feature key, seeds, versions, passes."""
+    options, test, nc, dist = result.options, result.test, result.negative_control, result.distribution
+    return Manifest(
+        model=model_record_of(result.model),
+        options=AuditOptionsRecord(**options.to_dict()),
+        feature_key=result.feature_key,
+        seeds=Seeds(audit=options.seed, test=test.random_state, negative_control_split=nc.random_state,
+                    negative_control_test=nc.test.random_state, distribution_check=dist.random_state),
+        versions={str(k): str(v) for k, v in result.versions.items()},
+        device=options.device,
+        timings_seconds={k: round(float(v), 4) for k, v in result.timings.items()},
+        passes=Passes(forward=result.forward_passes, backward=result.backward_passes,
+                      cached_images=result.cached_images),
     )
 
 

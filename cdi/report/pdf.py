@@ -243,14 +243,32 @@ def _direction_text(report: Report) -> str:
 
 
 def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
-    from reportlab.platypus import KeepTogether, PageBreak, Paragraph
+    """Sections 1 to 5: the test, the p-value curve, the controls, the calibrated test and the shift control."""
+    from reportlab.platypus import PageBreak, Paragraph
 
     from cdi.report import figures
 
     t = report.test
-    nc = report.controls.negative_control
-    d = report.controls.distribution_check
     flow: list[Any] = [PageBreak(), Paragraph("1. The test", st["h1"])]
+    flow.append(Paragraph(_test_method(report), st["body"]))
+    flow.append(_kv_table(_test_rows(report), st, width, key_share=0.42))
+    flow.append(Paragraph("Why this verdict", st["h2"]))
+    flow.append(Paragraph(_e(report.reason), st["body"]))
+    flow += _figure(figures.score_distributions(report), width,
+                    "<b>Figure 1. Score distributions.</b> The scores of the published (P) and unpublished (U) "
+                    "images that entered the test, with their means (dashed) and every image as a tick below. "
+                    "A model trained on P scores P higher: the red distribution lies to the right. Here "
+                    f"{_e(score_meaning(t.protocol, t.selected_feature))}.", st)
+
+    flow += _curve_section(report, curve, st, width)
+    flow += _control_sections(report, st, width)
+    flow += _shift_section(report, st, width)
+    return flow
+
+
+def _test_method(report: Report) -> str:
+    """Section 1's paragraph: what the features are and how the audit's protocol tests them."""
+    t = report.test
     if t.protocol == "directional":
         method = (
             f"Each image is described by {len(report.feature_layout.used)} numbers measuring how well the model "
@@ -276,7 +294,12 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
             f"reconstructs it (the CDI features). A scoring model (logistic regression) turns them into one "
             f"score per image ({_e(score_meaning(t.protocol))}), and the test asks whether P's scores are "
             f"higher than U's. {protocol}")
-    flow.append(Paragraph(method, st["body"]))
+    return method
+
+
+def _test_rows(report: Report) -> list[tuple[str, Any]]:
+    """Section 1's table: the test's numbers (and the calibrated test's, where it ran)."""
+    t = report.test
     rows = [
         ("verdict", report.verdict), ("one-sided p-value (H1: P scores higher)", _fmt(t.p_value)),
         ("threshold α", _fmt(t.alpha)), ("statistic", f"Welch t = {_fmt(t.statistic)}"),
@@ -295,15 +318,17 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
         rows += [("selected feature", t.selected_feature or "—"),
                  ("permutations drawn / at most", f"{t.n_permutations:,} / {t.max_permutations:,}"),
                  ("permuted statistics ≥ observed", t.exceedances)]
-    flow.append(_kv_table(rows, st, width, key_share=0.42))
-    flow.append(Paragraph("Why this verdict", st["h2"]))
-    flow.append(Paragraph(_e(report.reason), st["body"]))
-    flow += _figure(figures.score_distributions(report), width,
-                    "<b>Figure 1. Score distributions.</b> The scores of the published (P) and unpublished (U) "
-                    "images that entered the test, with their means (dashed) and every image as a tick below. "
-                    "A model trained on P scores P higher: the red distribution lies to the right. Here "
-                    f"{_e(score_meaning(t.protocol, t.selected_feature))}.", st)
+    return rows
 
+
+def _curve_section(report: Report, curve: SubsamplingCurve, st: dict[str, Any], width: float) -> list[Any]:
+    """Section 2: the p-value against the number of images."""
+    from reportlab.platypus import PageBreak, Paragraph
+
+    from cdi.report import figures
+
+    t = report.test
+    flow: list[Any] = []
     flow += [PageBreak(), Paragraph("2. How the p-value depends on the number of images", st["h1"])]
     perms = (f" Each test here drew at most {curve.n_permutations} permutations (the audit: "
              f"{t.n_permutations}), so no p-value falls below {1 / (1 + (curve.n_permutations or 1)):.3g}."
@@ -317,6 +342,18 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
                     f"full size indicates a robust detection; one that stays high says that more images would "
                     f"not likely change a \u201cnot detected\u201d.{_single_size(curve)} Seed {curve.random_state}; "
                     f"an illustration derived from the report, not part of the evidence.", st)
+    return flow
+
+
+def _control_sections(report: Report, st: dict[str, Any], width: float) -> list[Any]:
+    """Sections 3 and 4: the negative control, the direction check and the distribution check."""
+    from reportlab.platypus import KeepTogether, Paragraph
+
+    from cdi.report import figures
+
+    nc = report.controls.negative_control
+    d = report.controls.distribution_check
+    flow: list[Any] = []
     section: list[Any] = [Paragraph("3. Negative control and direction check", st["h1"])]
     section.append(Paragraph(
         f"The unpublished images were split at random into two halves (seed {nc.split_random_state}), one "
@@ -348,7 +385,6 @@ def _statistics(report: Report, curve: SubsamplingCurve, st: dict[str, Any], wid
                        f"chance) against the threshold. Right: the image statistics that differ most between P "
                        f"and U, by Cohen's d (only those with |d| ≥ 0.2).", st)
     flow.append(KeepTogether(section))
-    flow += _shift_section(report, st, width)
     return flow
 
 
