@@ -231,10 +231,15 @@ def test_overwhelming_evidence_is_resolved_below_one_in_a_million_and_recomputes
     unpublished = [png(i, model.image_size) for i in u_idx]
     result = audit(published, unpublished, MODEL, options=AuditOptions(seed=3), feature_store=store)
     assert result.outcome == "used", result.verdict.reason
-    assert result.p_value <= 1e-6
+    assert result.test.p_value <= 1e-6
     assert result.test.n_permutations == result.options.max_permutations
+    # The calibrated test stops where its verdict is settled (⌈h / α⌉ draws): the verdict's
+    # p-value, the larger of the two, is its floor.
+    calibrated = result.calibrated_test
+    assert calibrated is not None and calibrated.n_permutations == 10_000
+    assert result.p_value == max(result.test.p_value, calibrated.p_value) == 1 / 10_001
     document = result_to_dict(result)
-    assert document["p_value"] <= 1e-6 and document["test"]["p_value_floor"] == result.p_value
+    assert document["p_value"] == result.p_value and document["test"]["p_value_floor"] == result.test.p_value
     assert document["test"]["selected_feature"]
     check = recompute_report(parse_report(document))
     assert check.ok, [(c.group, c.name, c.recorded, c.recomputed) for c in check.failures]
