@@ -77,8 +77,12 @@ def member_likeness(x: np.ndarray, options: ProtocolOptions) -> np.ndarray:
 def calibrated_test(
     features_p: np.ndarray, features_u: np.ndarray, descriptors_p: np.ndarray, descriptors_u: np.ndarray,
     options: ProtocolOptions, *, alpha: float, random_state: int, ridge: float = DEFAULT_RIDGE,
+    level: float | None = None,
 ) -> ProtocolResult:
     """The directional test on each candidate statistic less what U's descriptors predict of it.
+
+    ``level``: the smallest level its p-value will be compared with (a sequential look's,
+    below α; default α): it sets how far the p-value is resolved (:func:`calibrated_permutations`).
 
     The candidates (and their mean) are computed on the pooled images as the test computes
     them; a ridge fit on U's images learns how the descriptors predict each, and Welch's t
@@ -95,7 +99,8 @@ def calibrated_test(
     # would cost a strong audit ~40 s of CPU for a number no verdict reads. Whether p < α
     # depends only on the first ⌈h / α⌉ draws (Besag & Clifford), so the calibrated test stops
     # there; its p-value floor, and so the verdict's, is then about α / h (1e-4 by default).
-    max_permutations = min(options.max_permutations, calibrated_permutations(options.exceedances, alpha))
+    max_permutations = min(options.max_permutations,
+                           calibrated_permutations(options.exceedances, alpha if level is None else level))
     x = np.vstack([features_p, features_u])
     values = _member_likeness(x, options)
     z = design_matrix(np.vstack([descriptors_p, descriptors_u]))
@@ -199,10 +204,12 @@ def assess(
                         classes=None if classes is None else list(classes), random_state=seed + 4)
     calibrated = None
     if protocol is Protocol.DIRECTIONAL:
-        calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3)
+        if not 0.0 < calibrated_weight <= 1.0:
+            raise InputError(f"calibrated_weight must lie in (0, 1], got {calibrated_weight}")
+        # Resolved as far as the look's own level needs: its p-value is compared with α · weight.
+        calibrated = calibrated_test(xp, xu, dp, du, copts, alpha=test.alpha, random_state=seed + 3,
+                                     level=test.alpha * calibrated_weight)
         if calibrated_weight != 1.0:
-            if not 0.0 < calibrated_weight <= 1.0:
-                raise InputError(f"calibrated_weight must lie in (0, 1], got {calibrated_weight}")
             calibrated = replace(calibrated, p_value=min(1.0, calibrated.p_value / calibrated_weight))
     verdict = decide(test, control, dist, reversal_p=reversal, calibrated=calibrated, shift=shift)
     if dist is None and distribution == "when_used" and verdict.outcome.value == "used":

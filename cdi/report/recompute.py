@@ -217,10 +217,11 @@ def _calibration_checks(report: Report, xp: np.ndarray, xu: np.ndarray, options:
     dp, du = d[: len(xp)], d[len(xp):]
     calibrated = shift = None
     if recorded_cal is not None:
+        # A sequential audit's stopping look: its share of alpha (cdi.assess.assess).
+        weight = 1.0 if report.sequential is None else report.sequential.looks[-1].level / report.alpha
         calibrated = calibrated_test(xp, xu, dp, du, options, alpha=recorded_cal.alpha,
-                                     random_state=recorded_cal.random_state)
-        if report.sequential is not None:  # the stopping look's share of alpha (cdi.assess.assess)
-            weight = report.sequential.looks[-1].level / report.alpha
+                                     random_state=recorded_cal.random_state, level=recorded_cal.alpha * weight)
+        if weight != 1.0:
             calibrated = replace(calibrated, p_value=min(1.0, calibrated.p_value / weight))
         out.checks += _protocol_checks("calibrated test", recorded_cal, calibrated)
     if recorded_shift is not None:

@@ -194,3 +194,21 @@ def test_a_class_mix_that_moves_the_losses_is_inconclusive_for_a_class_condition
                alpha=0.01, seed=0, classes=classes, distribution="when_used")
     assert a.test.p_value < 0.01 and a.shift.classes_shifted
     assert a.verdict.outcome is Outcome.INCONCLUSIVE and "different classes" in a.verdict.reason
+
+
+def test_the_calibrated_test_is_resolved_as_far_as_a_sequential_looks_level_needs() -> None:
+    # A look tested at level α·w must be able to show p < α·w: the permutations stop at
+    # ⌈h / (α·w)⌉, not ⌈h / α⌉ (whose floor, divided by w, could never fall below α).
+    import math
+
+    rng = np.random.default_rng(5)
+    n = 30
+    xp, xu = np.exp(rng.normal(size=(n, 6)) - 2.0), np.exp(rng.normal(size=(n, 6)))
+    dp, du = rng.normal(size=(n, 16)), rng.normal(size=(n, 16))
+    options = ProtocolOptions(exceedances=5, candidates=member_candidates([0, 2, 14, 15, 16, 17])[1])
+    alpha, weight = 0.01, 0.01
+    plain = calibrated_test(xp, xu, dp, du, options, alpha=alpha, random_state=0)
+    assert plain.n_permutations == math.ceil(5 / alpha) and plain.p_value / weight >= alpha
+    look = calibrated_test(xp, xu, dp, du, options, alpha=alpha, random_state=0, level=alpha * weight)
+    assert look.n_permutations == math.ceil(5 / (alpha * weight))
+    assert look.p_value / weight < alpha
